@@ -202,12 +202,13 @@ def _pick_block_q(num_requests: int, num_kv_heads: int, max_nodes: int, group_p2
     programs at the price of re-reading the prefix K/V (mostly from L2).
     """
     block_q = max(1, 128 // group_p2)
-    while block_q * group_p2 > 16:
+    min_block_q = max(1, 16 // group_p2)  # tl.dot needs >= 16 rows
+    while block_q > min_block_q:
         programs = num_requests * num_kv_heads * triton.cdiv(max_nodes, block_q)
         if programs >= 256:
             break
         block_q //= 2
-    return max(block_q, max(1, 16 // group_p2))
+    return block_q
 
 
 def _tree_attention_triton(

@@ -50,7 +50,7 @@ def variants():
                   "ancestor_bits_ptr": "*i32", "scale_log2e": "fp32"}
     for dtype, head, group, block_q, block_n, precision in (
         ("bf16", 128, 4, 32, 32, "tf32"), ("bf16", 128, 4, 4, 64, "tf32"),
-        ("fp16", 64, 3, 16, 64, "tf32"), ("fp32", 128, 1, 16, 64, "ieee"),
+        ("fp16", 64, 3, 16, 64, "tf32"), ("fp32", 128, 4, 32, 32, "ieee"),
     ):
         types = {k: v.replace("T", dtype) for k, v in attn_types.items()}
         group_p2 = 1 << (group - 1).bit_length()
