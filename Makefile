@@ -1,0 +1,28 @@
+# The two commands a newcomer types: `make demo` and `make test`. Both set up .venv first
+# (once; tools/setup_env.sh skips the install while the requirement files are unchanged).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VLLM_RESPSP_CACHE ?= $(HOME)/.cache/vllm_respsp
+
+.PHONY: venv demo test test-kernels test-engine draft-head clean-venv
+
+venv:
+	@bash tools/setup_env.sh
+
+demo: venv
+	$(PY) -m vllm_respsp.demo
+
+# Kernel tests run in their own process: they need TRITON_INTERPRET=1 set before Triton is
+# imported, and that setting must not leak into the vLLM engines the other tests start.
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
+	$(PY) -m pytest tests -q --ignore=tests/kernels
+
+test-kernels: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
+
+draft-head: venv
+	$(PY) -m vllm_respsp.draft
+
+clean-venv:
+	rm -rf $(VENV)

