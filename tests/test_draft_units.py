@@ -1,0 +1,138 @@
+"""Fast checks (seconds, no vLLM engine) of the pure parts of the draft-head pipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+import torch.nn.functional as F
+
+from vllm_respsp.draft import data as draft_data
+from vllm_respsp.draft.model import Eagle3Head, HeadConfig, draft_vocab_from_counts, export_head, rope
+from vllm_respsp.draft.train import make_batches, offline_acceptance
+
+TINY_TARGET = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 8, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 100000.0},
+               "vocab_size": 50, "max_position_embeddings": 256}
+
+
+def tiny_head(seed: int = 0) -> Eagle3Head:
+    torch.manual_seed(seed)
+    cfg = HeadConfig.from_target(TINY_TARGET, draft_vocab_size=20, aux_layers=(0, 1, 2))
+    draft_to_target = torch.sort(torch.randperm(50)[:20]).values
+    head = Eagle3Head(cfg, torch.randn(50, 32), draft_to_target)
+    for p in head.parameters():
+        p.data.normal_(0, 0.3)
+    return head
+
+
+def reference_draft_chain(head: Eagle3Head, ids, aux, i: int, steps: int) -> list[torch.Tensor]:
+    """Drafting after row i the way vLLM does it, one step at a time with an explicit KV list:
+    step-0 keys for every j <= i, then one new key per step at position i + k."""
+    cfg, layer = head.cfg, head.midlayer
+
+    def qkv(token, hidden, pos):
+        x = torch.cat([layer.input_layernorm(head.embed_tokens[token]), layer.hidden_norm(hidden)], -1)
+        q = layer.self_attn.q_proj(x).view(cfg.num_heads, 1, cfg.head_dim)
+        k = layer.self_attn.k_proj(x).view(cfg.num_kv_heads, 1, cfg.head_dim)
+        v = layer.self_attn.v_proj(x).view(cfg.num_kv_heads, 1, cfg.head_dim)
+        p = torch.tensor([pos])
+        return rope(q, p, cfg.rope_theta), rope(k, p, cfg.rope_theta), v
+
+    keys, values = [], []
+    for j in range(i + 1):
+        _, k, v = qkv(ids[j + 1], head.fc(aux[j]), j)
+        keys.append(k)
+        values.append(v)
+    hidden, outs = head.fc(aux[i]), []
+    for step in range(steps):
+        q, k, v = qkv(ids[i + step + 1], hidden, i + step)
+        if step > 0:
+            keys.append(k)
+            values.append(v)
+        group = cfg.num_heads // cfg.num_kv_heads
+        K = torch.cat(keys, 1).repeat_interleave(group, 0)
+        V = torch.cat(values, 1).repeat_interleave(group, 0)
+        attn = F.softmax(q @ K.transpose(-1, -2) / cfg.head_dim ** 0.5, -1) @ V  # [H, 1, D]
+        residual = hidden + layer.self_attn.o_proj(attn.reshape(-1))
+        hidden = residual + layer.mlp(layer.post_attention_layernorm(residual))
+        outs.append(hidden)
+    return outs
+
+
+def test_unrolled_steps_match_step_by_step_drafting():
+    """The training-time-test attention pattern equals vLLM-style sequential drafting."""
+    head = tiny_head()
+    T, steps = 12, 4
+    ids = torch.randint(0, 50, (T,))
+    aux = torch.randn(T, 96)
+    with torch.no_grad():
+        # Batch of two with padding, to also check the length mask.
+        batch_ids = torch.stack([ids, torch.cat([ids[:9], torch.zeros(3, dtype=torch.long)])])
+        batch_aux = torch.stack([aux, torch.cat([aux[:9], torch.zeros(3, 96)])])
+        outputs = head.unrolled(batch_ids, batch_aux, torch.tensor([T, 9]), steps)
+        assert [o.shape for o in outputs] == [torch.Size([2, T, 32])] * steps
+        for i in (0, 3, T - steps - 2):
+            ref = reference_draft_chain(head, ids, aux, i, steps)
+            for k in range(steps):
+                torch.testing.assert_close(outputs[k][0, i], ref[k], atol=1e-5, rtol=1e-4)
+                if i + k + 2 < 9:  # the padded copy agrees where its labels exist
+                    torch.testing.assert_close(outputs[k][1, i], ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_labels_shift_by_step_and_mask_prompt_and_out_of_vocab():
+    head = tiny_head()
+    ids = torch.arange(10)[None] * 5 % 50
+    labels = head.labels(ids, torch.tensor([10]), torch.tensor([4]), steps=3)
+    for k, lab in enumerate(labels):
+        for i in range(10):
+            pos = i + k + 2
+            expected = -100
+            if 4 <= pos < 10 and bool((head.draft_to_target == ids[0, pos]).any()):
+                expected = int((head.draft_to_target == ids[0, pos]).nonzero())
+            assert lab[0, i].item() == expected
+
+
+def test_draft_vocab_and_d2t_t2d_round_trip(tmp_path):
+    counts = torch.zeros(50, dtype=torch.long)
+    counts[[7, 3, 41, 12]] = torch.tensor([9, 5, 7, 1])
+    vocab = draft_vocab_from_counts(counts, 3)
+    assert vocab.tolist() == [3, 7, 41]  # the 3 most frequent, ascending
+    head = tiny_head()
+    head.draft_to_target = vocab
+    head.cfg.draft_vocab_size = 3
+    head.lm_head = torch.nn.Linear(32, 3, bias=False)
+    export_head(head, TINY_TARGET, tmp_path)
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "model.safetensors"))
+    assert (t["d2t"] + torch.arange(3)).tolist() == [3, 7, 41]  # vLLM: target = draft + d2t
+    assert t["t2d"].dtype == torch.bool and t["t2d"].nonzero().flatten().tolist() == [3, 7, 41]
+    assert "embed_tokens.weight" not in t  # vLLM shares the target's embedding
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 3 and cfg["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+
+
+def test_shard_resume_skips_finished_and_redoes_partial(tmp_path):
+    draft_data.write_atomically(draft_data.shard_path(tmp_path, 0, ".json"), lambda p: p.write_text("[]"))
+    (tmp_path / ".tmp-shard-00001.json").write_text("[")  # an interrupted write
+    assert draft_data.pending_shards(tmp_path, 3, ".json") == [1, 2]
+
+
+def test_batches_cover_every_sequence_once_within_budget():
+    lengths = [random.Random(i).randint(10, 300) for i in range(200)]
+    batches = make_batches(lengths, 1024, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 or len(b) == 1 for b in batches)
+
+
+def test_offline_acceptance_counts_a_perfect_and_a_useless_head():
+    head = tiny_head()
+    ids = torch.randint(0, 50, (30,))
+    seq = [(ids, torch.randn(30, 96), 5)]
+    res = offline_acceptance(head, seq, chain=3)
+    assert 1.0 <= res["acceptance_length"] <= 4.0 and len(res["per_position_rate"]) == 3
+    # Rates are non-increasing: a later position can only be accepted after the earlier ones.
+    rates = res["per_position_rate"]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))

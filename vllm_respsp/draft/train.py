@@ -1,0 +1,211 @@
+"""Train the EAGLE-3 head on the feature shards with the training-time test (model.py).
+
+Readable top to bottom: config, initialisation from the target, batching, the loss, the loop.
+Everything is seeded; the loop writes a checkpoint every `checkpoint_every` optimizer steps
+and resumes from the latest one, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_respsp.draft.data import iter_sequences, load_feature_shards
+from vllm_respsp.draft.model import Eagle3Head, HeadConfig
+
+
+@dataclass
+class TrainConfig:
+    draft_vocab_size: int = 8192
+    ttt_steps: int = 5            # draft steps unrolled per position (vLLM drafts 5 in the eval)
+    step_weight_decay: float = 0.8  # loss weight of step k is decay**k: deep drafts matter less
+    epochs: int = 3
+    tokens_per_batch: int = 4096  # padded tokens per optimizer step
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    heldout_sequences: int = 48   # last sequences of the data, kept out for the offline estimate
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def init_from_target(head: Eagle3Head, target_path: Path) -> None:
+    """Start from the target's own weights where shapes allow, so a short run converges:
+    lm_head = the target's (tied) embedding rows of the draft vocab, final norm = the target's,
+    the midlayer = the target's last layer for the hidden half of q/k/v (the embedding half
+    starts small), and fc reads mostly the deepest aux state. Random init needs far more data
+    to reach the same acceptance."""
+    from safetensors import safe_open
+
+    cfg = head.cfg
+    h = cfg.hidden_size
+    with safe_open(str(target_path / "model.safetensors"), "pt") as f:
+        def get(name):
+            return f.get_tensor(name).float()
+
+        last = f"model.layers.{cfg.aux_layers[-1]}."
+        with torch.no_grad():
+            head.lm_head.weight.copy_(get("model.embed_tokens.weight")[head.draft_to_target])
+            head.norm.weight.copy_(get("model.norm.weight"))
+            layer = head.midlayer
+            layer.hidden_norm.weight.copy_(get(last + "input_layernorm.weight"))
+            layer.post_attention_layernorm.weight.copy_(get(last + "post_attention_layernorm.weight"))
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                w = getattr(layer.self_attn, proj).weight
+                w[:, :h].normal_(0, 0.02)
+                w[:, h:].copy_(get(last + f"self_attn.{proj}.weight"))
+            layer.self_attn.o_proj.weight.copy_(get(last + "self_attn.o_proj.weight"))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, proj).weight.copy_(get(last + f"mlp.{proj}.weight"))
+            head.fc.weight.normal_(0, 0.01)
+            head.fc.weight[:, 2 * h:] += torch.eye(h)
+
+
+def make_batches(lengths: list[int], tokens_per_batch: int, rng: random.Random) -> list[list[int]]:
+    """Group sequence indices of similar length (little padding) into batches of at most
+    `tokens_per_batch` padded tokens; batch order shuffled by `rng`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > tokens_per_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(sequences: list[tuple[torch.Tensor, torch.Tensor, int]]):
+    lengths = torch.tensor([len(ids) for ids, _, _ in sequences])
+    T = int(lengths.max())
+    ids = torch.zeros(len(sequences), T, dtype=torch.long)
+    aux = torch.zeros(len(sequences), T, sequences[0][1].shape[-1], dtype=torch.bfloat16)
+    for b, (s_ids, s_aux, _) in enumerate(sequences):
+        ids[b, :len(s_ids)] = s_ids
+        aux[b, :len(s_ids)] = s_aux
+    reply_starts = torch.tensor([r for _, _, r in sequences])
+    return ids, aux.float(), lengths, reply_starts
+
+
+def ttt_loss(head: Eagle3Head, batch, steps: int, decay: float):
+    """Weighted cross-entropy over the unrolled steps; per-step (correct, counted) for accuracy.
+    The lm_head only runs on rows whose label counts (reply tokens in the draft vocab)."""
+    ids, aux, lengths, reply_starts = batch
+    outputs = head.unrolled(ids, aux, lengths, steps)
+    labels = head.labels(ids, lengths, reply_starts, steps)
+    total, stats = 0.0, []
+    for k, (out, lab) in enumerate(zip(outputs, labels)):
+        keep = lab >= 0
+        logits = head.logits(out[keep]).float()
+        target = lab[keep]
+        if target.numel():
+            total = total + decay ** k * F.cross_entropy(logits, target)
+        stats.append(((logits.argmax(-1) == target).sum().item(), target.numel()))
+    return total, stats
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(features: Path, target_path: Path, out_dir: Path, cfg: TrainConfig,
+          draft_to_target: torch.Tensor, aux_layers) -> Eagle3Head:
+    from vllm_respsp.draft.model import target_embedding
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    target_cfg = json.loads((target_path / "config.json").read_text())
+    head_cfg = HeadConfig.from_target(target_cfg, cfg.draft_vocab_size, aux_layers)
+    head = Eagle3Head(head_cfg, target_embedding(target_path), draft_to_target)
+    init_from_target(head, target_path)
+
+    sequences = list(iter_sequences(load_feature_shards(features)))
+    train_seqs = sequences[:-cfg.heldout_sequences]
+    batches_per_epoch = len(make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, random.Random(0)))
+    total_steps = cfg.epochs * batches_per_epoch
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, step = out_dir / "checkpoint.pt", 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["config"] == asdict(cfg):
+            head.load_state_dict(ckpt["head"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step = ckpt["step"]
+            rng.setstate(ckpt["rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+
+    log = open(out_dir / "train_log.jsonl", "a")
+    bar = tqdm(total=total_steps, initial=step, desc="train")
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch_rng = random.Random(cfg.seed * 1000 + step // batches_per_epoch)
+        batches = make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, epoch_rng)
+        for batch_ids in batches[step % batches_per_epoch:]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, stats = ttt_loss(head, collate([train_seqs[i] for i in batch_ids]),
+                                       cfg.ttt_steps, cfg.step_weight_decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            acc = [c / n if n else 0.0 for c, n in stats]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc="/".join(f"{a:.2f}" for a in acc))
+            log.write(json.dumps({"step": step, "loss": loss.item(), "acc": acc,
+                                  "seconds": time.perf_counter() - start}) + "\n")
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                torch.save({"config": asdict(cfg), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                            "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+                           ckpt_path)
+            if step >= total_steps:
+                break
+    bar.close()
+    log.close()
+    return head
+
+
+@torch.no_grad()
+def offline_acceptance(head: Eagle3Head, sequences, chain: int = 5) -> dict:
+    """Simulate greedy chain drafting of depth `chain` over reply tokens of held-out sequences.
+
+    Rounds start at the first reply row; a round at row i accepts n = the number of leading
+    steps whose argmax equals the true next tokens (out-of-vocab labels count as misses) and
+    moves to row i + n + 1 - the walk vLLM's verification makes under greedy decoding. Returns
+    the mean acceptance length (1 + accepted / rounds, vLLM's metric) and per-position rates.
+    """
+    rounds, accepted_per_pos = 0, [0] * chain
+    for ids, aux, reply_start in sequences:
+        batch = collate([(ids, aux, reply_start)])
+        outputs = head.unrolled(batch[0], batch[1], batch[2], chain)
+        drafts = [head.draft_to_target[head.logits(o[0]).argmax(-1)] for o in outputs]  # [T] each
+        T = len(ids)
+        i = max(reply_start - 1, 0)  # first draft round: hidden of the last prompt token + token 1
+        while i + 2 < T:
+            n = 0
+            while n < chain and i + n + 2 < T and drafts[n][i] == ids[i + n + 2]:
+                accepted_per_pos[n] += 1
+                n += 1
+            rounds += 1
+            i += n + 1
+    accepted = sum(accepted_per_pos)
+    return {"acceptance_length": 1 + accepted / max(rounds, 1), "rounds": rounds,
+            "per_position_rate": [a / max(rounds, 1) for a in accepted_per_pos]}
