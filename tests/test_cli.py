@@ -2,13 +2,17 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from conftest import REPO
+
+# The console script pip installed into the environment running the tests (it need not be on PATH).
+CLI = Path(sys.executable).parent / "respsp-vllm"
 
 
 def free_port() -> int:
@@ -18,9 +22,8 @@ def free_port() -> int:
 
 
 def test_version_resolves_the_cpu_build():
-    exe = shutil.which("respsp-vllm")
-    assert exe, "console script not installed (pip install -e .)"
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert CLI.is_file(), "console script not installed (pip install -e .)"
+    out = subprocess.run([str(CLI), "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].endswith("+cpu")
 
@@ -29,7 +32,7 @@ def test_openai_server_starts_and_answers(fixture_models, tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [shutil.which("respsp-vllm"), "serve", str(fixture_models["tiny"]), "--host", "127.0.0.1",
+        [str(CLI), "serve", str(fixture_models["tiny"]), "--host", "127.0.0.1",
          "--port", str(port), "--max-model-len", "256", "--enforce-eager", "--dtype", "float32"],
         cwd=REPO, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
     )

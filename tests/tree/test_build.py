@@ -1,0 +1,105 @@
+"""The batched, ragged EAGLE-3 tree builder against a one-request-at-a-time brute force."""
+
+import heapq
+import random
+
+import pytest
+import torch
+
+from vllm_respsp.tree.build import build_trees
+from vllm_respsp.tree.shape import TreeShape, chain
+
+VOCAB = 50
+
+
+def path_logprobs(path: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A fixed, random draft distribution for every token path (the 'draft model')."""
+    g = torch.Generator().manual_seed(hash((seed,) + path) % (2**31))
+    return torch.log_softmax(torch.randn(VOCAB, generator=g, dtype=torch.float64) * 2, -1)
+
+
+def candidate_path(builder, candidate: int) -> tuple[int, ...]:
+    tokens, parents = torch.cat(builder.tokens), torch.cat(builder.parents)
+    path = []
+    while candidate >= 0:
+        path.append(int(tokens[candidate]))
+        candidate = int(parents[candidate])
+    return tuple(reversed(path))
+
+
+def batched_tree(shapes, roots, seed, calls=None):
+    def draft_fn(frontier, builder):
+        if calls is not None:
+            calls.append(frontier.token.numel())
+        return torch.stack([path_logprobs((roots[int(r)],) + candidate_path(builder, int(c)), seed)
+                            for r, c in zip(frontier.request, frontier.candidate)])
+
+    root_lp = torch.stack([path_logprobs((r,), seed) for r in roots])
+    return build_trees(shapes, torch.tensor(roots), root_lp, draft_fn)
+
+
+def brute_force(shape: TreeShape, root: int, seed: int) -> dict[tuple, float]:
+    """EAGLE-3's topK_generate for one request, written plainly: {path: cumulative score}."""
+    k = shape.top_k
+
+    def children(path, score):
+        lp = path_logprobs((root,) + path, seed)
+        top = torch.topk(lp, k)
+        return [(path + (int(t),), score + float(v)) for v, t in zip(top.values, top.indices)]
+
+    candidates = children((), 0.0)
+    frontier = list(candidates)
+    for _ in range(shape.depth - 1):
+        kids = [c for p, s in frontier for c in children(p, s)]
+        candidates += kids
+        frontier = heapq.nlargest(k, kids, key=lambda c: c[1])
+    best = sorted(candidates, key=lambda c: (-c[1], len(c[0])))[: shape.total_tokens]
+    return dict(best)
+
+
+SHAPES = [chain(1), chain(5), TreeShape(8, 3, 2), TreeShape(16, 4, 4), TreeShape(10, 2, 8),
+          TreeShape(32, 5, 3), TreeShape(3, 1, 3)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_batch_matches_brute_force(seed):
+    rng = random.Random(seed)
+    shapes = [rng.choice(SHAPES) for _ in range(6)]
+    roots = [rng.randrange(VOCAB) for _ in shapes]
+    calls = []
+    tree = batched_tree(shapes, roots, seed, calls)
+    assert len(calls) == max(s.depth for s in shapes) - 1  # one draft call per level
+    for b, (shape, root) in enumerate(zip(shapes, roots)):
+        expected = brute_force(shape, root, seed)
+        sub = tree.request(b)
+        paths = tree.paths(b)
+        assert int(sub.tokens[0]) == root and paths[0] == ()
+        assert set(paths[1:]) == set(expected) and len(paths) == shape.total_tokens + 1
+        for path, score in zip(paths[1:], sub.scores[1:].tolist()):
+            assert score == pytest.approx(expected[path])
+
+
+def test_tree_invariants_breadth_first_and_connected():
+    shapes = [TreeShape(20, 4, 5), chain(3), TreeShape(7, 2, 4)]
+    tree = batched_tree(shapes, [1, 2, 3], seed=7)
+    for b, shape in enumerate(shapes):
+        sub = tree.request(b)
+        parents, depths = sub.parents.tolist(), sub.depths.tolist()
+        assert parents[0] == -1 and depths[0] == 0
+        for i in range(1, len(parents)):
+            assert 0 <= parents[i] < i
+            assert depths[i] == depths[parents[i]] + 1
+        assert depths == sorted(depths)  # breadth-first: any prefix is a tree
+        assert max(depths) <= shape.depth
+    assert tree.cu_nodes.tolist() == [0, 21, 25, 33]
+
+
+def test_chain_is_greedy_path():
+    tree = batched_tree([chain(4)], [9], seed=3)
+    path = tree.paths(0)[-1]
+    expect, cur = [], (9,)
+    for _ in range(4):
+        t = int(path_logprobs(cur, 3).argmax())
+        expect.append(t)
+        cur += (t,)
+    assert list(path) == expect

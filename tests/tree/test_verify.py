@@ -1,0 +1,97 @@
+"""Tree verification: greedy walk, and lossless sampling checked with a chi-square test."""
+
+import pytest
+import torch
+
+from vllm_respsp.tree import verify
+from vllm_respsp.tree.build import build_trees
+from vllm_respsp.tree.shape import TreeShape, chain
+
+V = 4
+SHAPES = [chain(1), chain(3), TreeShape(6, 3, 2), TreeShape(4, 1, 4), TreeShape(9, 3, 3)]
+
+
+def markov(seed: int, sharpness: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(V, V, generator=g) * sharpness, dim=-1)
+
+
+TARGET = markov(0, 1.5)  # p(next | last token)
+DRAFT = markov(1, 1.5)  # a different model: many rejections
+
+
+def speculative_generate(roots: torch.Tensor, n_tokens: int, seed: int, shapes) -> torch.Tensor:
+    """Run tree speculation (draft trees from DRAFT, verified against TARGET) for every root
+    until each has produced n_tokens; return the first n_tokens of each [B, n_tokens]."""
+    gen = torch.Generator().manual_seed(seed)
+    produced = [[] for _ in range(roots.numel())]
+    last = roots.clone()
+    while min(len(p) for p in produced) < n_tokens:
+        tree = build_trees(shapes, last, DRAFT[last].log(),
+                           lambda f, b: DRAFT[f.token].log())
+        acceptance = verify.accept_sampled(tree, TARGET[tree.tokens], gen)
+        for b, toks in enumerate(acceptance.output_tokens(tree)):
+            produced[b] += toks
+            last[b] = toks[-1]
+    return torch.tensor([p[:n_tokens] for p in produced])
+
+
+def chi_square_p_value(samples: torch.Tensor, root: int) -> float:
+    n = samples.shape[0]
+    codes = samples[:, 0] * V * V + samples[:, 1] * V + samples[:, 2]
+    observed = torch.bincount(codes, minlength=V**3).double()
+    a, b, c = torch.meshgrid(torch.arange(V), torch.arange(V), torch.arange(V), indexing="ij")
+    expected = (TARGET[root, a] * TARGET[a, b] * TARGET[b, c]).double().flatten() * n
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor((V**3 - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat / 2))
+
+
+def ragged_shapes(n: int) -> list[TreeShape]:
+    return [SHAPES[i % len(SHAPES)] for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", [11])
+def test_sampled_output_distribution_equals_target(seed):
+    n = 20_000
+    samples = speculative_generate(torch.zeros(n, dtype=torch.long), 3, seed, ragged_shapes(n))
+    assert chi_square_p_value(samples, root=0) > 0.01
+
+
+def test_chi_square_catches_a_biased_sampler(monkeypatch):
+    """Forgetting to remove a rejected token from the residual must fail the same test."""
+    monkeypatch.setattr(verify, "remove_rejected", lambda p, rows, tokens: None)
+    n = 20_000
+    samples = speculative_generate(torch.zeros(n, dtype=torch.long), 3, 11, ragged_shapes(n))
+    assert chi_square_p_value(samples, root=0) < 0.01
+
+
+def test_greedy_equals_sampling_from_one_hot_targets():
+    torch.manual_seed(0)
+    shapes = ragged_shapes(40)
+    roots = torch.randint(0, V, (40,))
+    tree = build_trees(shapes, roots, DRAFT[roots].log(), lambda f, b: DRAFT[f.token].log())
+    # A target that agrees with the draft's top choice only sometimes.
+    target_argmax = torch.randint(0, V, (tree.tokens.numel(),))
+    target_argmax[::2] = DRAFT[tree.tokens[::2]].argmax(-1)
+    greedy = verify.accept_greedy(tree, target_argmax)
+    sampled = verify.accept_sampled(tree, torch.nn.functional.one_hot(target_argmax, V).float())
+    assert greedy.output_tokens(tree) == sampled.output_tokens(tree)
+    assert torch.equal(greedy.accepted_len, sampled.accepted_len)
+    assert int(greedy.accepted_len.sum()) > 0
+
+
+def test_greedy_walk_by_hand():
+    # root 0 -> children a(tok 1), b(tok 2); a -> c(tok 3); b -> d(tok 1)
+    tree = build_trees([TreeShape(4, 2, 2)], torch.tensor([0]),
+                       torch.log(torch.tensor([[0.1, 0.5, 0.4, 0.0]])),
+                       lambda f, b: torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]))[:f.token.numel()])
+    paths = tree.paths(0)
+    node_of = {p: i for i, p in enumerate(paths)}
+    argmax = torch.zeros(tree.tokens.numel(), dtype=torch.long)
+    argmax[node_of[()]] = 2  # target wants token 2 first: the second sibling
+    child = [p for p in paths if len(p) == 2 and p[0] == 2][0]
+    argmax[node_of[(2,)]] = child[1]
+    argmax[node_of[child]] = 3
+    acc = verify.accept_greedy(tree, argmax)
+    assert acc.output_tokens(tree) == [[2, child[1], 3]]

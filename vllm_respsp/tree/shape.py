@@ -1,0 +1,115 @@
+"""Tree shapes: the (total_tokens, depth, top_k) triple a policy chooses per request and step.
+
+Conventions (EAGLE-3's tree, design.md §3):
+- `depth` is the number of draft levels below the root, i.e. the most draft tokens one step can
+  accept. (EAGLE's own `depth` argument counts expansions after the root's, one less: EAGLE-3's
+  default "depth 7" is `depth=8` here.)
+- `top_k` is the beam width: level 1 is the root's top_k tokens; every further level expands
+  each of the top_k frontier nodes into top_k children and keeps the best top_k as frontier.
+- `total_tokens` is how many draft nodes (the root excluded) are verified: the best by
+  cumulative draft log-probability among all candidates.
+
+A beam can produce at most top_k + (depth - 1) * top_k**2 candidates; a shape asking for more
+nodes than that, or for a tree shallower than its chain (total < depth), is impossible.
+A chain of n tokens is (n, n, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+class ShapeError(ValueError):
+    """A tree shape or action set that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True, order=True)
+class TreeShape:
+    total_tokens: int
+    depth: int
+    top_k: int
+
+    @property
+    def capacity(self) -> int:
+        """Most candidate nodes a depth-`depth`, width-`top_k` beam produces."""
+        return self.top_k + (self.depth - 1) * self.top_k**2
+
+    @property
+    def is_chain(self) -> bool:
+        return self.top_k == 1
+
+    def validate(self, field: str = "shape", max_total_tokens: int | None = None) -> "TreeShape":
+        for name in ("total_tokens", "depth", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ShapeError(f"{field}.{name} must be a positive integer, got {value!r}")
+        if self.total_tokens > self.capacity:
+            raise ShapeError(
+                f"{field}.total_tokens={self.total_tokens} is more than a depth-{self.depth}, "
+                f"top-{self.top_k} beam can produce; allowed: 1..{self.capacity} "
+                f"(top_k + (depth-1) * top_k^2)")
+        if self.total_tokens < self.depth:
+            raise ShapeError(
+                f"{field}.total_tokens={self.total_tokens} cannot fill depth={self.depth}; "
+                f"allowed: total_tokens >= depth (lower depth instead)")
+        if max_total_tokens is not None and self.total_tokens > max_total_tokens:
+            raise ShapeError(
+                f"{field}.total_tokens={self.total_tokens} exceeds the engine's per-request "
+                f"token budget; allowed: 1..{max_total_tokens}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, field: str = "shape") -> "TreeShape":
+        if not isinstance(data, dict):
+            raise ShapeError(f"{field} must be an object with total_tokens, depth, top_k; got {data!r}")
+        keys = {"total_tokens", "depth", "top_k"}
+        unknown = set(data) - keys
+        missing = keys - set(data)
+        if unknown or missing:
+            raise ShapeError(f"{field} needs exactly the keys {sorted(keys)}; "
+                             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
+        return cls(data["total_tokens"], data["depth"], data["top_k"]).validate(field)
+
+    def to_dict(self) -> dict:
+        return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
+
+    def __str__(self) -> str:
+        return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}"
+
+
+def chain(n: int) -> TreeShape:
+    return TreeShape(n, n, 1)
+
+
+# EAGLE-3's defaults (total 60, EAGLE depth 7, top-k 10) in this module's convention.
+EAGLE3_DEFAULT = TreeShape(60, 8, 10)
+
+
+def resps_actions() -> list[TreeShape]:
+    """Re-SpS's action set: total {32..128} x depth {3..8} x top_k {8..32}, feasible ones.
+
+    Re-SpS counts depth like EAGLE (expansions after the root), so its depth d is d+1 levels
+    here. It drops shapes with total_tokens > top_k ** (depth - 1), which leaves 177 actions.
+    """
+    actions = []
+    for total in (32, 48, 64, 80, 96, 128):
+        for eagle_depth in range(3, 9):
+            for top_k in (8, 12, 16, 20, 32):
+                if total <= top_k ** (eagle_depth - 1):
+                    actions.append(TreeShape(total, eagle_depth + 1, top_k))
+    return actions
+
+
+def validate_actions(actions: Iterable, field: str = "actions",
+                     max_total_tokens: int | None = None) -> list[TreeShape]:
+    """Parse and check an action set: non-empty, each shape possible, no duplicates."""
+    parsed = []
+    for i, a in enumerate(actions):
+        shape = a if isinstance(a, TreeShape) else TreeShape.from_dict(a, f"{field}[{i}]")
+        parsed.append(shape.validate(f"{field}[{i}]", max_total_tokens))
+    if not parsed:
+        raise ShapeError(f"{field} must hold at least one shape")
+    if len(set(parsed)) != len(parsed):
+        raise ShapeError(f"{field} holds duplicate shapes")
+    return parsed

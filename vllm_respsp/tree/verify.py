@@ -1,0 +1,105 @@
+"""Tree verification: which draft nodes the target accepts, and the token it adds after them.
+
+Greedy (temperature 0): the longest root path whose every token equals the target's argmax at
+its parent; the bonus token is the argmax after the last accepted node.
+
+Sampling (temperature > 0): recursive rejection over siblings. The draft tokens of a tree are
+the draft model's top-k, i.e. chosen deterministically, so each candidate x is accepted with the
+target's probability of x under the current residual distribution p; a rejected x is removed
+from p (p[x] = 0, renormalised) before the next sibling is tried, and if every child is
+rejected the bonus token is sampled from what is left. Each step is "sample from p, but look
+at the candidates first": the output is distributed exactly as the target's (lossless), for any
+draft. `tests/tree/test_verify.py` checks it with a chi-square test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from triton_kernels import accept_greedy as accept_greedy_kernel
+from triton_kernels import build_tree_metadata
+from vllm_respsp.tree.build import DraftTree
+
+
+@dataclass
+class Acceptance:
+    """Per request: accepted draft nodes (local indices, root first, padded with -1)."""
+
+    accepted_len: torch.Tensor  # int32 [B], draft tokens accepted (root excluded)
+    accepted_nodes: torch.Tensor  # int32 [B, max_depth + 1]
+    bonus_token: torch.Tensor  # int64 [B]
+
+    def output_tokens(self, tree: DraftTree) -> list[list[int]]:
+        """The tokens each request emits this step: accepted draft tokens, then the bonus."""
+        out = []
+        for b in range(self.accepted_len.numel()):
+            start = int(tree.cu_nodes[b])
+            nodes = self.accepted_nodes[b, 1: 1 + int(self.accepted_len[b])]
+            out.append([int(tree.tokens[start + int(n)]) for n in nodes] + [int(self.bonus_token[b])])
+        return out
+
+
+def _metadata(tree: DraftTree):
+    max_nodes = int((tree.cu_nodes[1:] - tree.cu_nodes[:-1]).max())
+    return build_tree_metadata(tree.parents, tree.cu_nodes, max_nodes)
+
+
+def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> Acceptance:
+    """target_argmax [N]: the target's greedy token after each node."""
+    meta = _metadata(tree)
+    max_depth = int(tree.depths.max())
+    length, nodes, bonus = accept_greedy_kernel(
+        tree.tokens, target_argmax, meta.first_child, meta.next_sibling, tree.cu_nodes, max_depth)
+    return Acceptance(length, nodes, bonus.long())
+
+
+def remove_rejected(p: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    """The residual after a rejection: the rejected token gets no probability (in place)."""
+    p[rows, tokens] = 0.0
+
+
+def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
+                   generator: torch.Generator | None = None) -> Acceptance:
+    """target_probs [N, V]: the target's sampling distribution after each node (temperature,
+    top-k/top-p already applied). Vectorised over requests; loops over depth and siblings."""
+    meta = _metadata(tree)
+    num_requests = tree.num_requests
+    start = tree.cu_nodes[:-1].long()
+    max_depth = int(tree.depths.max())
+    first_child, next_sibling = meta.first_child.long(), meta.next_sibling.long()
+    rows = torch.arange(num_requests)
+
+    accepted_nodes = torch.full((num_requests, max_depth + 1), -1, dtype=torch.int32)
+    accepted_nodes[:, 0] = 0
+    accepted_len = torch.zeros(num_requests, dtype=torch.int32)
+    current = torch.zeros(num_requests, dtype=torch.long)  # local node index
+    active = torch.ones(num_requests, dtype=torch.bool)
+    p = target_probs[start].clone().float()
+    for _ in range(max_depth):
+        child = first_child[start + current]
+        moved = torch.zeros(num_requests, dtype=torch.bool)
+        while True:
+            trying = active & ~moved & (child >= 0)
+            if not bool(trying.any()):
+                break
+            token = tree.tokens[start + child.clamp(min=0)]
+            u = torch.rand(num_requests, generator=generator, dtype=torch.float32)
+            mass = p.sum(-1)
+            accept = trying & (u * mass < p[rows, token])
+            reject = trying & ~accept
+            remove_rejected(p, rows[reject], token[reject])
+            # Accepted: step into the child and restart from the target's distribution there.
+            current = torch.where(accept, child, current)
+            p[accept] = target_probs[start[accept] + child[accept]].float()
+            accepted_len += accept.int()
+            accepted_nodes[rows[accept], accepted_len[accept].long()] = child[accept].int()
+            moved |= accept
+            child = torch.where(reject, next_sibling[start + child.clamp(min=0)], child)
+        active &= moved
+        if not bool(active.any()):
+            break
+    # Bonus: a sample from the residual at the last accepted node.
+    bonus = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    return Acceptance(accepted_len, accepted_nodes, bonus)
