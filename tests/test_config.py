@@ -1,0 +1,64 @@
+"""The respsp speculative config: defaults, and one clear error per kind of bad input."""
+
+import json
+
+import pytest
+
+from vllm_respsp import config as C
+from vllm_respsp.tree.shape import TreeShape
+
+
+@pytest.fixture(scope="module")
+def head(fixture_models):
+    return str(fixture_models["tiny_head"])
+
+
+def test_defaults_and_round_trip(head):
+    cfg = C.parse({"method": "respsp", "model": head})
+    assert cfg.shape == C.DEFAULT_SHAPE and cfg.policy == "static" and cfg.actions == ()
+    full = C.parse({"method": "respsp", "model": head, "shape": {"total_tokens": 8, "depth": 3, "top_k": 2},
+                    "actions": [{"total_tokens": 4, "depth": 4, "top_k": 1},
+                                {"total_tokens": 32, "depth": 6, "top_k": 4}]})
+    assert full.shape == TreeShape(8, 3, 2)
+    assert full.max_depth == 6 and full.max_total_tokens == 32
+    assert C.parse(full.to_dict()) == full
+
+
+BAD = [
+    ({"extra": 1}, r"unknown key\(s\) \['extra'\].*allowed"),
+    ({"model": None}, "model is required"),
+    ({"model": "/no/such/head"}, r"model='/no/such/head': expected a local EAGLE-3 head folder"),
+    ({"shape": {"total_tokens": 0, "depth": 1, "top_k": 1}}, "shape.total_tokens must be a positive integer"),
+    ({"shape": {"total_tokens": 8, "depth": -2, "top_k": 1}}, "shape.depth must be a positive integer"),
+    ({"shape": {"total_tokens": 8, "depth": 2, "top_k": "4"}}, "shape.top_k must be a positive integer"),
+    ({"shape": {"total_tokens": 30, "depth": 2, "top_k": 4}}, r"more than a depth-2, top-4 beam can produce; allowed: 1..20"),
+    ({"shape": {"total_tokens": 3, "depth": 5, "top_k": 2}}, "cannot fill depth=5"),
+    ({"shape": {"total_tokens": 3, "depth": 2}}, r"shape needs exactly the keys.*missing: \['top_k'\]"),
+    ({"shape": [3, 2, 2]}, "shape must be an object"),
+    ({"actions": []}, "actions must hold at least one shape"),
+    ({"actions": {"total_tokens": 3}}, "actions must be a list of shapes"),
+    ({"actions": [{"total_tokens": 4, "depth": 4, "top_k": 1}] * 2}, "duplicate"),
+    ({"actions": [{"total_tokens": 99, "depth": 2, "top_k": 2}]}, r"actions\[0\].total_tokens=99 is more than"),
+    ({"policy": "/no/such/policy.safetensors"}, "no such file"),
+    ({"policy": 3}, "policy must be"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_configs_name_the_field(head, change, message):
+    with pytest.raises(C.RespspConfigError, match=message):
+        C.parse({"method": "respsp", "model": head, **change})
+
+
+def test_token_budget_and_non_eagle3_heads(head, fixture_models, tmp_path):
+    with pytest.raises(C.RespspConfigError, match="exceeds the engine's per-request token budget"):
+        C.parse({"method": "respsp", "model": head, "shape": {"total_tokens": 40, "depth": 4, "top_k": 8}},
+                max_tokens_per_request=32)
+    with pytest.raises(C.RespspConfigError, match="is not an EAGLE-3 head"):
+        C.parse({"method": "respsp", "model": str(fixture_models["tiny"])})
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
+    with pytest.raises(C.RespspConfigError, match="no weights"):
+        C.parse({"method": "respsp", "model": str(tmp_path)})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(C.RespspConfigError, match="not valid JSON"):
+        C.parse({"method": "respsp", "model": str(tmp_path)})

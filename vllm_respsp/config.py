@@ -1,0 +1,103 @@
+"""The `respsp` speculative config: parsing, defaults and the errors a user sees.
+
+    {"method": "respsp", "model": <EAGLE-3 head>,
+     "shape": {"total_tokens": T, "depth": D, "top_k": K},   # the static / fallback shape
+     "policy": "static" | <policy file>,
+     "actions": [<shape>, ...]}                              # what a policy may choose from
+
+Every problem is reported at start-up as one `RespspConfigError` that names the field and what
+is allowed; nothing is left to fail later inside a request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_respsp.tree.shape import ShapeError, TreeShape, validate_actions
+
+METHOD = "respsp"
+# A modest tree: on the 2-core CPU testbed a step's cost grows quickly with verified tokens.
+DEFAULT_SHAPE = TreeShape(16, 5, 4)
+RESPSP_KEYS = {"method", "model", "shape", "policy", "actions"}
+EAGLE3_ARCHITECTURES = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator"}
+
+
+class RespspConfigError(ValueError):
+    """A bad `respsp` speculative config; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class RespspConfig:
+    model: str
+    shape: TreeShape = DEFAULT_SHAPE
+    policy: str = "static"
+    actions: tuple[TreeShape, ...] = field(default=())
+
+    @property
+    def shapes(self) -> tuple[TreeShape, ...]:
+        """Every shape a step may use: the static shape and the policy's actions."""
+        return (self.shape,) + tuple(a for a in self.actions if a != self.shape)
+
+    @property
+    def max_depth(self) -> int:
+        return max(s.depth for s in self.shapes)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return max(s.total_tokens for s in self.shapes)
+
+    def to_dict(self) -> dict:
+        return {"method": METHOD, "model": self.model, "shape": self.shape.to_dict(),
+                "policy": self.policy, "actions": [a.to_dict() for a in self.actions]}
+
+
+def check_eagle3_head(path: str) -> None:
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not folder.is_dir() or not config_file.is_file():
+        raise RespspConfigError(
+            f"model={path!r}: expected a local EAGLE-3 head folder with config.json and weights")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise RespspConfigError(f"model={path!r}: config.json is not valid JSON ({e})") from None
+    archs = set(config.get("architectures") or [])
+    if not archs & EAGLE3_ARCHITECTURES:
+        raise RespspConfigError(
+            f"model={path!r} is not an EAGLE-3 head (architectures {sorted(archs)}); "
+            f"allowed: {sorted(EAGLE3_ARCHITECTURES)}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise RespspConfigError(f"model={path!r}: no weights (*.safetensors or *.bin) in the folder")
+
+
+def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
+    """Validate a user's `respsp` speculative config (the JSON object) into a RespspConfig."""
+    if not isinstance(raw, dict):
+        raise RespspConfigError(f"speculative_config must be an object, got {type(raw).__name__}")
+    if raw.get("method") != METHOD:
+        raise RespspConfigError(f"method must be {METHOD!r}, got {raw.get('method')!r}")
+    unknown = set(raw) - RESPSP_KEYS
+    if unknown:
+        raise RespspConfigError(f"unknown key(s) {sorted(unknown)} in a respsp speculative_config; "
+                                f"allowed: {sorted(RESPSP_KEYS)}")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise RespspConfigError("model is required: the path of an EAGLE-3 draft head folder")
+    check_eagle3_head(model)
+    if "actions" in raw and not isinstance(raw["actions"], list):
+        raise RespspConfigError("actions must be a list of shapes")
+    try:
+        shape = TreeShape.from_dict(raw["shape"]) if "shape" in raw else DEFAULT_SHAPE
+        shape.validate("shape", max_tokens_per_request)
+        actions = tuple(validate_actions(raw["actions"], "actions", max_tokens_per_request)) \
+            if "actions" in raw else ()
+    except ShapeError as e:
+        raise RespspConfigError(str(e)) from None
+    policy = raw.get("policy", "static")
+    if not isinstance(policy, str) or not policy:
+        raise RespspConfigError(f"policy must be \"static\" or the path of a policy file, got {policy!r}")
+    if policy != "static" and not Path(policy).is_file():
+        raise RespspConfigError(f"policy={policy!r}: no such file; allowed: \"static\" or a policy file path")
+    return RespspConfig(model=model, shape=shape, policy=policy, actions=actions)
