@@ -1,0 +1,73 @@
+"""The shipped EAGLE-3 head in real vLLM on the testbed model (three engine starts, ~2 min):
+its acceptance must be far above a random head's, and greedy output must not change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_engine
+from vllm_respsp.draft import shipped_head_path
+from vllm_respsp.testbed.fixtures import random_eagle3_head
+from vllm_respsp.testbed.model import testbed_model_path
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "List three tips for staying focused while studying.",
+]
+SAMPLING = {"temperature": 0.0, "max_tokens": 48}
+ENGINE = {"max_model_len": 1024}
+
+
+def spec_config(head) -> dict:
+    return {"method": "eagle3", "model": str(head), "num_speculative_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return testbed_model_path()
+
+
+@pytest.fixture(scope="module")
+def random_head(tmp_path_factory, target):
+    # fixtures.random_eagle3_head reads `rope_theta` at the top level of the target config; the
+    # converted testbed config keeps it under `rope_parameters`, so hand it a config copy.
+    cfg = json.loads((target / "config.json").read_text())
+    cfg.setdefault("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    cfg_dir = tmp_path_factory.mktemp("target-config")
+    (cfg_dir / "config.json").write_text(json.dumps(cfg))
+    draft_vocab = json.loads((shipped_head_path() / "config.json").read_text())["draft_vocab_size"]
+    return random_eagle3_head(tmp_path_factory.mktemp("random-head"), cfg_dir,
+                              draft_vocab_size=draft_vocab, aux_layers=[2, 15, 27])
+
+
+@pytest.fixture(scope="module")
+def runs(target, random_head):
+    base = {"model": str(target), "prompts": PROMPTS, "samplings": [SAMPLING], "engine": ENGINE}
+    return {
+        "plain": run_engine(base)["results"][0],
+        "shipped": run_engine({**base, "speculative_config": spec_config(shipped_head_path())})["results"][0],
+        "random": run_engine({**base, "speculative_config": spec_config(random_head)})["results"][0],
+    }
+
+
+def test_shipped_head_files_are_small_and_complete():
+    folder = shipped_head_path()
+    assert (folder / "config.json").is_file() and (folder / "MODEL_CARD.md").is_file()
+    assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
+
+
+def test_shipped_head_accepts_far_more_than_a_random_head(runs):
+    shipped, rand = runs["shipped"]["spec"], runs["random"]["spec"]
+    assert shipped["drafts"] > 0 and rand["drafts"] > 0
+    assert rand["acceptance_length"] < 1.3
+    assert shipped["acceptance_length"] > 1.8
+    assert shipped["acceptance_length"] > rand["acceptance_length"] + 0.6
+
+
+def test_greedy_output_identical_with_and_without_the_head(runs):
+    assert runs["shipped"]["token_ids"] == runs["plain"]["token_ids"]
+    assert runs["random"]["token_ids"] == runs["plain"]["token_ids"]
