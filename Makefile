@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_RESPSP_CACHE ?= $(HOME)/.cache/vllm_respsp
 
-.PHONY: venv demo test test-kernels test-engine draft-head clean-venv
+.PHONY: venv demo test test-kernels bench bench-quick draft-head clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -20,6 +20,13 @@ test: venv
 
 test-kernels: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
+
+# Side-by-side offline throughput; pass options with BENCH_ARGS="--batch-sizes 1 4 16 ...".
+bench: venv
+	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+bench-quick: venv
+	$(PY) -m benchmarks.throughput --quick
 
 draft-head: venv
 	$(PY) -m vllm_respsp.draft

@@ -1,0 +1,98 @@
+"""Engines that stay up side by side, one process each, so a benchmark can interleave them.
+
+Each `EngineWorker` is a process holding one vLLM `LLM` (one speculative configuration). The
+benchmark sends it a batch of prompts, it generates and returns the measured `RunResult`.
+Keeping every configuration loaded lets repetitions alternate between them, so the machine's
+noise lands on all of them alike instead of on whichever ran during a busy minute.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """One column of the benchmark: a name and the `LLM(...)` arguments that differ."""
+
+    name: str
+    speculative_config: dict | None = None
+    engine: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        spec = self.speculative_config
+        if not spec:
+            return "no speculation"
+        if spec.get("method") == "eagle3":
+            return f"EAGLE-3 chain of {spec['num_speculative_tokens']}"
+        return str(spec)
+
+
+def _serve(conn, model: str, config: EngineConfig) -> None:
+    import os
+
+    # The engine runs inside this worker process: one process per configuration, no extra hop.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
+
+        prepare_cpu_env(kv_cache_gib=1)
+        llm = make_llm(model, config.speculative_config, **config.engine)
+        tokenizer = llm.get_tokenizer()
+        conn.send(("ready", None))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        kind, payload = message
+        try:
+            if kind == "render":
+                from vllm_respsp.testbed.prompts import render
+
+                conn.send(("ok", render(payload, tokenizer)))
+            else:
+                prompts, sampling = payload
+                conn.send(("ok", generate(llm, prompts, sampling).to_json()))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class EngineWorker:
+    def __init__(self, model: str, config: EngineConfig):
+        self.config = config
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, model, config), daemon=False)
+        self._proc.start()
+
+    def wait_ready(self) -> None:
+        self._reply()
+
+    def _reply(self):
+        kind, payload = self._conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"engine '{self.config.name}' failed:\n{payload}")
+        return payload
+
+    def render(self, prompts) -> list[str]:
+        self._conn.send(("render", prompts))
+        return self._reply()
+
+    def generate(self, prompts: list, sampling: dict) -> dict:
+        self._conn.send(("generate", (prompts, sampling)))
+        return self._reply()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=60)
+            if self._proc.is_alive():
+                self._proc.terminate()

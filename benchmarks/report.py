@@ -1,0 +1,86 @@
+"""Markdown table and PNG plots of a throughput run (benchmarks/throughput.py's JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date (UTC): {result['date']}; machine: {result['machine']['device']}, "
+        f"{result['machine']['cpus']} CPUs, vLLM {result['machine']['vllm']}, torch {result['machine']['torch']}  ",
+        f"Target: `{Path(result['model']).name}`; EAGLE-3 head: `{result['head']}`",
+        "",
+        "| prompt set | batch | configuration | tokens/s (median, min-max) | ms / output token | "
+        "acceptance length | speedup vs none | vs best EAGLE-3 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    describe = {c["name"]: c["describe"] for c in result["configs"]}
+    for cell in result["cells"]:
+        for name, s in cell["configs"].items():
+            vs_chain = f"{s['speedup_vs_best_eagle3']:.2f}x" if s["speedup_vs_best_eagle3"] else "-"
+            lines.append(
+                f"| {Path(cell['prompt_set']).name} | {cell['batch_size']} | {describe[name]} | "
+                f"{s['tokens_per_s']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
+                f"{s['ms_per_output_token']:.1f} | {s['acceptance_length']:.2f} | "
+                f"{s['speedup_vs_none']:.2f}x | {vs_chain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({c["prompt_set"] for c in result["cells"]})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        cells = sorted((c for c in result["cells"] if c["prompt_set"] == set_name), key=lambda c: c["batch_size"])
+        for config in result["configs"]:
+            xs = [c["batch_size"] for c in cells]
+            ys = [c["configs"][config["name"]]["speedup_vs_none"] for c in cells]
+            ax.plot(xs, ys, marker="o", label=config["describe"])
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup vs no speculation")
+        ax.set_title(Path(set_name).name)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_acceptance(result: dict, path: Path) -> None:
+    """Distribution of accepted draft tokens per step, from vLLM's per-position counts:
+    P(accepted >= k) = accepted_at_position[k-1] / drafts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec_configs = [c for c in result["configs"] if c["speculative_config"]]
+    if not spec_configs:
+        return
+    fig, axes = plt.subplots(1, len(spec_configs), figsize=(4 * len(spec_configs), 3.5), squeeze=False)
+    for ax, config in zip(axes[0], spec_configs):
+        for cell in result["cells"]:
+            at_least = [1.0] + cell["configs"][config["name"]]["acceptance_per_pos"]
+            exactly = [a - b for a, b in zip(at_least, at_least[1:] + [0.0])]
+            ax.plot(range(len(exactly)), exactly, marker="o",
+                    label=f"{cell['prompt_set']} bs{cell['batch_size']}")
+        ax.set_title(config["describe"])
+        ax.set_xlabel("draft tokens accepted in a step")
+        ax.set_ylabel("fraction of steps")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "throughput.md").write_text(markdown_table(result))
+    plot_speedups(result, out / "speedup_vs_batch.png")
+    plot_acceptance(result, out / "acceptance_hist.png")

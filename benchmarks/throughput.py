@@ -1,0 +1,184 @@
+"""Offline throughput, every configuration side by side in one run.
+
+    python -m benchmarks.throughput --quick                  # < 5 minutes on the 2-core CPU
+    python -m benchmarks.throughput --prompt-sets mt-bench humaneval --batch-sizes 1 4 16
+
+All configurations (no speculation, vLLM's EAGLE-3 chain for each length in --chains, ...)
+stay loaded in their own processes; each repetition runs every configuration on the same
+prompts, in a rotated order, so machine noise hits all of them alike. Reported per prompt set
+and batch size: median output tokens/s with min-max spread, time per output token, vLLM's
+acceptance length and per-position acceptance, and speedups against no speculation and
+against the best EAGLE-3 chain. Writes JSON (with every raw sample), a Markdown table and PNG
+plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+from pathlib import Path
+
+from benchmarks.engines import EngineConfig, EngineWorker
+
+
+def engine_configs(head: str | None, chains: list[int], engine: dict) -> list[EngineConfig]:
+    configs = [EngineConfig("none", None, engine)]
+    for n in chains if head else []:
+        configs.append(EngineConfig(f"eagle3-{n}", {"method": "eagle3", "model": head,
+                                                     "num_speculative_tokens": n}, engine))
+    return configs
+
+
+def add_lists(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+def batches(prompts: list, batch_size: int) -> list[list]:
+    return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+
+def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sampling: dict,
+             reps: int, progress) -> dict[str, list[dict]]:
+    """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}."""
+    samples: dict[str, list[dict]] = {w.config.name: [] for w in workers}
+    for rep in range(reps):
+        order = workers[rep % len(workers):] + workers[:rep % len(workers)]
+        for worker in order:
+            seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                                            "accepted_per_pos": []}
+            for batch in batches(texts, batch_size):
+                r = worker.generate(batch, sampling)
+                seconds += r["seconds"]
+                tokens += r["output_tokens"]
+                for key in ("drafts", "draft_tokens", "accepted_tokens"):
+                    spec[key] += r["spec"][key]
+                spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
+            samples[worker.config.name].append(
+                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec})
+            progress.update(1)
+    return samples
+
+
+def summarize(samples: list[dict], batch_size: int) -> dict:
+    rates = [s["output_tokens"] / s["seconds"] for s in samples]
+    drafts = sum(s["spec"]["drafts"] for s in samples)
+    accepted = sum(s["spec"]["accepted_tokens"] for s in samples)
+    per_pos: list[int] = []
+    for s in samples:
+        per_pos = add_lists(per_pos, s["spec"]["accepted_per_pos"])
+    median = statistics.median(rates)
+    return {
+        "tokens_per_s": median,
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        # Wall time per output token of one sequence (batch_size sequences decode together).
+        "ms_per_output_token": 1000.0 * batch_size / median,
+        "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
+        "acceptance_per_pos": [a / drafts for a in per_pos] if drafts else [],
+    }
+
+
+def add_speedups(cell: dict[str, dict]) -> None:
+    base = cell["none"]["tokens_per_s"]
+    chains = [v["tokens_per_s"] for k, v in cell.items() if k.startswith("eagle3-")]
+    best_chain = max(chains) if chains else None
+    for summary in cell.values():
+        summary["speedup_vs_none"] = summary["tokens_per_s"] / base
+        summary["speedup_vs_best_eagle3"] = summary["tokens_per_s"] / best_chain if best_chain else None
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
+    parser.add_argument("--model", help="target model (default: the testbed SmolLM2-135M-Instruct)")
+    parser.add_argument("--head", help="EAGLE-3 head (default: the shipped testbed head, if present)")
+    parser.add_argument("--prompt-sets", nargs="+", default=["mt-bench", "humaneval", "gsm8k", "sharegpt-heldout"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--num-prompts", type=int, default=64, help="prompts per set (batched by batch size)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--chains", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_sets, args.batch_sizes = ["mt-bench"], [1, 4]
+        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3, 5], 1
+    if any(b < 1 for b in args.batch_sizes) or args.num_prompts < 1 or args.reps < 1:
+        parser.error("--batch-sizes, --num-prompts and --reps must be positive")
+
+    from tqdm import tqdm
+
+    from vllm_respsp.testbed.model import testbed_model_path
+    from vllm_respsp.testbed.prompts import load_prompts
+
+    model = args.model or str(testbed_model_path())
+    head = args.head or default_head()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len})
+    workers = [EngineWorker(model, c) for c in configs]
+    try:
+        for w in tqdm(workers, desc="starting engines"):
+            w.wait_ready()
+        sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": False}
+        cells, raw = [], {}
+        total = len(args.prompt_sets) * len(args.batch_sizes) * args.reps * len(workers)
+        with tqdm(total=total, desc="benchmark", unit="run") as progress:
+            for set_name in args.prompt_sets:
+                texts = workers[0].render(load_prompts(set_name, limit=args.num_prompts))
+                for batch_size in args.batch_sizes:
+                    samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress)
+                    cell = {name: summarize(s, batch_size) for name, s in samples.items()}
+                    add_speedups(cell)
+                    cells.append({"prompt_set": set_name, "batch_size": batch_size,
+                                  "num_prompts": len(texts), "configs": cell})
+                    raw[f"{set_name}/bs{batch_size}"] = samples
+    finally:
+        for w in workers:
+            w.close()
+
+    result = {
+        "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "date": stamp, "machine": machine_info(), "model": model, "head": head,
+        "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
+                    for c in configs],
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "cells": cells, "raw": raw,
+    }
+    (out / "throughput.json").write_text(json.dumps(result, indent=1, default=str))
+    from benchmarks.report import write_report
+
+    write_report(result, out)
+    print((out / "throughput.md").read_text())
+    return out
+
+
+def default_head() -> str | None:
+    try:
+        from vllm_respsp.draft import shipped_head_path
+    except ImportError:
+        return None
+    path = shipped_head_path()
+    return str(path) if (Path(path) / "config.json").is_file() else None
+
+
+def machine_info() -> dict:
+    import os
+
+    import torch
+    import vllm
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The throughput benchmark's own logic, end to end on the tiny fixtures (two small engines)."""
+
+import json
+
+import pytest
+
+from benchmarks import throughput
+
+
+def test_summaries_and_speedups():
+    samples = [{"seconds": 2.0, "output_tokens": 100, "spec": {"drafts": 10, "draft_tokens": 30,
+                                                               "accepted_tokens": 15, "accepted_per_pos": [8, 5, 2]}},
+               {"seconds": 1.0, "output_tokens": 100, "spec": {"drafts": 10, "draft_tokens": 30,
+                                                               "accepted_tokens": 15, "accepted_per_pos": [8, 5, 2]}},
+               {"seconds": 4.0, "output_tokens": 100, "spec": {"drafts": 0, "draft_tokens": 0,
+                                                               "accepted_tokens": 0, "accepted_per_pos": []}}]
+    s = throughput.summarize(samples, batch_size=4)
+    assert s["tokens_per_s"] == 50.0 and (s["tokens_per_s_min"], s["tokens_per_s_max"]) == (25.0, 100.0)
+    assert s["ms_per_output_token"] == pytest.approx(80.0)
+    assert s["acceptance_length"] == pytest.approx(2.5)
+    assert s["acceptance_per_pos"] == pytest.approx([0.8, 0.5, 0.2])
+    cell = {"none": {"tokens_per_s": 10.0}, "eagle3-2": {"tokens_per_s": 15.0}, "eagle3-4": {"tokens_per_s": 20.0}}
+    throughput.add_speedups(cell)
+    assert cell["eagle3-2"]["speedup_vs_none"] == 1.5 and cell["eagle3-2"]["speedup_vs_best_eagle3"] == 0.75
+    assert throughput.batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t, "kind": "completion"})
+                                 for t in ["w5 w6 w7", "w9 w3", "w40 w41 w42"]))
+    out = throughput.main(["--model", str(fixture_models["tiny"]), "--head", str(fixture_models["tiny_head"]),
+                           "--prompt-sets", str(prompts), "--batch-sizes", "1", "3", "--num-prompts", "3",
+                           "--max-tokens", "6", "--chains", "2", "--reps", "2", "--max-model-len", "256", "--out", str(tmp_path / "run")])
+    result = json.loads((out / "throughput.json").read_text())
+    assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2"]
+    assert [(c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [(1, 3), (3, 3)]
+    for cell in result["cells"]:
+        assert cell["configs"]["none"]["speedup_vs_none"] == 1.0
+        assert cell["configs"]["eagle3-2"]["acceptance_length"] >= 1.0
+    raw = result["raw"][f"{prompts}/bs1"]
+    assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
+    table = (out / "throughput.md").read_text()
+    assert "EAGLE-3 chain of 2" in table and table.count("\n| ") == 5  # header + 4 rows
+    assert (out / "speedup_vs_batch.png").stat().st_size > 1000
+    assert (out / "acceptance_hist.png").stat().st_size > 1000
