@@ -21,7 +21,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.engines import EngineConfig, EngineWorker
+from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
 
 def engine_configs(head: str | None, chains: list[int], engine: dict) -> list[EngineConfig]:
