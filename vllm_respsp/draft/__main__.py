@@ -58,7 +58,24 @@ def build_vocab(work: Path, cfg: TrainConfig, vocab_size: int) -> tuple[torch.Te
     return vocab, float(counts[vocab].sum() / counts.sum())
 
 
+def reexec_with_intel_openmp() -> None:
+    """Re-start this process with Intel OpenMP preloaded (prepare_cpu_env sets LD_PRELOAD, which
+    only affects processes started afterwards): the HF feature forward measured ~2.5x faster
+    with it on this 2-core machine (289 vs 90-120 tok/s), and training uses the same kernels."""
+    import os
+    import sys
+
+    from vllm_respsp.testbed.engine_run import prepare_cpu_env
+
+    if os.environ.get("VLLM_RESPSP_DRAFT_REEXEC"):
+        return
+    prepare_cpu_env(kv_cache_gib=4)
+    os.environ["VLLM_RESPSP_DRAFT_REEXEC"] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "vllm_respsp.draft", *sys.argv[1:]])
+
+
 def main() -> None:
+    reexec_with_intel_openmp()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=default_work_dir())
     parser.add_argument("--out", type=Path, default=shipped_head_path())

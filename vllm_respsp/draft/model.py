@@ -161,6 +161,8 @@ class Eagle3Head(nn.Module):
         # Step-0 keys: j <= i (causal) and j inside the sequence.
         mask0 = (rows[None, :] <= rows[:, None])[None] & (rows[None, None, :] < lengths[:, None, None])
         mask0 = mask0[:, None]  # [B, 1, T, T]
+        if not torch.is_autocast_enabled("cpu"):
+            aux = aux.to(self.fc.weight.dtype)
         hidden = self.fc(aux)
         outputs, diag_k, diag_v = [], [], []
         for k in range(steps):
