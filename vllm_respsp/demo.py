@@ -1,13 +1,24 @@
-"""`make demo`: the testbed model (SmolLM2-135M-Instruct) answering MT-Bench prompts in vLLM.
+"""`make demo`: the testbed model (SmolLM2-135M-Instruct) answering MT-Bench prompts in vLLM,
+and a short side-by-side of no speculation against EAGLE-3 with the shipped draft head.
 
-Each issue that lands upgrades this to the newest capability; today it is plain vLLM offline
-generation on this machine, with the answers and the measured speed.
+Each issue that lands upgrades this to the newest capability. Today: plain vLLM vs vLLM's
+EAGLE-3 chain (the `respsp` tree method is not wired into vLLM yet).
 """
 
 from __future__ import annotations
 
 import argparse
 import textwrap
+from pathlib import Path
+
+
+def shipped_head() -> str | None:
+    try:
+        from vllm_respsp.draft import shipped_head_path
+    except ImportError:
+        return None
+    path = Path(shipped_head_path())
+    return str(path) if (path / "config.json").is_file() else None
 
 
 def main() -> None:
@@ -15,30 +26,54 @@ def main() -> None:
     parser.add_argument("--prompts", default="mt-bench", help="prompt set name or .jsonl path")
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--chain", type=int, default=3, help="EAGLE-3 draft tokens per step")
     args = parser.parse_args()
 
-    from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
+    from tqdm import tqdm
+
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.testbed.prompts import load_prompts, render
+    from vllm_respsp.testbed.prompts import load_prompts
 
-    prepare_cpu_env()
-    model = testbed_model_path()
+    model = str(testbed_model_path())
+    head = shipped_head()
+    configs = [EngineConfig("none")]
+    if head:
+        configs.append(EngineConfig("eagle3", {"method": "eagle3", "model": head,
+                                               "num_speculative_tokens": args.chain}))
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
-    llm = make_llm(str(model), max_model_len=2048)
-    texts = render(prompts, llm.get_tokenizer())
-    sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
-    generate(llm, texts[:1], {**sampling, "max_tokens": 8})  # warm-up, not timed
-    result = generate(llm, texts, sampling)
+    workers = [EngineWorker(model, c) for c in configs]
+    try:
+        for w in tqdm(workers, desc="starting engines"):
+            w.wait_ready()
+        texts = workers[0].render(prompts)
+        sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
+        for w in workers:
+            w.generate(texts[:1], {**sampling, "max_tokens": 8})  # warm-up, not timed
+        results = {w.config.name: w.generate(texts, sampling) for w in workers}
+    finally:
+        for w in workers:
+            w.close()
 
-    for prompt, answer in zip(prompts, result.texts):
+    plain = results["none"]
+    for prompt, answer in zip(prompts, plain["texts"]):
         print("=" * 100)
         print(f"[{prompt.id}] {textwrap.shorten(prompt.text, 300)}")
         print("-" * 100)
         print(answer.strip())
     print("=" * 100)
-    print(f"{len(prompts)} prompts, {result.output_tokens} tokens in {result.seconds:.1f} s: "
-          f"{result.tokens_per_s:.1f} output tokens/s (batch {len(prompts)}, no speculation, "
-          f"vLLM {__import__('vllm').__version__} on CPU)")
+    print(f"{len(prompts)} prompts at once (batch {len(prompts)}), greedy, {args.max_tokens} new tokens, "
+          f"vLLM {__import__('vllm').__version__} on CPU:")
+    for config in configs:
+        r = results[config.name]
+        extra = ""
+        if config.speculative_config:
+            same = "identical to" if r["token_ids"] == plain["token_ids"] else "DIFFERENT from"
+            extra = (f", acceptance length {r['spec']['acceptance_length']:.2f}, "
+                     f"speedup {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x, output {same} no speculation")
+        print(f"  {config.describe():<24} {r['tokens_per_s']:6.1f} output tokens/s{extra}")
+    if not head:
+        print("  (no shipped EAGLE-3 head found: run `make draft-head` to train one)")
 
 
 if __name__ == "__main__":
