@@ -36,9 +36,8 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
     # The engine runs inside this worker process: one process per configuration, no extra hop.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
+        from vllm_respsp.testbed.engine_run import generate, make_llm
 
-        prepare_cpu_env(kv_cache_gib=1)
         llm = make_llm(model, config.speculative_config, **config.engine)
         tokenizer = llm.get_tokenizer()
         conn.send(("ready", None))
@@ -63,7 +62,11 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
 
 
 class EngineWorker:
-    def __init__(self, model: str, config: EngineConfig):
+    def __init__(self, model: str, config: EngineConfig, kv_cache_gib: int = 1):
+        from vllm_respsp.testbed.engine_run import prepare_cpu_env
+
+        # Before the spawn: LD_PRELOAD (Intel OpenMP) only reaches processes started after it.
+        prepare_cpu_env(kv_cache_gib)
         self.config = config
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
