@@ -1,0 +1,82 @@
+"""Our views of vLLM's CPU KV cache against vLLM's own CPU cache-write and attention ops."""
+
+import pytest
+import torch
+
+from triton_kernels import build_tree_metadata, compaction_slots
+from vllm_respsp.tree.cpu_paged_kv import compact_kv_cpu, kv_views, tree_attention_cpu
+
+ops = pytest.importorskip("vllm._custom_ops")
+pytest.importorskip("vllm._C")
+
+CASES = [("vec", 32, torch.float32), ("vec16", 16, torch.float32), ("vec16", 16, torch.bfloat16)]
+H, D, NUM_BLOCKS = 2, 64, 12
+
+
+def written_cache(isa, block_size, dtype, slots, gen):
+    cache = torch.zeros(NUM_BLOCKS, H, block_size, 2 * D, dtype=dtype)
+    key_cache, value_cache = cache.view(NUM_BLOCKS, H, block_size * 2, D).chunk(2, dim=2)
+    k = torch.randn(slots.numel(), H, D, generator=gen).to(dtype)
+    v = torch.randn(slots.numel(), H, D, generator=gen).to(dtype)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+    return cache, key_cache, value_cache, k, v
+
+
+@pytest.mark.parametrize("isa,block_size,dtype", CASES)
+def test_views_read_what_vllm_wrote(isa, block_size, dtype):
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.randperm(NUM_BLOCKS * block_size, generator=gen)[:50]
+    cache, _, _, k, v = written_cache(isa, block_size, dtype, slots, gen)
+    kv, vv = kv_views(cache, isa)
+    assert torch.equal(kv[slots // block_size, slots % block_size], k)
+    assert torch.equal(vv[slots // block_size, slots % block_size], v)
+
+
+@pytest.mark.parametrize("isa,block_size,dtype", CASES[:2])
+def test_chain_tree_attention_equals_vllm_causal_attention(isa, block_size, dtype):
+    """A chain's ancestor mask is causal: our path must reproduce vLLM's CPU attention."""
+    gen = torch.Generator().manual_seed(1)
+    prefix, n = 37, 6
+    block_table = torch.tensor([[3, 7, 1, 9]], dtype=torch.int32)
+    pos = torch.arange(prefix + n)
+    slots = (block_table[0, pos // block_size].long() * block_size + pos % block_size)
+    cache, key_cache, value_cache, _, _ = written_cache(isa, block_size, dtype, slots, gen)
+    q = torch.randn(n, 2 * H, D, generator=gen).to(dtype)  # GQA: 2 query heads per KV head
+    scale = D ** -0.5
+    parents = torch.arange(-1, n - 1, dtype=torch.int32)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    meta = build_tree_metadata(parents, cu, n)
+    ours = tree_attention_cpu(q, cache, isa, block_table, torch.tensor([prefix], dtype=torch.int32),
+                              cu, meta.ancestor_bits, scale)
+    seq_lens = torch.tensor([prefix + n], dtype=torch.int32)
+    query_start = torch.tensor([0, n], dtype=torch.int32)
+    sched = ops.cpu_attn_get_scheduler_metadata(1, 2 * H, H, D, seq_lens, dtype, query_start, True, -1, isa, False)
+    theirs = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(q, key_cache, value_cache, theirs, query_start, seq_lens, scale, True,
+                                    None, -1, block_table, 0.0, sched, None)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_compaction_moves_the_accepted_path_in_every_layer():
+    isa, block_size = "vec16", 16
+    gen = torch.Generator().manual_seed(2)
+    prefix = 14  # the tree straddles a block boundary
+    block_table = torch.tensor([[5, 2, 8]], dtype=torch.int32)
+    caches = [torch.randn(NUM_BLOCKS, H, block_size, 2 * D, generator=gen) for _ in range(3)]
+    before = [c.clone() for c in caches]
+    accepted_nodes = torch.tensor([[0, 2, 5, 6]], dtype=torch.int32)  # path through tree nodes 2, 5, 6
+    src, dst = compaction_slots(torch.tensor([prefix]), accepted_nodes, torch.tensor([3]), block_table, block_size)
+    compact_kv_cpu(caches, isa, src, dst)
+
+    def row(cache, pos):
+        k, v = kv_views(cache, isa)
+        b, o = int(block_table[0, pos // block_size]), pos % block_size
+        return k[b, o], v[b, o]
+
+    for old, new in zip(before, caches):
+        for depth, node in enumerate([0, 2, 5, 6]):
+            for a, b in zip(row(new, prefix + depth), row(old, prefix + node)):
+                assert torch.equal(a, b)
+        for pos in range(prefix):  # the prefix is untouched
+            for a, b in zip(row(new, pos), row(old, pos)):
+                assert torch.equal(a, b)
