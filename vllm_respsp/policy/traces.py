@@ -195,8 +195,9 @@ def synthetic_traces(actions: list[TreeShape], num_generations: int = 8, positio
     Each position has a latent difficulty d (a slowly varying AR(1) process, so both the
     features and the recent acceptance predict it). Level j of a tree is accepted when a
     uniform draw u_j (shared by all actions at that position: common random numbers) falls
-    below 1 - (1 - q_j)^w_j, where q_j = sigmoid(1.5 - d - 0.3 j) is the chance one candidate
-    is right and w_j = min(K, T / j) is how many candidates the tree can afford at that level.
+    below 1 - (1 - q_j)^sqrt(w_j), where q_j = sigmoid(1 - d - 0.3 j) is the chance one
+    candidate is right and w_j = min(K, T / j) is how many candidates the tree can afford at
+    that level (sqrt: siblings are correlated, width has diminishing returns).
     A = the number of consecutive accepted levels, capped by D. So A is monotone in T, D and K,
     and large trees pay off only at easy positions, which is what a policy has to learn.
     """
@@ -216,8 +217,8 @@ def synthetic_traces(actions: list[TreeShape], num_generations: int = 8, positio
         d[0] = rng.normal()
         for p in range(1, positions):
             d[p] = 0.9 * d[p - 1] + math.sqrt(1 - 0.81) * rng.normal()
-        q = 1.0 / (1.0 + np.exp(-(1.5 - d[:, None] - 0.3 * levels[None, :])))  # [P, levels]
-        p_level = 1.0 - (1.0 - q[:, :, None]) ** width[None, :, :]  # [P, levels, actions]
+        q = 1.0 / (1.0 + np.exp(-(1.0 - d[:, None] - 0.3 * levels[None, :])))  # [P, levels]
+        p_level = 1.0 - (1.0 - q[:, :, None]) ** np.sqrt(width)[None, :, :]  # [P, levels, actions]
         u = rng.random((positions, max_depth))
         ok = u[:, :, None] < p_level
         ok &= levels[None, :, None] <= depth[None, None, :]  # levels below D are not drafted

@@ -1,0 +1,166 @@
+"""Policy files: what training writes and what the engine loads (`"policy": <path>` in the
+respsp config points at the JSON).
+
+    <stem>.json          format, version, action set, feature spec + extras, target/head ids,
+                         architecture, hold (action persistence), cost profile name + digest,
+                         training info, and the weights file's name and sha256
+    <stem>.safetensors   PolicyNet's state dict
+
+Loading checks everything before the engine serves a request, and every error names the field:
+an unknown version, an action set that differs from the respsp config's `actions`, a feature
+width that does not match the target ("trained for hidden size 576, loaded for 4096"), missing
+or mis-shaped tensors, a truncated or corrupt weights file (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_respsp.policy.network import ACTIVATIONS, PolicyNet
+from vllm_respsp.policy.simulator import EXTRA_FEATURES
+from vllm_respsp.policy.traces import FeatureSpec, feature_width
+from vllm_respsp.tree.shape import ShapeError, TreeShape, validate_actions
+
+POLICY_FORMAT = "respsp-shape-policy"
+POLICY_FORMAT_VERSION = 1
+
+
+class PolicyFileError(ValueError):
+    """A policy file that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class PolicyFile:
+    path: Path
+    meta: dict
+    net: PolicyNet
+    actions: list[TreeShape]
+    feature_spec: list[FeatureSpec]
+    hold: int
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
+                feature_spec: list[FeatureSpec], *, hold: int = 1, target: dict | None = None,
+                head: dict | None = None, cost_profile: dict | None = None,
+                training: dict | None = None) -> Path:
+    """Write <stem>.safetensors and <stem>.json; return the JSON's path (the policy file)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(".safetensors")
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(weights))
+    meta = {
+        "format": POLICY_FORMAT, "version": POLICY_FORMAT_VERSION,
+        "actions": [a.to_dict() for a in actions],
+        "feature_spec": [f.to_dict() for f in feature_spec],
+        "extras": list(EXTRA_FEATURES),
+        "target": target or {}, "head": head or {},
+        "architecture": net.architecture, "hold": hold,
+        "cost_profile": cost_profile or {}, "training": training or {},
+        "weights": {"file": weights.name, "sha256": _sha256(weights)},
+    }
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def _fail(path, field: str, message: str):
+    raise PolicyFileError(f"policy file {path}: field {field!r}: {message}")
+
+
+def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None,
+                feature_dims: dict[str, int] | None = None) -> PolicyFile:
+    """Load and check a policy file.
+
+    config        a RespspConfig: its `actions` (when given) must be the policy's action set
+    hidden_size   the target model's hidden size, when the engine knows it
+    feature_dims  {feature name: width} the engine will feed, e.g. {"eagle3_fused": 3 * 4096}
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyFileError(f"policy file {path}: no such file")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise PolicyFileError(f"policy file {path}: not valid JSON ({e}); truncated?") from None
+    if not isinstance(meta, dict) or meta.get("format") != POLICY_FORMAT:
+        _fail(path, "format", f"expected {POLICY_FORMAT!r}; is this a policy file?")
+    if meta.get("version") != POLICY_FORMAT_VERSION:
+        _fail(path, "version", f"unknown version {meta.get('version')!r}; this code reads "
+                               f"version {POLICY_FORMAT_VERSION}")
+    try:
+        actions = validate_actions(meta.get("actions") or [], "actions")
+    except ShapeError as e:
+        _fail(path, "actions", str(e))
+    if config is not None and config.actions and set(config.actions) != set(actions):
+        missing = sorted(map(str, set(actions) - set(config.actions)))
+        extra = sorted(map(str, set(config.actions) - set(actions)))
+        _fail(path, "actions", f"the policy chooses among {len(actions)} shapes but the respsp "
+                               f"config's actions differ (in the policy only: {missing}; in the "
+                               f"config only: {extra}); use the policy's action set or retrain")
+    try:
+        spec = [FeatureSpec(str(f["name"]), int(f["dim"])) for f in meta["feature_spec"]]
+    except (KeyError, TypeError, ValueError):
+        _fail(path, "feature_spec", "must be a list of {name, dim}")
+    if meta.get("extras") != list(EXTRA_FEATURES):
+        _fail(path, "extras", f"{meta.get('extras')!r}; this code builds {list(EXTRA_FEATURES)}")
+    trained_hidden = (meta.get("target") or {}).get("hidden_size")
+    if hidden_size is not None and trained_hidden is not None and trained_hidden != hidden_size:
+        _fail(path, "target.hidden_size", f"a policy trained for hidden size {trained_hidden} "
+                                          f"loaded for a target of hidden size {hidden_size}")
+    for f in spec:
+        want = (feature_dims or {}).get(f.name)
+        if want is not None and want != f.dim:
+            _fail(path, f"feature_spec.{f.name}", f"trained for width {f.dim}, the engine "
+                                                  f"provides width {want}")
+    hold = meta.get("hold")
+    if not isinstance(hold, int) or hold < 1:
+        _fail(path, "hold", f"must be a positive integer, got {hold!r}")
+    arch = meta.get("architecture") or {}
+    expect = {"feature_dim": feature_width(spec), "extra_dim": len(EXTRA_FEATURES),
+              "num_actions": len(actions)}
+    for key, value in expect.items():
+        if arch.get(key) != value:
+            _fail(path, f"architecture.{key}", f"{arch.get(key)!r}, inconsistent with the file's "
+                                               f"feature spec / action set ({value})")
+    if arch.get("activation") not in ACTIVATIONS or not isinstance(arch.get("hidden"), list) \
+            or not isinstance(arch.get("proj_dim"), int):
+        _fail(path, "architecture", f"needs proj_dim, hidden (list) and activation in "
+                                    f"{sorted(ACTIVATIONS)}; got {arch}")
+    net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
+                    tuple(arch["hidden"]), arch["activation"])
+    net.load_state_dict(_load_weights(path, meta, net))
+    return PolicyFile(path, meta, net.eval(), actions, spec, hold)
+
+
+def _load_weights(path: Path, meta: dict, net: PolicyNet) -> dict:
+    info = meta.get("weights") or {}
+    weights = path.parent / str(info.get("file"))
+    if not weights.is_file():
+        _fail(path, "weights.file", f"{weights} does not exist")
+    if _sha256(weights) != info.get("sha256"):
+        _fail(path, "weights.sha256", f"{weights.name} does not match its recorded hash "
+                                      f"(truncated, corrupt or replaced)")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        _fail(path, "weights.file", f"unreadable safetensors ({e})")
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        _fail(path, "weights", f"tensors missing: {missing}, unexpected: {unknown}")
+    for name, t in expected.items():
+        if tuple(tensors[name].shape) != tuple(t.shape):
+            _fail(path, f"weights.{name}", f"shape {tuple(tensors[name].shape)}, the "
+                                           f"architecture needs {tuple(t.shape)}")
+    return {k: v.float() for k, v in tensors.items()}

@@ -1,0 +1,114 @@
+"""The in-engine shape policy: one batched forward per engine step for every running request.
+
+    policy = ShapePolicy.from_file(config.policy, config, hidden_size=..., feature_dims=...)
+    shapes = policy.choose(request_ids, features [B, F], recent_accept [B], batch_load)
+
+- Deterministic: argmax of the network's scores.
+- Persistence: a request keeps its chosen action for `hold` steps (from the policy file); only
+  requests whose hold ran out go through the network, still in one batched call.
+- Never raises at run time: an exception, a wrong feature width or a non-finite score sends the
+  affected requests to the static fallback shape (the respsp config's `shape`), counts them in
+  `fallback_count`, and does not hold the fallback (the next step asks the network again).
+  Errors in the policy *file* are raised at load time instead (policy_file.load_policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vllm_respsp.policy.network import PolicyNet
+from vllm_respsp.policy.policy_file import load_policy
+from vllm_respsp.policy.simulator import RECENT_DECAY
+from vllm_respsp.tree.shape import TreeShape
+
+logger = logging.getLogger(__name__)
+FALLBACK = -1  # action index meaning "use the static fallback shape"
+
+
+class ShapePolicy(nn.Module):
+    def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1):
+        super().__init__()
+        self.net = net.eval()
+        self.actions = list(actions)
+        self.fallback = fallback
+        self.hold = hold
+        self.max_depth = max(a.depth for a in actions)
+        self.fallback_count = 0
+        self._held: dict[object, list[int]] = {}  # request id -> [action index, steps left]
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_file(cls, path: str | Path, config=None, *, hidden_size: int | None = None,
+                  feature_dims: dict[str, int] | None = None) -> "ShapePolicy":
+        from vllm_respsp.config import DEFAULT_SHAPE
+
+        pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
+        return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold)
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:
+        """Action indices [B] (int64; FALLBACK where the policy could not decide)."""
+        try:
+            batch = int(features.shape[0])
+        except Exception:
+            batch = int(getattr(recent_accept, "numel", lambda: 0)())
+        try:
+            extras = torch.stack([
+                torch.full((batch,), math.log2(batch_load) / 6.0),  # simulator.extra_features
+                recent_accept.float().reshape(batch) / self.max_depth,
+            ], dim=1)
+            scores = self.net(torch.cat([features.float(), extras], dim=1))
+            chosen = scores.argmax(dim=-1)
+            bad = ~torch.isfinite(scores).all(dim=-1)
+            if bad.any():
+                chosen[bad] = FALLBACK
+                self.fallback_count += int(bad.sum())
+            return chosen
+        except Exception as e:  # the engine step must go on: fall back, count, log once per kind
+            self.fallback_count += batch
+            self._warn(e)
+            return torch.full((batch,), FALLBACK, dtype=torch.int64)
+
+    def choose(self, request_ids: list, features: torch.Tensor, recent_accept: torch.Tensor,
+               batch_load: int | None = None) -> list[TreeShape]:
+        """Shapes for this step's requests, in order. batch_load defaults to len(request_ids)."""
+        try:
+            load = batch_load or len(request_ids)
+            need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
+            if need:
+                rows = torch.as_tensor(need)
+                picked = self.forward(features[rows], recent_accept[rows], load).tolist()
+                for i, action in zip(need, picked):
+                    # a fallback is not held: the next step asks the network again
+                    self._held[request_ids[i]] = [action, self.hold if action != FALLBACK else 1]
+            shapes = []
+            for r in request_ids:
+                held = self._held[r]
+                held[1] -= 1
+                shapes.append(self.fallback if held[0] == FALLBACK else self.actions[held[0]])
+            return shapes
+        except Exception as e:
+            self.fallback_count += len(request_ids)
+            self._warn(e)
+            return [self.fallback] * len(request_ids)
+
+    def release(self, request_id) -> None:
+        """Forget a finished request's hold counter."""
+        self._held.pop(request_id, None)
+
+    def _warn(self, error: Exception) -> None:
+        kind = type(error).__name__
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning("respsp shape policy failed (%s: %s); using the static shape %s",
+                           kind, error, self.fallback)
+
+
+def recent_accept_update(recent: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """The engine-side EMA of accepted draft tokens, same as simulator.update_recent, batched."""
+    return RECENT_DECAY * recent + (1 - RECENT_DECAY) * accepted.float()
