@@ -1,0 +1,250 @@
+"""Train shape policies on trace tables and write policy files.
+
+    python -m vllm_respsp.policy.train --traces TRACES.json --profile cpu-smollm2-135m \\
+        --out policy_dir [--algo bandit ppo] [--batch-loads 1 8 64] [--hold 1] [--seed 0]
+    python -m vllm_respsp.policy.train --synthetic --out /tmp/p --ppo-steps 2000   # smoke run
+
+Writes <out>/<algo>.json + .safetensors per algorithm (the JSON is the policy file) and
+<out>/report.json: tokens/s on held-out generations for no speculation, the best static shape
+(tuned on the training generations), EAGLE-3's default, the exact oracle and each policy.
+
+(a) bandit: the trace table gives the outcome of *every* action at every position, so the
+    contextual bandit has full feedback and reduces to regression: an MLP predicts, per action,
+    y[a] = g(p, a) - ρ_B · t_B[a] (tokens gained minus the reference rate times seconds, the
+    env's per-step reward) from the observation; the policy takes the argmax. It is myopic by
+    construction (where a step lands is ignored), which is what PPO can improve on.
+(b) ppo: stable-baselines3 PPO on TraceEnv with the same network as its actor (the
+    observation encoder is SB3's features extractor), exported weight for weight.
+Seeds are fixed (numpy, torch, SB3, env); one torch thread, so runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vllm_respsp.policy.cost import CostModel, load_cost_model
+from vllm_respsp.policy.network import PolicyNet
+from vllm_respsp.policy.policy_file import save_policy
+from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_default_index,
+                                          extra_features, no_speculation_rate, oracle, simulate,
+                                          update_recent)
+from vllm_respsp.policy.traces import TraceSet, load_traces, synthetic_traces
+from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain, resps_actions
+
+
+def synthetic_action_set() -> list[TreeShape]:
+    """Re-SpS's 177 actions (all >= 32 nodes) plus small trees, chains and EAGLE-3's default:
+    on the CPU profile verified tokens are dear, so without small shapes a policy has nothing
+    sensible to pick at batch 8-64."""
+    small = [chain(1), chain(2), chain(3), chain(4), TreeShape(8, 3, 4), TreeShape(16, 5, 4),
+             EAGLE3_DEFAULT]
+    return small + [a for a in resps_actions() if a not in small]
+
+
+def make_net(traces: TraceSet, proj_dim: int, hidden: tuple[int, ...], activation: str,
+             seed: int) -> PolicyNet:
+    torch.manual_seed(seed)
+    net = PolicyNet(traces.feature_dim, len(EXTRA_FEATURES), traces.num_actions, proj_dim, hidden,
+                    activation)
+    feats = np.concatenate([g.features for g in traces.generations])
+    net.encoder.set_normalization(feats.mean(0), feats.std(0))
+    return net
+
+
+def bandit_dataset(traces: TraceSet, cost: CostModel, batch_loads, rates: dict[int, float]):
+    """(observations [N, F+E], targets [N, A]) over every position and batch load.
+
+    The recent-acceptance extra depends on the path; it is taken from a walk with the best
+    static action (what an engine running the static fallback would have seen), carried
+    forward over the positions that walk skips.
+    """
+    max_depth = max(a.depth for a in traces.actions)
+    obs, targets = [], []
+    for batch in batch_loads:
+        costs = cost.action_costs(traces.actions, batch)
+        static, _ = best_static(traces, cost, batch)
+        block = []
+        for g in traces.generations:
+            P = g.num_positions
+            gains = np.minimum(g.accepted.astype(np.int64) + 1, (P - np.arange(P))[:, None])
+            recent, next_visit = 0.0, 0
+            extras = np.empty((P, len(EXTRA_FEATURES)), dtype=np.float32)
+            for p in range(P):
+                extras[p] = extra_features(batch, recent, max_depth)
+                if p == next_visit:
+                    recent = update_recent(recent, int(g.accepted[p, static]))
+                    next_visit = p + gains[p, static]
+            obs.append(np.concatenate([g.features, extras], axis=1))
+            block.append(gains - rates[batch] * costs[None, :])
+        # Standardize per batch load: at batch 64 the ρ·t term is tens of tokens, at batch 1
+        # a few, and unscaled MSE would fit only the heavy loads. A shift and a positive scale
+        # shared by all actions of a row leave the argmax unchanged.
+        block = np.concatenate(block)
+        targets.append((block - block.mean()) / (block.std() + 1e-6))
+    return (torch.as_tensor(np.concatenate(obs), dtype=torch.float32),
+            torch.as_tensor(np.concatenate(targets), dtype=torch.float32))
+
+
+def train_bandit(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads,
+                 rates: dict[int, float], epochs: int = 20, lr: float = 3e-3,
+                 minibatch: int = 256, seed: int = 0) -> dict:
+    x, y = bandit_dataset(traces, cost, batch_loads, rates)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for _ in tqdm(range(epochs), desc="bandit", unit="epoch"):
+        order = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), minibatch):
+            idx = order[i:i + minibatch]
+            loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(x))
+    net.eval()
+    return {"algo": "bandit", "epochs": epochs, "lr": lr, "rows": len(x), "final_mse": losses[-1]}
+
+
+def train_ppo(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads, hold: int,
+              rates: dict[int, float], steps: int, seed: int = 0, n_envs: int = 4,
+              gamma: float = 0.99):
+    """SB3 PPO; `net`'s encoder is the features extractor, its trunk/head the actor.
+
+    Returns (training info, the SB3 model); `net` holds the exported actor afterwards.
+
+    gamma < 1 discounts the env's return P - ρ·seconds slightly (gamma = 1 is the exact time
+    objective; 0.99 keeps value targets' variance down on long generations).
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    from vllm_respsp.policy.env import TraceEnv
+
+    encoder = net.encoder
+
+    class Encoder(BaseFeaturesExtractor):
+        def __init__(self, observation_space):
+            super().__init__(observation_space, features_dim=encoder.out_dim)
+            self.encoder = encoder
+
+        def forward(self, obs):
+            return self.encoder(obs)
+
+    class Progress(BaseCallback):
+        def _on_training_start(self):
+            self.bar = tqdm(total=steps, desc="ppo", unit="step")
+
+        def _on_step(self):
+            self.bar.update(self.training_env.num_envs)
+            return True
+
+        def _on_training_end(self):
+            self.bar.close()
+
+    arch = net.architecture
+    env = make_vec_env(TraceEnv, n_envs=n_envs, seed=seed, env_kwargs=dict(
+        traces=traces, cost=cost, batch_loads=batch_loads, hold=hold, reference_rates=rates))
+    n_steps = max(16, min(256, steps // n_envs))
+    model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, gamma=gamma,
+                n_steps=n_steps, batch_size=min(64, n_steps * n_envs),
+                policy_kwargs=dict(features_extractor_class=Encoder,
+                                   net_arch=dict(pi=arch["hidden"], vf=arch["hidden"]),
+                                   activation_fn={"tanh": torch.nn.Tanh,
+                                                  "relu": torch.nn.ReLU}[arch["activation"]]))
+    model.learn(total_timesteps=steps, callback=Progress())
+    # export the actor: encoder is shared (same module object), trunk and head copied
+    net.trunk.load_state_dict(model.policy.mlp_extractor.policy_net.state_dict())
+    net.head.load_state_dict(model.policy.action_net.state_dict())
+    net.eval()
+    return {"algo": "ppo", "timesteps": steps, "n_envs": n_envs, "n_steps": n_steps,
+            "gamma": gamma, "hold": hold}, model
+
+
+def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, batch_loads,
+             policies: dict[str, tuple[PolicyNet, int]]) -> dict:
+    out = {}
+    for batch in batch_loads:
+        static, _ = best_static(traces_train, cost, batch)  # tuned on training data only
+        row = {"no_speculation": no_speculation_rate(cost, batch),
+               "best_static": simulate(traces_eval, cost, static, batch).tokens_per_s,
+               "best_static_action": str(traces_train.actions[static]),
+               "oracle": oracle(traces_eval, cost, batch).tokens_per_s}
+        default = eagle3_default_index(traces_eval.actions)
+        if default is not None:
+            row["eagle3_default"] = simulate(traces_eval, cost, default, batch).tokens_per_s
+        for name, (net, hold) in policies.items():
+            res = simulate(traces_eval, cost, net.act, batch, hold)
+            row[name] = res.tokens_per_s
+            row[f"{name}_acceptance_length"] = res.acceptance_length
+        out[str(batch)] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--traces", help="trace set (<stem>.json + <stem>.safetensors)")
+    src.add_argument("--synthetic", action="store_true", help="synthetic traces (smoke runs)")
+    ap.add_argument("--profile", default="cpu-smollm2-135m", help="profile name or path")
+    ap.add_argument("--out", required=True, help="output folder for the policy files")
+    ap.add_argument("--algo", nargs="+", choices=["bandit", "ppo"], default=["bandit", "ppo"])
+    ap.add_argument("--batch-loads", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--hold", type=int, default=1, help="action persistence N (PPO and serving)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-fraction", type=float, default=0.2)
+    ap.add_argument("--bandit-epochs", type=int, default=20)
+    ap.add_argument("--ppo-steps", type=int, default=50_000)
+    ap.add_argument("--proj-dim", type=int, default=32)
+    ap.add_argument("--hidden", nargs="+", type=int, default=[64, 64])
+    ap.add_argument("--synthetic-generations", type=int, default=32)
+    ap.add_argument("--synthetic-positions", type=int, default=256)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)
+    np.random.seed(args.seed)
+    traces = (load_traces(args.traces) if args.traces else synthetic_traces(
+        synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
+    train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
+    if not eval_set.generations:
+        eval_set = train_set
+    cost = load_cost_model(args.profile)
+    rates = {b: best_static(train_set, cost, b)[1] for b in args.batch_loads}
+    out = Path(args.out)
+    common = dict(target=traces.target, head=traces.head,
+                  cost_profile={"name": cost.profile_name, "digest": cost.profile_digest})
+    policies, files = {}, {}
+    for algo in args.algo:
+        net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
+        if algo == "bandit":
+            info = train_bandit(net, train_set, cost, args.batch_loads, rates,
+                                args.bandit_epochs, seed=args.seed)
+            hold = 1  # a bandit decides every step
+        else:
+            info, _ = train_ppo(net, train_set, cost, args.batch_loads, args.hold, rates,
+                             args.ppo_steps, seed=args.seed)
+            hold = args.hold
+        info.update(seed=args.seed, batch_loads=args.batch_loads, reference_rates=rates,
+                    traces=args.traces or "synthetic",
+                    train_generations=len(train_set.generations))
+        files[algo] = str(save_policy(out / algo, net, traces.actions, traces.feature_spec,
+                                      hold=hold, training=info, **common))
+        policies[algo] = (net, hold)
+    report = {"profile": cost.profile_name, "cost_model": cost.describe(), "files": files,
+              "tokens_per_s_on_eval": evaluate(train_set, eval_set, cost, args.batch_loads, policies)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["tokens_per_s_on_eval"], indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
