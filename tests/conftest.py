@@ -17,6 +17,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment before any test builds a vLLM config in this process: vLLM's CPU platform
+# edits os.environ (LD_PRELOAD, thread settings) and engines started later must not inherit it.
+BASE_ENV = dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Tests that build vLLM configs or start engines in-process leave os.environ as found."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +40,7 @@ def fixture_models(tmp_path_factory) -> dict[str, Path]:
 
 def run_engine(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
     """Run `vllm_respsp.testbed.engine_run` on `job` in a fresh process; return its JSON."""
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    full_env = {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_respsp.testbed.engine_run", json.dumps(job)],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -1,8 +1,8 @@
 """vLLM general-plugin entry point (`vllm.general_plugins` -> `respsp`).
 
 vLLM calls `register()` in every process it starts. It must be cheap, idempotent and leave
-vLLM's behaviour unchanged except where the installed vLLM is demonstrably broken (the bug
-fixes in `vllm_respsp.patches`).
+vLLM's behaviour unchanged unless a speculative config asks for `respsp`, except where the
+installed vLLM is demonstrably broken (the bug fixes in `vllm_respsp.patches`).
 """
 
 import logging
@@ -11,8 +11,7 @@ logger = logging.getLogger("vllm_respsp")
 
 
 def register() -> None:
-    from vllm_respsp.patches import apply_bug_fixes
+    from vllm_respsp.patches import apply_patches
 
-    applied = apply_bug_fixes()
-    if applied:
-        logger.info("vllm_respsp: applied bug fixes %s", applied)
+    applied = apply_patches()
+    logger.debug("vllm_respsp: patches applied in this process: %s", applied)

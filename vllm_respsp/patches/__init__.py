@@ -2,10 +2,15 @@
 
 from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix
 from vllm_respsp.patches.registry import Patch, apply_all
+from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
 
-# Bug fixes for the installed vLLM: applied whenever the plugin loads (each checks it is needed).
-BUG_FIXES: list[Patch] = [CpuExpandKernelFix()]
+ALL_PATCHES: list[Patch] = [
+    # Bug fix for the installed vLLM (applies only where a probe finds the bug).
+    CpuExpandKernelFix(),
+    # Accepts `method: "respsp"`; every other speculative config passes through unchanged.
+    RespspSpeculativeConfigPatch(),
+]
 
 
-def apply_bug_fixes() -> list[str]:
-    return apply_all(BUG_FIXES)
+def apply_patches() -> list[str]:
+    return apply_all(ALL_PATCHES)

@@ -34,8 +34,10 @@ def prepare_cpu_env(kv_cache_gib: int = 2) -> None:
     cores = os.cpu_count() or 1
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.is_file() and "libiomp5" not in os.environ.get("LD_PRELOAD", ""):
-        os.environ["LD_PRELOAD"] = ":".join(p for p in (str(iomp), os.environ.get("LD_PRELOAD")) if p)
+    preload = os.environ.get("LD_PRELOAD", "")
+    # vLLM refuses two OpenMP runtimes; one already chosen (e.g. its own libgomp) stays.
+    if iomp.is_file() and "libiomp" not in preload and "libgomp" not in preload:
+        os.environ["LD_PRELOAD"] = ":".join(p for p in (str(iomp), preload) if p)
 
 
 @dataclass
@@ -124,9 +126,9 @@ def run_job(job: dict) -> dict:
 
 def applied_patches() -> list[str]:
     """Names of vllm_respsp patches applied in this (front-end) process."""
-    from vllm_respsp.patches import BUG_FIXES
+    from vllm_respsp.patches import ALL_PATCHES
 
-    return [p.name for p in BUG_FIXES if p.is_applied()]
+    return [p.name for p in ALL_PATCHES if p.is_applied()]
 
 
 def main() -> None:
