@@ -50,3 +50,19 @@ def test_batch_load_is_sampled_per_episode(setup):
     # the batch load is in the observation (log2(batch) / 6)
     obs, info = env.reset(seed=1, options={"batch": 64})
     assert obs[-2] == pytest.approx(1.0)
+
+
+def test_windows_start_anywhere_and_truncate(setup):
+    traces, cost = setup
+    env = TraceEnv(traces, cost, batch_loads=(1,), episode_steps=4)
+    starts = set()
+    for s in range(20):
+        env.reset(seed=s)
+        starts.add(env._pos)
+        steps, done = 0, False
+        while not done:
+            _, _, terminated, truncated, _ = env.step(0)
+            steps, done = steps + 1, terminated or truncated
+            assert not (terminated and truncated)
+        assert steps <= 4 and (steps == 4 or terminated)
+    assert len(starts) > 5

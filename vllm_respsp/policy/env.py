@@ -17,6 +17,12 @@ Reward       Σ over the held steps of  g - ρ_B · t[a]
              - it is Dinkelbach's objective (see simulator.py): positive return means the
                policy beats ρ_B on this text, so rewards are comparable across batch loads.
 Batch load   sampled per episode from `batch_loads` (e.g. 1, 8, 64): one policy, all loads.
+Windows      with `episode_steps` set, an episode starts at a random position and is truncated
+             after that many decisions (gymnasium `truncated`; PPO bootstraps from the value).
+             The return is then Dinkelbach's Σ(g - ρ_B t) over the window, still maximized by
+             the tokens/s-optimal policy when ρ_B is near the optimal rate. Why: the value of
+             "the rest of the generation" depends on how much text is left, which the policy
+             does not observe; short windows make value targets learnable.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ class TraceEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, traces: TraceSet, cost: CostModel, batch_loads=(1, 8, 64), hold: int = 1,
-                 reference_rates: dict[int, float] | None = None, context: int | None = None):
+                 reference_rates: dict[int, float] | None = None, context: int | None = None,
+                 episode_steps: int | None = None):
         super().__init__()
         if hold < 1:
             raise ValueError(f"hold must be >= 1, got {hold}")
         if not traces.generations:
             raise ValueError("TraceEnv needs at least one generation")
-        self.traces, self.hold = traces, hold
+        self.traces, self.hold, self.episode_steps = traces, hold, episode_steps
         self.batch_loads = tuple(int(b) for b in batch_loads)
         self.max_depth = max(a.depth for a in traces.actions)
         self.costs = {b: cost.action_costs(traces.actions, b, context) for b in self.batch_loads}
@@ -49,7 +56,7 @@ class TraceEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (width,), np.float32)
         self.action_space = gym.spaces.Discrete(traces.num_actions)
         self._gen = self.traces.generations[0]
-        self._pos, self._recent, self._batch = 0, 0.0, self.batch_loads[0]
+        self._pos, self._recent, self._batch, self._steps = 0, 0.0, self.batch_loads[0], 0
 
     def _obs(self) -> np.ndarray:
         pos = min(self._pos, self._gen.num_positions - 1)
@@ -60,7 +67,9 @@ class TraceEnv(gym.Env):
         super().reset(seed=seed)
         self._gen = self.traces.generations[int(self.np_random.integers(len(self.traces.generations)))]
         self._batch = (options or {}).get("batch") or int(self.np_random.choice(self.batch_loads))
-        self._pos, self._recent = 0, 0.0
+        self._pos, self._recent, self._steps = 0, 0.0, 0
+        if self.episode_steps:
+            self._pos = int(self.np_random.integers(self._gen.num_positions))
         return self._obs(), {"batch": self._batch}
 
     def step(self, action):
@@ -76,6 +85,8 @@ class TraceEnv(gym.Env):
             tokens, seconds = tokens + gain, seconds + costs[action]
             self._pos += gain
             self._recent = update_recent(self._recent, accepted)
+        self._steps += 1
         terminated = self._pos >= P
+        truncated = bool(self.episode_steps) and not terminated and self._steps >= self.episode_steps
         info = {"tokens": tokens, "seconds": seconds, "batch": self._batch}
-        return self._obs(), float(reward), terminated, False, info
+        return self._obs(), float(reward), terminated, truncated, info
