@@ -81,8 +81,11 @@ class ShapePolicy(nn.Module):
             load = batch_load or len(request_ids)
             need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
             if need:
-                rows = torch.as_tensor(need)
-                picked = self.forward(features[rows], recent_accept[rows], load).tolist()
+                if len(need) == len(request_ids):  # nothing held: skip the row gather (a copy)
+                    picked = self.forward(features, recent_accept, load).tolist()
+                else:
+                    rows = torch.as_tensor(need)
+                    picked = self.forward(features[rows], recent_accept[rows], load).tolist()
                 for i, action in zip(need, picked):
                     # a fallback is not held: the next step asks the network again
                     self._held[request_ids[i]] = [action, self.hold if action != FALLBACK else 1]
