@@ -7,17 +7,11 @@ import json
 
 import pytest
 
-from tests.conftest import run_engine
+from conftest import run_engine
 from vllm_respsp.draft import shipped_head_path
 from vllm_respsp.testbed.fixtures import random_eagle3_head
 from vllm_respsp.testbed.model import testbed_model_path
 
-PROMPTS = [
-    "Write a short poem about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "List three tips for staying focused while studying.",
-]
 SAMPLING = {"temperature": 0.0, "max_tokens": 48}
 ENGINE = {"max_model_len": 1024}
 
@@ -29,6 +23,14 @@ def spec_config(head) -> dict:
 @pytest.fixture(scope="module")
 def target():
     return testbed_model_path()
+
+
+@pytest.fixture(scope="module")
+def prompts(target):
+    """3 MT-Bench chat prompts and 2 HumanEval stubs, tokenized as the evaluation does."""
+    from vllm_respsp.draft.evaluate import prompt_token_ids
+
+    return prompt_token_ids("mt-bench", target, 3) + prompt_token_ids("humaneval", target, 2)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,8 @@ def random_head(tmp_path_factory, target):
 
 
 @pytest.fixture(scope="module")
-def runs(target, random_head):
-    base = {"model": str(target), "prompts": PROMPTS, "samplings": [SAMPLING], "engine": ENGINE}
+def runs(target, random_head, prompts):
+    base = {"model": str(target), "prompts": prompts, "samplings": [SAMPLING], "engine": ENGINE}
     return {
         "plain": run_engine(base)["results"][0],
         "shipped": run_engine({**base, "speculative_config": spec_config(shipped_head_path())})["results"][0],

@@ -42,10 +42,10 @@ def reference_draft_chain(head: Eagle3Head, ids, aux, i: int, steps: int) -> lis
 
     keys, values = [], []
     for j in range(i + 1):
-        _, k, v = qkv(ids[j + 1], head.fc(aux[j]), j)
+        _, k, v = qkv(ids[j + 1], head.combine_aux(aux[j]), j)
         keys.append(k)
         values.append(v)
-    hidden, outs = head.fc(aux[i]), []
+    hidden, outs = head.combine_aux(aux[i]), []
     for step in range(steps):
         q, k, v = qkv(ids[i + step + 1], hidden, i + step)
         if step > 0:
@@ -112,6 +112,7 @@ def test_draft_vocab_and_d2t_t2d_round_trip(tmp_path):
     assert "embed_tokens.weight" not in t  # vLLM shares the target's embedding
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["draft_vocab_size"] == 3 and cfg["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    assert cfg["fc_norm"] and {f"fc_norm.{i}.weight" for i in range(3)} <= set(t)
 
 
 def test_shard_resume_skips_finished_and_redoes_partial(tmp_path):

@@ -39,7 +39,7 @@ class StageClock:
         start = time.perf_counter()
         result = fn(*args)
         seconds = time.perf_counter() - start
-        if not (skip_if_done and seconds < 5 and name in self.times):  # a near-instant skip keeps the real time
+        if not (skip_if_done and seconds < 30 and name in self.times):  # a quick skip keeps the real time
             self.times[name] = round(seconds, 1)
         self.path.write_text(json.dumps(self.times, indent=1))
         print(f"[draft] {name}: {seconds:.0f} s", flush=True)

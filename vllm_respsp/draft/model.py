@@ -40,6 +40,11 @@ class HeadConfig:
     vocab_size: int
     draft_vocab_size: int
     aux_layers: tuple[int, ...]
+    # One RMSNorm per aux state before fc (vLLM's `fc_norm` option). The target's residual
+    # stream has massive activations: typical tokens have RMS ~3 / ~6 / ~23 at layers 2 / 15 /
+    # 27, attention-sink tokens ~1000 (one dimension ~25k). Raw into fc, the sinks dominate
+    # the gradients and the deepest layer drowns the others.
+    fc_norm: bool = True
 
     @classmethod
     def from_target(cls, target_cfg: dict, draft_vocab_size: int, aux_layers) -> "HeadConfig":
@@ -119,6 +124,8 @@ class Eagle3Head(nn.Module):
         self.cfg = cfg
         h = cfg.hidden_size
         self.fc = nn.Linear(len(cfg.aux_layers) * h, h, bias=False)
+        if cfg.fc_norm:
+            self.fc_norm = nn.ModuleList([RMSNorm(h, cfg.rms_norm_eps) for _ in cfg.aux_layers])
         self.midlayer = MidLayer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -127,6 +134,14 @@ class Eagle3Head(nn.Module):
         target_to_draft = torch.full((cfg.vocab_size,), -100, dtype=torch.long)  # -100 = CE ignore
         target_to_draft[draft_to_target] = torch.arange(len(draft_to_target))
         self.register_buffer("target_to_draft", target_to_draft, persistent=False)
+
+    def combine_aux(self, aux: torch.Tensor) -> torch.Tensor:
+        """vLLM's combine_hidden_states: [..., 3h] target aux states -> [..., h] first hidden."""
+        if not torch.is_autocast_enabled("cpu"):
+            aux = aux.to(self.fc.weight.dtype)
+        if self.cfg.fc_norm:
+            aux = torch.cat([norm(c) for norm, c in zip(self.fc_norm, aux.chunk(len(self.fc_norm), -1))], -1)
+        return self.fc(aux)
 
     def _qkv(self, tokens, hidden, positions):
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] for one draft step; also the residual input."""
@@ -161,9 +176,7 @@ class Eagle3Head(nn.Module):
         # Step-0 keys: j <= i (causal) and j inside the sequence.
         mask0 = (rows[None, :] <= rows[:, None])[None] & (rows[None, None, :] < lengths[:, None, None])
         mask0 = mask0[:, None]  # [B, 1, T, T]
-        if not torch.is_autocast_enabled("cpu"):
-            aux = aux.to(self.fc.weight.dtype)
-        hidden = self.fc(aux)
+        hidden = self.combine_aux(aux)
         outputs, diag_k, diag_v = [], [], []
         for k in range(steps):
             # Input token of step k at row i is x[i+k+1]; rows past the end read a pad token.
@@ -222,6 +235,7 @@ def checkpoint_config(cfg: HeadConfig, target_cfg: dict) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layers),
+        "fc_norm": cfg.fc_norm,
         "respsp_head_config": asdict(cfg),
     }
 
