@@ -10,7 +10,7 @@ import pytest
 from conftest import run_engine
 from vllm_respsp.draft import shipped_head_path
 from vllm_respsp.testbed.fixtures import random_eagle3_head
-from vllm_respsp.testbed.model import testbed_model_path
+from vllm_respsp.testbed import model as testbed_model
 
 SAMPLING = {"temperature": 0.0, "max_tokens": 48}
 # fp32: in bf16, verifying 6 tokens at once changes the target's rounding and near-tie greedy
@@ -24,7 +24,7 @@ def spec_config(head) -> dict:
 
 @pytest.fixture(scope="module")
 def target():
-    return testbed_model_path()
+    return testbed_model.testbed_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_shipped_head_files_are_small_and_complete():
     assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
 
 
-def test_shipped_head_accepts_far_more_than_a_random_head(runs):
+def test_shipped_head_accepts_clearly_more_than_a_random_head(runs):
     shipped, rand = runs["shipped"]["spec"], runs["random"]["spec"]
     assert shipped["drafts"] > 0 and rand["drafts"] > 0
     # The shipped head is weak (acceptance ~1.3 on MT-Bench, see its MODEL_CARD.md) but a

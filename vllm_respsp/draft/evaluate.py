@@ -6,7 +6,9 @@ Greedy, 256 new tokens, chain of 5 drafts ({"method": "eagle3", "num_speculative
 - acceptance length (vLLM's metric: 1 + accepted / drafts) and per-position acceptance rates
   (accepted at position k / drafts) on MT-Bench (80 first turns) and HumanEval (164 by default);
 - identity: greedy outputs with the head must equal, token for token, a run without
-  speculation on the 80 MT-Bench prompts.
+  speculation on the 80 MT-Bench prompts, both in fp32 (the bf16 comparison is reported too:
+  there bf16 rounding differences between 1-token and 6-token target steps flip near-ties);
+- a cross-check of model.py: the same MT-Bench outputs drafted offline by this package's head.
 Each engine runs in its own process (vllm_respsp.testbed.engine_run), so a crashed or leaky
 engine cannot affect the next one.
 """
