@@ -37,14 +37,8 @@ def prompts(target):
 
 @pytest.fixture(scope="module")
 def random_head(tmp_path_factory, target):
-    # fixtures.random_eagle3_head reads `rope_theta` at the top level of the target config; the
-    # converted testbed config keeps it under `rope_parameters`, so hand it a config copy.
-    cfg = json.loads((target / "config.json").read_text())
-    cfg.setdefault("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    cfg_dir = tmp_path_factory.mktemp("target-config")
-    (cfg_dir / "config.json").write_text(json.dumps(cfg))
     draft_vocab = json.loads((shipped_head_path() / "config.json").read_text())["draft_vocab_size"]
-    return random_eagle3_head(tmp_path_factory.mktemp("random-head"), cfg_dir,
+    return random_eagle3_head(tmp_path_factory.mktemp("random-head"), target,
                               draft_vocab_size=draft_vocab, aux_layers=[2, 15, 27])
 
 

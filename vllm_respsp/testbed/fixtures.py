@@ -136,6 +136,11 @@ def successor_llama(path: str | os.PathLike, margin: float = 40.0, seed: int = 0
     return path
 
 
+def _rope_theta(cfg: dict) -> float:
+    """transformers 5 keeps rope_theta under rope_parameters; older configs at the top level."""
+    return float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
 def _eagle3_config(target_cfg: dict, draft_vocab_size: int, aux_layers: list[int]) -> dict:
     h = target_cfg["hidden_size"]
     return {
@@ -153,9 +158,9 @@ def _eagle3_config(target_cfg: dict, draft_vocab_size: int, aux_layers: list[int
         "hidden_act": "silu",
         "max_position_embeddings": target_cfg["max_position_embeddings"],
         "rms_norm_eps": target_cfg["rms_norm_eps"],
-        "rope_theta": target_cfg["rope_theta"],
+        "rope_theta": _rope_theta(target_cfg),
         "tie_word_embeddings": False,
-        "torch_dtype": target_cfg["torch_dtype"],
+        "torch_dtype": target_cfg.get("torch_dtype") or target_cfg.get("dtype", "bfloat16"),
         # Written explicitly: vLLM's default (2, L/2, L-3) collides on shallow targets.
         "eagle_aux_hidden_state_layer_ids": list(aux_layers),
     }
