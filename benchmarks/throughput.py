@@ -113,11 +113,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     from tqdm import tqdm
 
+    from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
 
     model = args.model or str(testbed_model_path())
-    head = args.head or default_head()
+    head = args.head or shipped_head_if_present()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
@@ -158,15 +159,6 @@ def main(argv: list[str] | None = None) -> Path:
     write_report(result, out)
     print((out / "throughput.md").read_text())
     return out
-
-
-def default_head() -> str | None:
-    try:
-        from vllm_respsp.draft import shipped_head_path
-    except ImportError:
-        return None
-    path = shipped_head_path()
-    return str(path) if (Path(path) / "config.json").is_file() else None
 
 
 def machine_info() -> dict:

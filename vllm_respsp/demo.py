@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from pathlib import Path
-
-
-def shipped_head() -> str | None:
-    try:
-        from vllm_respsp.draft import shipped_head_path
-    except ImportError:
-        return None
-    path = Path(shipped_head_path())
-    return str(path) if (path / "config.json").is_file() else None
 
 
 def main() -> None:
@@ -31,12 +21,13 @@ def main() -> None:
 
     from tqdm import tqdm
 
+    from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
 
     model = str(testbed_model_path())
-    head = shipped_head()
+    head = shipped_head_if_present()
     configs = [EngineConfig("none")]
     if head:
         configs.append(EngineConfig("eagle3", {"method": "eagle3", "model": head,

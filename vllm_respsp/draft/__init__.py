@@ -11,3 +11,9 @@ def shipped_head_path() -> Path:
     """Folder of the shipped EAGLE-3 head (config.json + model.safetensors), for
     speculative_config={"method": "eagle3", "model": str(shipped_head_path()), ...}."""
     return Path(__file__).resolve().parents[1] / "assets" / SHIPPED_HEAD_NAME
+
+
+def shipped_head_if_present() -> str | None:
+    """The shipped head's folder as a string, or None when no head has been exported there."""
+    path = shipped_head_path()
+    return str(path) if (path / "config.json").is_file() else None
