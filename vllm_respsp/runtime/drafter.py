@@ -1,0 +1,172 @@
+"""Tree drafting with an EAGLE-3 head for a batch of requests with different shapes.
+
+Each request keeps a dense cache of the head's own keys/values over its verified context
+(`DraftContext`). After every verification step the newly verified positions are appended in
+one batched head pass (`extend`): row p reads the target's aux states at position p and the
+token at p + 1, exactly as vLLM's EAGLE-3 drafter does. The last row's output is the tree's
+root. `draft` then grows all trees level by level (`vllm_respsp.tree.build`), one batched head
+pass per level: a node at depth t runs at position root + t - 1, with its parent's output as
+hidden state, and attends to its request's context plus its own root path.
+
+Attention is computed per request (different context lengths) in fp32; the projections, the
+MLP and the lm_head run batched over every row of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_respsp.runtime.head import HeadAdapter, StepInputs
+from vllm_respsp.tree.build import DraftTree, Frontier, TreeBuilder, build_trees
+from vllm_respsp.tree.shape import TreeShape
+
+
+class DraftContext:
+    """One request's draft-head keys/values at positions 0..length-1 (grown by doubling)."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.k = torch.empty(64, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.length + k.shape[0]
+        if end > self.k.shape[0]:
+            cap = max(end, 2 * self.k.shape[0])
+            self.k = torch.cat([self.k[:self.length], self.k.new_empty(cap - self.length, *self.k.shape[1:])])
+            self.v = torch.cat([self.v[:self.length], self.v.new_empty(cap - self.length, *self.v.shape[1:])])
+        self.k[self.length:end] = k
+        self.v[self.length:end] = v
+        self.length = end
+
+
+@dataclass
+class NewRows:
+    """The verified positions of one request to append: aux rows, next tokens, first position."""
+
+    req_id: str
+    start: int  # position of the first row (= the request's context length before this step)
+    aux_rows: torch.Tensor  # int64 [n] rows of this step's target aux states
+    next_tokens: torch.Tensor  # int64 [n] token at position p + 1 for each row
+
+
+def _attend_dense(q, k, v, mask, group: int, scale: float) -> torch.Tensor:
+    """q [n, Hq, D], k/v [L, Hkv, D], mask [n, L] -> [n, Hq, D] in fp32."""
+    qg = q.float().unflatten(1, (k.shape[1], group))  # [n, Hkv, g, D]
+    scores = torch.einsum("nhgd,lhd->nhgl", qg, k.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = torch.einsum("nhgl,lhd->nhgd", scores.softmax(-1), v.float())
+    return out.flatten(1, 2)
+
+
+class TreeDrafter:
+    def __init__(self, head: HeadAdapter):
+        self.head = head
+        self.group = head.num_heads // head.num_kv_heads
+        self.contexts: dict[str, DraftContext] = {}
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the caches of requests that are gone (finished or aborted)."""
+        for req_id in [r for r in self.contexts if r not in keep]:
+            del self.contexts[req_id]
+
+    def context_length(self, req_id: str) -> int:
+        ctx = self.contexts.get(req_id)
+        return ctx.length if ctx is not None else 0
+
+    def _context(self, req_id: str, start: int) -> DraftContext:
+        ctx = self.contexts.get(req_id)
+        if ctx is None or start == 0:
+            ctx = DraftContext(self.head.num_kv_heads, self.head.head_dim, self.head.dtype,
+                               self.head.draft_to_target.device)
+            self.contexts[req_id] = ctx
+        if ctx.length < start:
+            raise KeyError(f"draft context of {req_id} has {ctx.length} positions, needs {start}")
+        ctx.length = start  # positions past `start` were drafts the target did not accept
+        return ctx
+
+    @torch.inference_mode()
+    def extend(self, aux: torch.Tensor, rows: list[NewRows]):
+        """Append verified positions; returns (root hidden [R, h], root log-probs [R, V])."""
+        head = self.head
+        aux_rows = torch.cat([r.aux_rows for r in rows])
+        tokens = torch.cat([r.next_tokens for r in rows])
+        positions = torch.cat([torch.arange(r.start, r.start + len(r.aux_rows)) for r in rows])
+        contexts = [self._context(r.req_id, r.start) for r in rows]
+        hidden = head.combine(aux[aux_rows])
+
+        def attend(step: StepInputs) -> torch.Tensor:
+            out, offset = [], 0
+            for r, ctx in zip(rows, contexts):
+                n = len(r.aux_rows)
+                ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
+                L = ctx.length
+                causal = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]
+                out.append(_attend_dense(step.q[offset:offset + n], ctx.k[:L], ctx.v[:L], causal,
+                                         self.group, head.scale))
+                offset += n
+            return torch.cat(out)
+
+        last = torch.tensor([len(r.aux_rows) for r in rows]).cumsum(0) - 1
+        _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
+                                         attend, logit_rows=last)
+        return prenorm[last], logprobs
+
+    @torch.inference_mode()
+    def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,
+              root_hidden: torch.Tensor, root_logprobs: torch.Tensor) -> DraftTree:
+        """Grow one tree per request; tokens in the result are target-vocabulary ids."""
+        head = self.head
+        contexts = [self.contexts[r] for r in req_ids]
+        root_pos = torch.tensor([c.length for c in contexts])  # the root token's position
+        state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
+                 "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
+
+        def draft_fn(frontier: Frontier, builder: TreeBuilder) -> torch.Tensor:
+            parent = torch.cat(builder.parents)[frontier.candidate]
+            has_parent = parent >= 0
+            hidden = root_hidden[frontier.request].clone()
+            if bool(has_parent.any()):
+                hidden[has_parent] = state["hidden"][state["row"][parent[has_parent]]]
+            tokens = head.draft_to_target[frontier.token]
+            positions = root_pos[frontier.request] + frontier.depth - 1
+
+            def attend(step: StepInputs) -> torch.Tensor:
+                if state["path_k"] is None:
+                    path_k, path_v = step.k[:, None], step.v[:, None]
+                else:
+                    rows = state["row"][parent]
+                    path_k = torch.cat([state["path_k"][rows], step.k[:, None]], dim=1)
+                    path_v = torch.cat([state["path_v"][rows], step.v[:, None]], dim=1)
+                state["path_k"], state["path_v"] = path_k, path_v
+                return self._attend_tree(step.q, frontier.request, contexts, path_k, path_v)
+
+            _, prenorm, logprobs = head.step(hidden, tokens, positions.to(tokens.device), attend)
+            row = torch.full((builder.num_candidates,), -1, dtype=torch.long)
+            row[frontier.candidate] = torch.arange(frontier.candidate.numel())
+            state["hidden"], state["row"] = prenorm, row
+            return logprobs
+
+        tree = build_trees(shapes, root_tokens, root_logprobs, draft_fn)
+        drafted = tree.parents >= 0  # the roots already hold target-vocabulary ids
+        tree.tokens[drafted] = head.draft_to_target[tree.tokens[drafted]]
+        return tree
+
+    def _attend_tree(self, q, request, contexts, path_k, path_v) -> torch.Tensor:
+        """Frontier rows attend to their request's whole context and their own root path."""
+        scale, group = self.head.scale, self.group
+        qg = q.float().unflatten(1, (path_k.shape[2], group))  # [F, Hkv, g, D]
+        s_path = torch.einsum("fhgd,fthd->fhgt", qg, path_k.float()) * scale
+        out = torch.empty_like(qg)
+        for b in torch.unique(request).tolist():
+            sel = (request == b).nonzero().squeeze(1)
+            ctx = contexts[b]
+            k, v = ctx.k[:ctx.length].float(), ctx.v[:ctx.length].float()
+            s_ctx = torch.einsum("fhgd,lhd->fhgl", qg[sel], k) * scale
+            p = torch.cat([s_ctx, s_path[sel]], dim=-1).softmax(-1)
+            out[sel] = torch.einsum("fhgl,lhd->fhgd", p[..., :ctx.length], v) + \
+                torch.einsum("fhgt,fthd->fhgd", p[..., ctx.length:], path_v[sel].float())
+        return out.flatten(1, 2)

@@ -1,0 +1,212 @@
+"""One respsp runtime per vLLM model runner: the state that lives between engine steps.
+
+Step order inside vLLM's runner, and what respsp does at each point:
+  _prepare_inputs      `on_prepare_inputs`: rebuild the step's trees, rewrite RoPE positions
+  model forward        tree rows attend through their ancestor masks (patches.tree_attention)
+  _sample              `sample`: tree verification + KV compaction (chains: vLLM's sampler)
+  propose drafts       `propose`: extend the draft caches, choose shapes, grow the trees
+Anything that goes wrong in `propose` costs one step of speculation for the batch, never a
+request: the drafts are empty and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+
+import torch
+
+from vllm_respsp.config import RespspConfig, parse
+from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
+from vllm_respsp.runtime.head import HeadAdapter
+from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
+from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
+from vllm_respsp.tree.shape import TreeShape, chain
+
+logger = logging.getLogger("vllm_respsp")
+STATS_ENV = "VLLM_RESPSP_STATS_FILE"
+
+
+class ShapeChooser:
+    """The shape of each request's next tree: the static shape, or (`"policy": "cycle"`) one of
+    the actions fixed per request by its prompt, which mixes shapes in one batch (tests, demos)."""
+
+    def __init__(self, config: RespspConfig):
+        self.config = config
+        self.actions = list(config.actions) or [config.shape]
+
+    def __call__(self, prompt_token_ids: list[int] | None) -> TreeShape:
+        if self.config.policy == "cycle" and prompt_token_ids:
+            return self.actions[sum(prompt_token_ids) % len(self.actions)]
+        return self.config.shape
+
+
+class RespspRuntime:
+    def __init__(self, runner, config: RespspConfig):
+        self.runner = runner
+        self.config = config
+        self.choose = ShapeChooser(config)
+        self._drafter: TreeDrafter | None = None
+        self.proposed: dict[str, ProposedTree] = {}
+        self.step_trees: StepTrees | None = None
+        self.accepted: dict[int, list[int]] = {}
+        self.broken: set[str] = set()
+        self.shape_counts: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+        self.steps = 0
+
+    @property
+    def drafter(self) -> TreeDrafter:
+        if self._drafter is None:
+            self._drafter = TreeDrafter(HeadAdapter(self.runner.drafter.model))
+        return self._drafter
+
+    # -- before the forward -------------------------------------------------------------
+    def on_prepare_inputs(self, scheduler_output) -> None:
+        runner = self.runner
+        num_reqs = runner.input_batch.num_reqs
+        self.accepted = {}
+        try:
+            self.step_trees = StepTrees.build(
+                runner.input_batch.req_ids, scheduler_output.scheduled_spec_decode_tokens,
+                self.proposed, runner.query_start_loc.np[:num_reqs + 1],
+                runner.input_batch.num_computed_tokens_cpu[:num_reqs],
+                runner.input_batch.block_table[0].slot_mapping.gpu)
+            if self.step_trees is not None:
+                self.step_trees.rewrite_positions(runner.positions)
+        except Exception:  # verifying the drafts as chains is still exact
+            logger.exception("respsp: could not lay out this step's trees; verifying them as chains")
+            self.fallbacks["tree_layout_error"] += 1
+            self.step_trees = None
+
+    def tree_attention_batch(self) -> StepTrees | None:
+        trees = self.step_trees
+        return trees if trees is not None and not trees.all_chains else None
+
+    # -- verification -------------------------------------------------------------------
+    def sample(self, logits, spec_decode_metadata, sampling_metadata):
+        """SamplerOutput for a step with real trees, or None to let vLLM's sampler run."""
+        from vllm.v1.outputs import SamplerOutput
+
+        trees = self.tree_attention_batch()
+        if trees is None or spec_decode_metadata is None:
+            return None
+        runner = self.runner
+        out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
+                                     runner.input_batch.num_reqs)
+        src, dst = compaction_moves(trees, accepted)
+        if src.numel():
+            from vllm_respsp.patches.tree_attention import compact_kv_caches
+
+            compact_kv_caches(runner, src, dst)
+        self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
+        return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
+
+    # -- drafting -----------------------------------------------------------------------
+    def propose(self, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
+        runner = self.runner
+        req_ids = list(runner.input_batch.req_ids)
+        try:
+            drafts = self._propose(scheduler_output, req_ids, sampled_token_ids, aux_hidden_states)
+        except Exception:
+            logger.exception("respsp: drafting failed; this step proposes no drafts")
+            self.fallbacks["drafter_error"] += 1
+            self.proposed = {}
+            drafts = [[] for _ in req_ids]
+        self.steps += 1
+        self._write_stats()
+        return drafts
+
+    def _propose(self, scheduler_output, req_ids, sampled_token_ids, aux_hidden_states):
+        runner = self.runner
+        drafter = self.drafter
+        drafter.forget(set(runner.requests))
+        self.broken &= set(runner.requests)
+        num_reqs = len(req_ids)
+        qsl = runner.query_start_loc.np[:num_reqs + 1]
+        num_computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
+        discard = runner.discard_request_mask.np[:num_reqs]
+        input_ids = runner.input_ids.cpu
+        sampled = sampled_token_ids.cpu()
+        drafting = set((self.step_trees.batch_index.tolist() if self.step_trees is not None else []))
+        new_rows, root_of = [], {}
+        for i, req_id in enumerate(req_ids):
+            start, row0, n_sched = int(num_computed[i]), int(qsl[i]), int(qsl[i + 1] - qsl[i])
+            if req_id in self.broken or n_sched == 0:
+                continue
+            if start > 0 and drafter.context_length(req_id) < start:
+                self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
+                self.fallbacks["lost_draft_context"] += 1
+                continue
+            valid = sampled[i][sampled[i] >= 0]
+            if i in drafting:
+                nodes = self.accepted.get(i, list(range(len(valid))))
+                rows = torch.tensor(nodes) + row0
+                next_tokens = valid[:len(nodes)].long()
+            else:
+                rows = torch.arange(row0, row0 + n_sched)
+                if discard[i] or len(valid) == 0:
+                    last = int(runner.input_batch.token_ids_cpu[i, start + n_sched])
+                else:
+                    last = int(valid[0])
+                next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
+            if not discard[i] and len(valid):
+                root_of[req_id] = (len(new_rows), int(valid[-1]), start + len(rows))
+            new_rows.append(NewRows(req_id, start, rows, next_tokens))
+        self.proposed = {}
+        if not new_rows:
+            return [[] for _ in req_ids]
+        aux = torch.cat([h[:int(qsl[num_reqs])] for h in aux_hidden_states], dim=-1)
+        root_hidden, root_logprobs = drafter.extend(aux, new_rows)
+
+        upstream = self._upstream_reason(scheduler_output, req_ids)
+        if upstream:
+            self.fallbacks[f"chain_for_{upstream}"] += 1
+        max_len = runner.max_model_len
+        chosen, shapes = [], []
+        for req_id, (index, root_token, root_pos) in root_of.items():
+            shape = self.choose(runner.requests[req_id].prompt_token_ids)
+            if upstream:
+                shape = chain(shape.depth)
+            room = max_len - root_pos - 1
+            if room <= 0:
+                continue
+            if shape.total_tokens > room:
+                shape = TreeShape(room, min(shape.depth, room), shape.top_k)
+            chosen.append((req_id, index, root_token))
+            shapes.append(shape)
+            self.shape_counts[str(shape)] += 1
+        if not chosen:
+            return [[] for _ in req_ids]
+        index = torch.tensor([c[1] for c in chosen])
+        tree = drafter.draft([c[0] for c in chosen], shapes, torch.tensor([c[2] for c in chosen]),
+                             root_hidden[index], root_logprobs[index])
+        for b, (req_id, _, _) in enumerate(chosen):
+            part = tree.request(b)
+            self.proposed[req_id] = ProposedTree(part.tokens.tolist(), part.parents.tolist(),
+                                                 part.depths.tolist())
+        return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
+
+    def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
+        if scheduler_output.has_structured_output_requests:
+            return "structured_outputs"
+        for req_id in req_ids:
+            params = self.runner.requests[req_id].sampling_params
+            reason = upstream_reason(params) if params is not None else None
+            if reason:
+                return reason
+        return None
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
+                "config": self.config.to_dict()}
+
+    def _write_stats(self) -> None:
+        path = os.environ.get(STATS_ENV)
+        if path:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f)
+            os.replace(tmp, path)

@@ -1,0 +1,122 @@
+"""Tree verification of one engine step, returned in vLLM's chain format.
+
+Greedy rows accept the longest root path whose tokens equal the target's argmax; sampled rows
+use recursive rejection over siblings (`vllm_respsp.tree.verify`), which is lossless. The
+result is what vLLM's rejection sampler returns, `[num_reqs, max_drafts + 1]` token ids padded
+with -1 (accepted tokens, then the bonus token), so vLLM's bookkeeping, stop checks, rollback
+and acceptance metrics run unchanged. Then the accepted path's KV moves into the slots right
+after the root, where vLLM's rollback (`num_computed_tokens -= rejected`) expects it.
+
+The tree path covers temperature, top-k and top-p. Requests whose sampling needs more of vLLM's
+sampler (penalties, logprobs, seeds, bad words, logit bias, min-p, min-tokens, allowed tokens,
+structured output, custom logits processors) make the drafter propose chains for the whole
+batch, and chains go through vLLM's own rejection sampler: `upstream_reason` says when.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_respsp.runtime.step_trees import StepTrees
+from vllm_respsp.tree.build import DraftTree
+from vllm_respsp.tree.verify import accept_greedy, accept_sampled
+
+PLACEHOLDER = -1
+SAMPLING_EPS = 1e-5  # vLLM's: temperatures below it are greedy
+
+
+def upstream_reason(params) -> str | None:
+    """Why a request's sampling needs vLLM's own sampler (None when a tree can verify it)."""
+    checks = [
+        ("logprobs", params.logprobs is not None or params.prompt_logprobs is not None
+         or getattr(params, "logprob_token_ids", None)),
+        ("penalties", params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+         or params.repetition_penalty != 1.0),
+        ("seed", params.seed is not None),
+        ("min_p", params.min_p > SAMPLING_EPS),
+        ("min_tokens", params.min_tokens > 0),
+        ("logit_bias", bool(params.logit_bias)),
+        ("allowed_token_ids", bool(params.allowed_token_ids)),
+        ("bad_words", bool(params.bad_words)),
+        ("structured_outputs", params.structured_outputs is not None),
+        ("extra_args", bool(getattr(params, "extra_args", None))),
+    ]
+    return next((name for name, hit in checks if hit), None)
+
+
+def _target_probs(logits: torch.Tensor, rows_per_request: torch.Tensor, sampling_metadata,
+                  request_of_batch: torch.Tensor) -> torch.Tensor:
+    """Sampling distribution after each row: temperature, then top-k / top-p, as vLLM's sampler."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    def expand(per_request: torch.Tensor | None):
+        if per_request is None:
+            return None
+        return torch.repeat_interleave(per_request[request_of_batch], rows_per_request)
+
+    temperature = expand(sampling_metadata.temperature).float()
+    greedy = temperature < SAMPLING_EPS
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    scaled = apply_top_k_top_p(scaled, expand(sampling_metadata.top_k), expand(sampling_metadata.top_p))
+    probs = scaled.softmax(-1)
+    if bool(greedy.any()):  # a greedy row is the one-hot argmax: sampling it is greedy decoding
+        one_hot = torch.zeros_like(probs[greedy])
+        one_hot.scatter_(1, logits[greedy].argmax(-1, keepdim=True), 1.0)
+        probs[greedy] = one_hot
+    return probs
+
+
+def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, sampling_metadata,
+                 num_reqs: int, generator: torch.Generator | None = None):
+    """Returns (sampled_token_ids [num_reqs, max_drafts + 1], accepted node lists per tree request).
+
+    `logits` holds, per request, one row per scheduled token when it has drafts and one row
+    otherwise (vLLM's `logits_indices`), in input-batch order."""
+    num_draft = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.long)
+    rows_per_request = num_draft + 1
+    first_row = torch.cumsum(rows_per_request, 0) - rows_per_request
+    max_len = int(num_draft.max()) + 1
+    out = torch.full((num_reqs, max_len), PLACEHOLDER, dtype=torch.int32)
+
+    # Requests without drafts (a prefill's last chunk, or no drafts this step): one row each.
+    plain = (num_draft == 0).nonzero().squeeze(1)
+    tree_reqs = trees.batch_index
+    dense = logits.float()
+    if sampling_metadata.all_greedy:
+        out[plain, 0] = dense[first_row[plain]].argmax(-1).int()
+    else:
+        probs = _target_probs(dense[first_row[plain]], torch.ones_like(plain), sampling_metadata, plain)
+        out[plain, 0] = torch.multinomial(probs, 1, generator=generator).squeeze(1).int()
+
+    sizes = (trees.cu_nodes[1:] - trees.cu_nodes[:-1]).long()
+    node_rows = torch.repeat_interleave(first_row[tree_reqs], sizes) + (
+        torch.arange(int(trees.cu_nodes[-1])) - torch.repeat_interleave(trees.cu_nodes[:-1].long(), sizes))
+    tree = DraftTree(trees.tokens, trees.parents, trees.depths,
+                     torch.zeros(trees.tokens.numel()), trees.cu_nodes)
+    node_logits = dense[node_rows.to(dense.device)]
+    if sampling_metadata.all_greedy:
+        acceptance = accept_greedy(tree, node_logits.argmax(-1))
+    else:
+        probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
+        acceptance = accept_sampled(tree, probs, generator)
+    accepted = []
+    for r, b in enumerate(tree_reqs.tolist()):
+        n = int(acceptance.accepted_len[r])
+        nodes = acceptance.accepted_nodes[r, :n + 1].tolist()
+        start = int(trees.cu_nodes[r])
+        path = [int(trees.tokens[start + j]) for j in nodes[1:]]
+        out[b, :n + 1] = torch.tensor(path + [int(acceptance.bonus_token[r])], dtype=torch.int32)
+        accepted.append(nodes)
+    return out, accepted
+
+
+def compaction_moves(trees: StepTrees, accepted: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) KV slots that put each accepted path right after its root."""
+    src, dst = [], []
+    for r, nodes in enumerate(accepted):
+        start = int(trees.cu_nodes[r])
+        for depth, node in enumerate(nodes):
+            if node != depth:
+                src.append(int(trees.slots[start + node]))
+                dst.append(int(trees.slots[start + depth]))
+    return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
