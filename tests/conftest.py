@@ -38,11 +38,19 @@ def fixture_models(tmp_path_factory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("fixture-models"))
 
 
+def _job_file(job: dict) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    return f.name
+
+
 def run_engine(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
     """Run `vllm_respsp.testbed.engine_run` on `job` in a fresh process; return its JSON."""
     full_env = {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_respsp.testbed.engine_run", json.dumps(job)],
+        [sys.executable, "-m", "vllm_respsp.testbed.engine_run", "@" + _job_file(job)],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -21,6 +21,10 @@ def test_respsp_chain_becomes_an_eagle3_config_carrying_the_settings(fixture_mod
     spec = cfg.speculative_config
     assert type(spec).__name__ == "RespspSpeculativeConfig"
     assert spec.method == "eagle3" and spec.num_speculative_tokens == 4
+    tree = engine_config(fixture_models["successor"], {
+        "method": "respsp", "model": head, "policy": "cycle",
+        "actions": [CHAIN4, {"total_tokens": 24, "depth": 3, "top_k": 4}]}).speculative_config
+    assert tree.num_speculative_tokens == 24  # the largest tree any step may verify
     assert spec.respsp["shape"] == CHAIN4 and spec.respsp["model"] == head
     other = engine_config(fixture_models["successor"], {"method": "respsp", "model": head,
                                                         "shape": {"total_tokens": 3, "depth": 3, "top_k": 1}})
@@ -28,10 +32,11 @@ def test_respsp_chain_becomes_an_eagle3_config_carrying_the_settings(fixture_mod
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"shape": {"total_tokens": 8, "depth": 3, "top_k": 2}}, "need the respsp tree runtime"),
     ({"shape": {"total_tokens": 99, "depth": 3, "top_k": 2}}, "more than a depth-3, top-2 beam"),
     ({"num_speculative_tokens": 3}, r"unknown key\(s\) \['num_speculative_tokens'\]"),
-    ({"actions": [CHAIN4, {"total_tokens": 2, "depth": 2, "top_k": 1}]}, "per-request shapes"),
+    ({"policy": "cycle"}, 'give "actions"'),
+    ({"policy": "nearest"}, "no such file"),
+    ({"policy": __file__}, "learned policy files are not wired"),
 ])
 def test_bad_respsp_configs_fail_at_start_up(fixture_models, change, message):
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": CHAIN4, **change}

@@ -57,6 +57,30 @@ def test_chain_tree_attention_equals_vllm_causal_attention(isa, block_size, dtyp
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("isa,block_size,dtype", CASES)
+def test_batched_tree_attention_matches_the_per_request_reference(isa, block_size, dtype):
+    """Several requests, random trees and prefixes (one at the longest length), GQA."""
+    from triton_kernels import tree_attention_ref
+
+    gen = torch.Generator().manual_seed(2)
+    prefixes, sizes = [21, 0, 40], [9, 5, 7]
+    block_table = torch.randperm(NUM_BLOCKS, generator=gen)[:12].view(3, 4).int()
+    slots = torch.cat([block_table[r, torch.arange(p + n) // block_size].long() * block_size
+                       + torch.arange(p + n) % block_size for r, (p, n) in enumerate(zip(prefixes, sizes))])
+    cache, _, _, _, _ = written_cache(isa, block_size, dtype, slots, gen)
+    parents = torch.cat([torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
+                         for n in sizes]).int()
+    cu = torch.tensor([0, 9, 14, 21], dtype=torch.int32)
+    bits = build_tree_metadata(parents, cu, max(sizes)).ancestor_bits
+    q = torch.randn(sum(sizes), 2 * H, D, generator=gen).to(dtype)
+    prefix_lens = torch.tensor(prefixes, dtype=torch.int32)
+    ours = tree_attention_cpu(q, cache, isa, block_table, prefix_lens, cu, bits, 0.125)
+    k, v = kv_views(cache, isa)
+    reference = tree_attention_ref(q, k, v, block_table, prefix_lens, cu, bits, 0.125)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(ours, reference, atol=tol, rtol=tol)
+
+
 def test_compaction_moves_the_accepted_path_in_every_layer():
     isa, block_size = "vec16", 16
     gen = torch.Generator().manual_seed(2)

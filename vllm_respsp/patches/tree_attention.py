@@ -30,16 +30,24 @@ class CpuTreeAttention(Patch):
             trees = getattr(attn_metadata, "respsp_trees", None)
             if trees is None or impl.attn_type != "decoder":
                 return result
-            rows = trees.masked_rows
-            q = query[rows].view(rows.numel(), impl.num_heads, impl.head_size)
-            block_table = attn_metadata.block_table[trees.batch_index[trees.masked]]
-            prefix_lens = trees.prefix_lens[trees.masked]
-            tree_out = tree_attention_cpu(q, kv_cache, layer.isa, block_table, prefix_lens,
-                                          trees.masked_cu, trees.masked_bits, impl.scale)
-            output.view(output.shape[0], impl.num_heads, impl.head_size)[rows] = tree_out.to(output.dtype)
+            from vllm_respsp.runtime.runtime import timed
+
+            with timed("tree_attention"):
+                _tree_rows(impl, layer, query, kv_cache, attn_metadata, output, trees)
             return result
 
         return forward
+
+
+def _tree_rows(impl, layer, query, kv_cache, attn_metadata, output, trees) -> None:
+    """Overwrite the rows of non-chain trees with attention through their ancestor masks."""
+    rows = trees.masked_rows
+    q = query[rows].view(rows.numel(), impl.num_heads, impl.head_size)
+    block_table = attn_metadata.block_table[trees.batch_index[trees.masked]]
+    prefix_lens = trees.prefix_lens[trees.masked]
+    tree_out = tree_attention_cpu(q, kv_cache, layer.isa, block_table, prefix_lens,
+                                  trees.masked_cu, trees.masked_bits, impl.scale)
+    output.view(output.shape[0], impl.num_heads, impl.head_size)[rows] = tree_out.to(output.dtype)
 
 
 def compact_kv_caches(runner, src: torch.Tensor, dst: torch.Tensor) -> None:

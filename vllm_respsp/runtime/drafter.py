@@ -53,15 +53,6 @@ class NewRows:
     next_tokens: torch.Tensor  # int64 [n] token at position p + 1 for each row
 
 
-def _attend_dense(q, k, v, mask, group: int, scale: float) -> torch.Tensor:
-    """q [n, Hq, D], k/v [L, Hkv, D], mask [n, L] -> [n, Hq, D] in fp32."""
-    qg = q.float().unflatten(1, (k.shape[1], group))  # [n, Hkv, g, D]
-    scores = torch.einsum("nhgd,lhd->nhgl", qg, k.float()) * scale
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = torch.einsum("nhgl,lhd->nhgd", scores.softmax(-1), v.float())
-    return out.flatten(1, 2)
-
-
 class TreeDrafter:
     def __init__(self, head: HeadAdapter):
         self.head = head
@@ -98,17 +89,24 @@ class TreeDrafter:
         contexts = [self._context(r.req_id, r.start) for r in rows]
         hidden = head.combine(aux[aux_rows])
 
+        counts = torch.tensor([len(r.aux_rows) for r in rows])
+
         def attend(step: StepInputs) -> torch.Tensor:
-            out, offset = [], 0
-            for r, ctx in zip(rows, contexts):
-                n = len(r.aux_rows)
+            offset = 0
+            for n, ctx in zip(counts.tolist(), contexts):
                 ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
-                L = ctx.length
-                causal = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]
-                out.append(_attend_dense(step.q[offset:offset + n], ctx.k[:L], ctx.v[:L], causal,
-                                         self.group, head.scale))
                 offset += n
-            return torch.cat(out)
+            keys, values, lengths = self._padded(contexts)
+            request, local = _ragged_index(counts)
+            queries = step.q.new_zeros(len(rows), int(counts.max()), *step.q.shape[1:])
+            queries[request, local] = step.q
+            # new row i of a request sees every key up to its own position
+            own_pos = (lengths - counts)[:, None] + torch.arange(int(counts.max()))[None, :]
+            mask = torch.arange(keys.shape[1])[None, None, :] <= own_pos[:, :, None]
+            out = F.scaled_dot_product_attention(
+                queries.float().transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=mask[:, None], scale=head.scale, enable_gqa=self.group > 1)
+            return out.transpose(1, 2)[request, local]
 
         last = torch.tensor([len(r.aux_rows) for r in rows]).cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
@@ -122,6 +120,7 @@ class TreeDrafter:
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.length for c in contexts])  # the root token's position
+        padded = self._padded(contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 
@@ -142,7 +141,7 @@ class TreeDrafter:
                     path_k = torch.cat([state["path_k"][rows], step.k[:, None]], dim=1)
                     path_v = torch.cat([state["path_v"][rows], step.v[:, None]], dim=1)
                 state["path_k"], state["path_v"] = path_k, path_v
-                return self._attend_tree(step.q, frontier.request, contexts, path_k, path_v)
+                return self._attend_tree(step.q, frontier.request, padded, path_k, path_v)
 
             _, prenorm, logprobs = head.step(hidden, tokens, positions.to(tokens.device), attend)
             row = torch.full((builder.num_candidates,), -1, dtype=torch.long)
@@ -155,18 +154,43 @@ class TreeDrafter:
         tree.tokens[drafted] = head.draft_to_target[tree.tokens[drafted]]
         return tree
 
-    def _attend_tree(self, q, request, contexts, path_k, path_v) -> torch.Tensor:
-        """Frontier rows attend to their request's whole context and their own root path."""
-        scale, group = self.head.scale, self.group
-        qg = q.float().unflatten(1, (path_k.shape[2], group))  # [F, Hkv, g, D]
-        s_path = torch.einsum("fhgd,fthd->fhgt", qg, path_k.float()) * scale
-        out = torch.empty_like(qg)
-        for b in torch.unique(request).tolist():
-            sel = (request == b).nonzero().squeeze(1)
-            ctx = contexts[b]
-            k, v = ctx.k[:ctx.length].float(), ctx.v[:ctx.length].float()
-            s_ctx = torch.einsum("fhgd,lhd->fhgl", qg[sel], k) * scale
-            p = torch.cat([s_ctx, s_path[sel]], dim=-1).softmax(-1)
-            out[sel] = torch.einsum("fhgl,lhd->fhgd", p[..., :ctx.length], v) + \
-                torch.einsum("fhgt,fthd->fhgd", p[..., ctx.length:], path_v[sel].float())
+    def _padded(self, contexts):
+        """Every request's context keys/values, zero-padded: [R, L, Hkv, D] twice (fp32) + lengths."""
+        lengths = torch.tensor([c.length for c in contexts])
+        shape = (len(contexts), int(lengths.max()), self.head.num_kv_heads, self.head.head_dim)
+        keys, values = torch.zeros(shape), torch.zeros(shape)
+        for r, ctx in enumerate(contexts):
+            keys[r, :ctx.length] = ctx.k[:ctx.length]
+            values[r, :ctx.length] = ctx.v[:ctx.length]
+        return keys, values, lengths
+
+    def _attend_tree(self, q, request, padded, path_k, path_v) -> torch.Tensor:
+        """Frontier rows attend to their request's whole context and their own root path.
+
+        The context part runs padded per request, the path part per row; the two softmax
+        pieces are merged through their log-sum-exps."""
+        keys, values, lengths = padded
+        scale = self.head.scale
+        counts = torch.bincount(request, minlength=len(lengths))
+        _, local = _ragged_index(counts)
+        queries = q.new_zeros(len(lengths), int(counts.max()), *q.shape[1:], dtype=torch.float32)
+        queries[request, local] = q.float()
+        qg = queries.unflatten(2, (keys.shape[2], self.group))  # [R, n, Hkv, g, D]
+        s_ctx = torch.einsum("rnhgd,rlhd->rnhgl", qg, keys) * scale
+        s_ctx = s_ctx.masked_fill(torch.arange(keys.shape[1]) >= lengths[:, None, None, None, None], float("-inf"))
+        s_ctx = s_ctx[request, local]  # [F, Hkv, g, L]
+        q_rows = q.float().unflatten(1, (keys.shape[2], self.group))
+        s_path = torch.einsum("fhgd,fthd->fhgt", q_rows, path_k.float()) * scale
+        p = torch.cat([s_ctx, s_path], dim=-1).softmax(-1)
+        p_ctx = torch.zeros(queries.shape[:2] + p.shape[1:3] + (keys.shape[1],))
+        p_ctx[request, local] = p[..., :keys.shape[1]]
+        out = torch.einsum("rnhgl,rlhd->rnhgd", p_ctx, values)[request, local] + \
+            torch.einsum("fhgt,fthd->fhgd", p[..., keys.shape[1]:], path_v.float())
         return out.flatten(1, 2)
+
+
+def _ragged_index(counts: torch.Tensor):
+    """(request, index within request) of each row of a request-sorted ragged batch."""
+    request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return request, torch.arange(int(counts.sum())) - starts[request]

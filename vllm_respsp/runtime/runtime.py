@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +29,20 @@ from vllm_respsp.tree.shape import TreeShape, chain
 
 logger = logging.getLogger("vllm_respsp")
 STATS_ENV = "VLLM_RESPSP_STATS_FILE"
+# Fault injection for the tests that prove the safety nets and the statistical checks work:
+# "keep_rejected" makes the tree sampler biased (rejected drafts stay in the residual),
+# "drafter_raises" makes every draft step fail.
+FAULT_ENV = "VLLM_RESPSP_FAULT"
+SECONDS: Counter[str] = Counter()  # wall time per respsp phase in this process
+
+
+@contextmanager
+def timed(phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        SECONDS[phase] += time.perf_counter() - start
 
 
 class ShapeChooser:
@@ -55,6 +71,8 @@ class RespspRuntime:
         self.broken: set[str] = set()
         self.shape_counts: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
+        # shape -> {draft tokens the scheduler gave a request of that shape: steps}
+        self.scheduled: dict[str, Counter[int]] = {}
         self.steps = 0
 
     @property
@@ -76,6 +94,10 @@ class RespspRuntime:
                 runner.input_batch.block_table[0].slot_mapping.gpu)
             if self.step_trees is not None:
                 self.step_trees.rewrite_positions(runner.positions)
+            for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+                tree = self.proposed.get(req_id)
+                if tree is not None:
+                    self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
         except Exception:  # verifying the drafts as chains is still exact
             logger.exception("respsp: could not lay out this step's trees; verifying them as chains")
             self.fallbacks["tree_layout_error"] += 1
@@ -94,13 +116,17 @@ class RespspRuntime:
         if trees is None or spec_decode_metadata is None:
             return None
         runner = self.runner
-        out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
-                                     runner.input_batch.num_reqs)
-        src, dst = compaction_moves(trees, accepted)
-        if src.numel():
-            from vllm_respsp.patches.tree_attention import compact_kv_caches
+        keep_rejected = os.environ.get(FAULT_ENV) == "keep_rejected"
+        with timed("verify"):
+            out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
+                                         runner.input_batch.num_reqs,
+                                         remove_rejected=(lambda *a: None) if keep_rejected else None)
+        with timed("compact_kv"):
+            src, dst = compaction_moves(trees, accepted)
+            if src.numel():
+                from vllm_respsp.patches.tree_attention import compact_kv_caches
 
-            compact_kv_caches(runner, src, dst)
+                compact_kv_caches(runner, src, dst)
         self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
         return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
 
@@ -109,7 +135,8 @@ class RespspRuntime:
         runner = self.runner
         req_ids = list(runner.input_batch.req_ids)
         try:
-            drafts = self._propose(scheduler_output, req_ids, sampled_token_ids, aux_hidden_states)
+            with timed("draft"):
+                drafts = self._propose(scheduler_output, req_ids, sampled_token_ids, aux_hidden_states)
         except Exception:
             logger.exception("respsp: drafting failed; this step proposes no drafts")
             self.fallbacks["drafter_error"] += 1
@@ -120,6 +147,8 @@ class RespspRuntime:
         return drafts
 
     def _propose(self, scheduler_output, req_ids, sampled_token_ids, aux_hidden_states):
+        if os.environ.get(FAULT_ENV) == "drafter_raises":
+            raise RuntimeError(f"{FAULT_ENV}=drafter_raises")
         runner = self.runner
         drafter = self.drafter
         drafter.forget(set(runner.requests))
@@ -186,7 +215,7 @@ class RespspRuntime:
         for b, (req_id, _, _) in enumerate(chosen):
             part = tree.request(b)
             self.proposed[req_id] = ProposedTree(part.tokens.tolist(), part.parents.tolist(),
-                                                 part.depths.tolist())
+                                                 part.depths.tolist(), str(shapes[b]))
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
 
     def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
@@ -201,6 +230,8 @@ class RespspRuntime:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
+                "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
+                "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}
 
     def _write_stats(self) -> None:

@@ -67,7 +67,7 @@ def _target_probs(logits: torch.Tensor, rows_per_request: torch.Tensor, sampling
 
 
 def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, sampling_metadata,
-                 num_reqs: int, generator: torch.Generator | None = None):
+                 num_reqs: int, generator: torch.Generator | None = None, remove_rejected=None):
     """Returns (sampled_token_ids [num_reqs, max_drafts + 1], accepted node lists per tree request).
 
     `logits` holds, per request, one row per scheduled token when it has drafts and one row
@@ -98,7 +98,7 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
         acceptance = accept_greedy(tree, node_logits.argmax(-1))
     else:
         probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
-        acceptance = accept_sampled(tree, probs, generator)
+        acceptance = accept_sampled(tree, probs, generator, remove_rejected)
     accepted = []
     for r, b in enumerate(tree_reqs.tolist()):
         n = int(acceptance.accepted_len[r])

@@ -26,6 +26,7 @@ class ProposedTree:
     tokens: list[int]
     parents: list[int]
     depths: list[int]
+    shape: str = ""
 
 
 @dataclass

@@ -132,7 +132,8 @@ def applied_patches() -> list[str]:
 
 
 def main() -> None:
-    job = json.loads(sys.argv[1])
+    arg = sys.argv[1]  # the job as JSON, or @file holding it (long prompt lists)
+    job = json.loads(Path(arg[1:]).read_text() if arg.startswith("@") else arg)
     result = run_job(job)
     out = job.get("output")
     if out:

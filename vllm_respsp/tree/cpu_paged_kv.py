@@ -13,8 +13,9 @@ The views below are zero-copy: reading them reads the cache, writing them writes
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from triton_kernels import compact_kv_ref, tree_attention_ref
+from triton_kernels import compact_kv_ref, unpack_ancestor_bits
 
 SUPPORTED_ISAS = ("vec", "vec16")
 
@@ -34,9 +35,44 @@ def kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, ancestor_bits, scale):
-    """`triton_kernels.tree_attention` over vLLM's CPU cache (the tree's K/V already written)."""
-    k, v = kv_views(kv_cache, isa)
-    return tree_attention_ref(q, k, v, block_table, prefix_lens, cu_nodes, ancestor_bits, scale)
+    """`triton_kernels.tree_attention` over vLLM's CPU cache (the tree's K/V already written).
+
+    All requests in one padded, masked SDPA call: q [N, Hq, D] -> [N, Hq, D]. The per-request
+    loop of `tree_attention_ref` is the oracle (tests/tree/test_cpu_paged_kv.py)."""
+    k_cache, v_cache = kv_views(kv_cache, isa)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    cu = cu_nodes.long()
+    sizes = cu[1:] - cu[:-1]
+    prefix = prefix_lens.long()
+    num_requests, max_nodes = sizes.numel(), int(sizes.max())
+    lengths = prefix + sizes
+    max_len = int(lengths.max())
+    pos = torch.arange(max_len)
+    valid = pos[None, :] < lengths[:, None]  # [R, L]
+    cols = (pos // block_size).clamp(max=block_table.shape[1] - 1)
+    blocks = torch.where(valid, block_table[:, cols].long(), 0)
+    offsets = (pos % block_size)[None, :].expand_as(blocks)
+    keys = k_cache[blocks, offsets].float().masked_fill(~valid[..., None, None], 0.0)  # [R, L, Hkv, D]
+    values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None, None], 0.0)
+
+    request = torch.repeat_interleave(torch.arange(num_requests), sizes)
+    local = torch.arange(int(cu[-1])) - cu[:-1][request]
+    queries = q.new_zeros(num_requests, max_nodes, *q.shape[1:], dtype=torch.float32)
+    queries[request, local] = q.float()
+    # mask [R, n, L]: the prefix, then the node's ancestors (itself included) among the tree keys
+    mask = (pos[None, None, :] < prefix[:, None, None]).expand(num_requests, max_nodes, max_len).clone()
+    tree_col = prefix[request][:, None] + torch.arange(max_nodes)[None, :]  # [N, n]
+    in_tree = torch.arange(max_nodes)[None, :] < sizes[request][:, None]
+    ancestors = unpack_ancestor_bits(ancestor_bits, max_nodes) & in_tree
+    node_rows = mask[request, local]
+    row_index = torch.arange(request.numel())[:, None].expand_as(tree_col)
+    node_rows[row_index[in_tree], tree_col[in_tree]] = ancestors[in_tree]
+    mask[request, local] = node_rows
+    mask[:, :, 0] |= ~mask.any(-1)  # padding rows: keep softmax finite, their output is dropped
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
+    return out.transpose(1, 2)[request, local].to(q.dtype)
 
 
 def compact_kv_cpu(kv_caches: list[torch.Tensor], isa: str, src_slots, dst_slots) -> None:

@@ -1,0 +1,105 @@
+"""Acceptance and speed of respsp tree shapes against no speculation, on the testbed.
+
+    python -m benchmarks.tree_shapes --prompts mt-bench --num-prompts 80 --max-tokens 256 \
+        --shapes chain5 T16/D5/K4 T32/D6/K8 T64/D6/K8
+
+Every configuration runs the same prompts, greedy, in its own engine process (one at a time),
+after a no-speculation reference; the table gives each shape's acceptance length (vLLM's
+metric, 1 + accepted / drafts), per-depth acceptance, output tokens/s, the speed ratio to no
+speculation and how many outputs are identical to the reference. `--shapes cycle:A,B,C` runs one
+engine in which the requests get different shapes (policy "cycle"). Writes JSON and Markdown
+to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_shape(text: str) -> dict:
+    if text.startswith("chain"):
+        n = int(text[5:])
+        return {"total_tokens": n, "depth": n, "top_k": 1}
+    m = re.fullmatch(r"T(\d+)/D(\d+)/K(\d+)", text)
+    if not m:
+        raise SystemExit(f"--shapes: {text!r} is not chainN or T<total>/D<depth>/K<top_k>")
+    return {"total_tokens": int(m[1]), "depth": int(m[2]), "top_k": int(m[3])}
+
+
+def spec_for(name: str, head: str) -> dict:
+    if name.startswith("cycle:"):
+        return {"method": "respsp", "model": head, "policy": "cycle",
+                "actions": [parse_shape(s) for s in name[6:].split(",")]}
+    return {"method": "respsp", "model": head, "shape": parse_shape(name)}
+
+
+def main() -> None:
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+    from vllm_respsp.testbed.model import testbed_model_path
+    from vllm_respsp.testbed.prompts import load_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", action="append", default=None, help="prompt set(s); default mt-bench")
+    ap.add_argument("--num-prompts", type=int, default=80, help="per prompt set")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--shapes", nargs="+", default=["chain5", "T16/D5/K4", "T32/D6/K8", "T64/D6/K8"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="1 = batch size 1")
+    ap.add_argument("--head", default=None, help="EAGLE-3 head (default: the shipped one)")
+    ap.add_argument("--tag", default="tree_shapes")
+    args = ap.parse_args()
+
+    model = str(testbed_model_path())
+    head = args.head or str(shipped_head_path())
+    engine = {"dtype": args.dtype, "max_model_len": 2048}
+    if args.max_num_seqs:
+        engine["max_num_seqs"] = args.max_num_seqs
+    prompts = [p for name in (args.prompts or ["mt-bench"]) for p in load_prompts(name, args.num_prompts)]
+    sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
+    rows, reference, texts = [], None, None
+    for name in ["none"] + args.shapes:
+        config = EngineConfig(name, None if name == "none" else spec_for(name, head), engine)
+        worker = EngineWorker(model, config)
+        try:
+            worker.wait_ready()
+            texts = texts or worker.render(prompts)
+            result = worker.generate(texts, sampling)
+        finally:
+            worker.close()
+        if reference is None:
+            reference = result
+        spec = result["spec"]
+        row = {"config": name, "tok_s": result["output_tokens"] / result["seconds"],
+               "acceptance_length": spec["acceptance_length"] if spec["drafts"] else None,
+               "per_depth": [a / spec["drafts"] for a in spec["accepted_per_pos"][:8]] if spec["drafts"] else [],
+               "identical": sum(a == b for a, b in zip(result["token_ids"], reference["token_ids"])),
+               "prompts": len(texts), "seconds": result["seconds"], "output_tokens": result["output_tokens"]}
+        row["speedup"] = row["tok_s"] / (reference["output_tokens"] / reference["seconds"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    meta = {"date": stamp, "args": vars(args), "model": "SmolLM2-135M-Instruct", "head": head}
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"Greedy, {args.max_tokens} new tokens, {len(texts)} prompts ({', '.join(args.prompts or ['mt-bench'])}), "
+             f"{args.dtype}, max_num_seqs={args.max_num_seqs or 'default'}; {stamp}.", "",
+             "| config | acceptance length | per-depth acceptance | tok/s | vs no spec | identical |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        al = f"{r['acceptance_length']:.3f}" if r["acceptance_length"] else "-"
+        depth = ", ".join(f"{a:.2f}" for a in r["per_depth"]) or "-"
+        lines.append(f"| {r['config']} | {al} | {depth} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['identical']}/{r['prompts']} |")
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""respsp trees in real vLLM: lossless greedy and sampled decoding, mixed shapes in one batch,
+per-request verification budgets, and the output distribution at temperature 0.8."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_engine
+
+CHAIN4 = {"total_tokens": 4, "depth": 4, "top_k": 1}
+SMALL_TREE = {"total_tokens": 12, "depth": 4, "top_k": 3}
+BIG_TREE = {"total_tokens": 64, "depth": 4, "top_k": 8}
+# policy "cycle" gives request with prompt p the shape actions[sum(p) % 3]
+PROMPTS = [[3], [4], [5], [6, 7], [9, 30], [100, 8]]
+
+
+def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_path):
+    stats_file = tmp_path / "stats.json"
+    job = {"model": str(fixture_models["successor"]), "prompts": PROMPTS,
+           "samplings": [{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True},
+                         {"temperature": 0.8, "max_tokens": 40, "ignore_eos": True}],
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
+                                  "policy": "cycle", "actions": [CHAIN4, SMALL_TREE, BIG_TREE]}}
+    results = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
+    expected = [[(p[-1] + 1 + i) % 128 for i in range(40)] for p in PROMPTS]
+    for r in results:
+        assert r["token_ids"] == expected
+        spec = r["spec"]
+        # the successor head is always right: every step accepts a whole root path of depth 4
+        assert spec["accepted_tokens"] >= 0.9 * 4 * spec["drafts"]
+        assert spec["acceptance_length"] > 4.5
+    stats = json.loads(stats_file.read_text())
+    assert set(stats["shapes"]) == {"T4/D4/K1", "T12/D4/K3", "T64/D4/K8"}
+    assert not stats["fallbacks"]
+    for shape, total in (("T4/D4/K1", 4), ("T12/D4/K3", 12), ("T64/D4/K8", 64)):
+        scheduled = {int(n): count for n, count in stats["scheduled_drafts"][shape].items()}
+        # each request is verified with its own tree: never padded to the batch's largest
+        assert max(scheduled) == total and max(scheduled, key=scheduled.get) == total
+
+
+def marginals_p_value(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
+    """Two-sample chi-square over the token marginals at each position (bins with few
+    samples merged), combined: the smallest p-value times the number of positions."""
+    p_values = []
+    for pos in range(a.shape[1]):
+        ca = torch.bincount(a[:, pos], minlength=vocab).double()
+        cb = torch.bincount(b[:, pos], minlength=vocab).double()
+        small = (ca + cb) < 10
+        ca = torch.cat([ca[~small], ca[small].sum().view(1)])
+        cb = torch.cat([cb[~small], cb[small].sum().view(1)])
+        keep = (ca + cb) > 0
+        ca, cb = ca[keep], cb[keep]
+        ka, kb = (cb.sum() / ca.sum()).sqrt(), (ca.sum() / cb.sum()).sqrt()
+        stat = ((ka * ca - kb * cb) ** 2 / (ca + cb)).sum()
+        dof = torch.tensor((keep.sum().item() - 1) / 2, dtype=torch.float64)
+        p_values.append(float(torch.special.gammaincc(dof, stat / 2)))
+    return min(1.0, min(p_values) * len(p_values))
+
+
+@pytest.fixture(scope="module")
+def soft_pair(tmp_path_factory):
+    """A successor target whose next token is the successor only ~half the time at T=0.8, and
+    its successor head: drafts are accepted often enough and rejected often enough."""
+    from vllm_respsp.testbed.fixtures import successor_eagle3_head, successor_llama
+
+    root = tmp_path_factory.mktemp("soft-successor")
+    target = successor_llama(root / "target", margin=4.0)
+    return target, successor_eagle3_head(root / "head", target)
+
+
+def sample_first_tokens(target, spec, n=20_000, env=None):
+    job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
+           "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],  # noqa: E501
+           "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 512},
+           "speculative_config": spec}
+    result = run_engine(job, env=env, timeout=1200)["results"][0]
+    return torch.tensor(result["token_ids"]), result["spec"]
+
+
+@pytest.fixture(scope="module")
+def no_spec_samples(soft_pair):
+    return sample_first_tokens(soft_pair[0], None)[0]
+
+
+TINY_TREE = {"total_tokens": 6, "depth": 3, "top_k": 3}
+
+
+def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_spec_samples):
+    spec = {"method": "respsp", "model": str(soft_pair[1]), "shape": TINY_TREE}
+    samples, counters = sample_first_tokens(soft_pair[0], spec)
+    # the trees were used: drafts accepted at every depth, and many rejected
+    assert all(n > 100 for n in counters["accepted_per_pos"][:3])
+    assert counters["accepted_tokens"] < 0.5 * counters["draft_tokens"]
+    assert marginals_p_value(samples, no_spec_samples, 128) > 0.01
+
+
+def test_the_distribution_test_catches_a_biased_tree_sampler(soft_pair, no_spec_samples):
+    """The same engine and test with a sampler that forgets to remove rejected tokens."""
+    spec = {"method": "respsp", "model": str(soft_pair[1]), "shape": TINY_TREE}
+    samples, _ = sample_first_tokens(soft_pair[0], spec, env={"VLLM_RESPSP_FAULT": "keep_rejected"})
+    assert marginals_p_value(samples, no_spec_samples, 128) < 0.01
