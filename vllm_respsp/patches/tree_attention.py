@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_respsp.patches.registry import Patch
-from vllm_respsp.tree.cpu_paged_kv import compact_kv_cpu, tree_attention_cpu
+from vllm_respsp.tree.cpu_paged_kv import TreeAttentionPlan, compact_kv_cpu
 
 
 class CpuTreeAttention(Patch):
@@ -41,12 +41,17 @@ class CpuTreeAttention(Patch):
 
 def _tree_rows(impl, layer, query, kv_cache, attn_metadata, output, trees) -> None:
     """Overwrite the rows of non-chain trees with attention through their ancestor masks."""
+    cached = getattr(attn_metadata, "respsp_plan", None)
+    if cached is not None and cached[0] is trees:
+        plan = cached[1]
+    else:  # once per step: every layer shares the block table and the masks
+        plan = TreeAttentionPlan.build(attn_metadata.block_table[trees.batch_index[trees.masked]],
+                                       trees.prefix_lens[trees.masked], trees.masked_cu,
+                                       trees.masked_bits, kv_cache.shape[2])
+        attn_metadata.respsp_plan = (trees, plan)
     rows = trees.masked_rows
     q = query[rows].view(rows.numel(), impl.num_heads, impl.head_size)
-    block_table = attn_metadata.block_table[trees.batch_index[trees.masked]]
-    prefix_lens = trees.prefix_lens[trees.masked]
-    tree_out = tree_attention_cpu(q, kv_cache, layer.isa, block_table, prefix_lens,
-                                  trees.masked_cu, trees.masked_bits, impl.scale)
+    tree_out = plan.attend(q, kv_cache, layer.isa, impl.scale)
     output.view(output.shape[0], impl.num_heads, impl.head_size)[rows] = tree_out.to(output.dtype)
 
 

@@ -12,6 +12,8 @@ The views below are zero-copy: reading them reads the cache, writing them writes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -34,45 +36,66 @@ def kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tens
     return k, v
 
 
+@dataclass
+class TreeAttentionPlan:
+    """Everything about a step's tree attention that does not depend on the layer: built once
+    per step, used by every layer (gather indices into the paged cache, the padded masks)."""
+
+    blocks: torch.Tensor  # int64 [R, L] cache block of key position j (a valid one where j >= length)
+    offsets: torch.Tensor  # int64 [R, L]
+    mask: torch.Tensor  # bool [R, 1, n, L]: prefix keys, then the node's ancestors (itself included)
+    request: torch.Tensor  # int64 [N] request of each node row
+    local: torch.Tensor  # int64 [N] index of each node row in its request
+
+    @classmethod
+    def build(cls, block_table, prefix_lens, cu_nodes, ancestor_bits, block_size: int) -> "TreeAttentionPlan":
+        cu = cu_nodes.long()
+        sizes = cu[1:] - cu[:-1]
+        prefix = prefix_lens.long()
+        num_requests, max_nodes = sizes.numel(), int(sizes.max())
+        lengths = prefix + sizes
+        max_len = int(lengths.max())
+        pos = torch.arange(max_len)
+        valid = pos[None, :] < lengths[:, None]
+        # Padding keys read position 0 of their own request: finite values, masked out below.
+        pos_or_0 = torch.where(valid, pos[None, :], 0)
+        cols = pos_or_0 // block_size
+        blocks = block_table.long().gather(1, cols)
+        offsets = pos_or_0 % block_size
+
+        request = torch.repeat_interleave(torch.arange(num_requests), sizes)
+        local = torch.arange(int(cu[-1])) - cu[:-1][request]
+        mask = (pos[None, None, :] < prefix[:, None, None]).expand(num_requests, max_nodes, max_len).clone()
+        tree_col = prefix[request][:, None] + torch.arange(max_nodes)[None, :]  # [N, n]
+        in_tree = torch.arange(max_nodes)[None, :] < sizes[request][:, None]
+        ancestors = unpack_ancestor_bits(ancestor_bits, max_nodes) & in_tree
+        node_rows = mask[request, local]
+        row_index = torch.arange(request.numel())[:, None].expand_as(tree_col)
+        node_rows[row_index[in_tree], tree_col[in_tree]] = ancestors[in_tree]
+        mask[request, local] = node_rows
+        mask[:, :, 0] |= ~mask.any(-1)  # padding rows: keep softmax finite, their output is dropped
+        return cls(blocks, offsets, mask[:, None], request, local)
+
+    def attend(self, q, kv_cache, isa, scale):
+        """q [N, Hq, D] of the plan's node rows -> attention outputs [N, Hq, D]."""
+        k_cache, v_cache = kv_views(kv_cache, isa)
+        keys = k_cache[self.blocks, self.offsets].float()  # [R, L, Hkv, D]
+        values = v_cache[self.blocks, self.offsets].float()
+        queries = q.new_zeros(self.mask.shape[0], self.mask.shape[2], *q.shape[1:], dtype=torch.float32)
+        queries[self.request, self.local] = q.float()
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=self.mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[2])
+        return out.transpose(1, 2)[self.request, self.local].to(q.dtype)
+
+
 def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, ancestor_bits, scale):
-    """`triton_kernels.tree_attention` over vLLM's CPU cache (the tree's K/V already written).
-
-    All requests in one padded, masked SDPA call: q [N, Hq, D] -> [N, Hq, D]. The per-request
-    loop of `tree_attention_ref` is the oracle (tests/tree/test_cpu_paged_kv.py)."""
-    k_cache, v_cache = kv_views(kv_cache, isa)
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    cu = cu_nodes.long()
-    sizes = cu[1:] - cu[:-1]
-    prefix = prefix_lens.long()
-    num_requests, max_nodes = sizes.numel(), int(sizes.max())
-    lengths = prefix + sizes
-    max_len = int(lengths.max())
-    pos = torch.arange(max_len)
-    valid = pos[None, :] < lengths[:, None]  # [R, L]
-    cols = (pos // block_size).clamp(max=block_table.shape[1] - 1)
-    blocks = torch.where(valid, block_table[:, cols].long(), 0)
-    offsets = (pos % block_size)[None, :].expand_as(blocks)
-    keys = k_cache[blocks, offsets].float().masked_fill(~valid[..., None, None], 0.0)  # [R, L, Hkv, D]
-    values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None, None], 0.0)
-
-    request = torch.repeat_interleave(torch.arange(num_requests), sizes)
-    local = torch.arange(int(cu[-1])) - cu[:-1][request]
-    queries = q.new_zeros(num_requests, max_nodes, *q.shape[1:], dtype=torch.float32)
-    queries[request, local] = q.float()
-    # mask [R, n, L]: the prefix, then the node's ancestors (itself included) among the tree keys
-    mask = (pos[None, None, :] < prefix[:, None, None]).expand(num_requests, max_nodes, max_len).clone()
-    tree_col = prefix[request][:, None] + torch.arange(max_nodes)[None, :]  # [N, n]
-    in_tree = torch.arange(max_nodes)[None, :] < sizes[request][:, None]
-    ancestors = unpack_ancestor_bits(ancestor_bits, max_nodes) & in_tree
-    node_rows = mask[request, local]
-    row_index = torch.arange(request.numel())[:, None].expand_as(tree_col)
-    node_rows[row_index[in_tree], tree_col[in_tree]] = ancestors[in_tree]
-    mask[request, local] = node_rows
-    mask[:, :, 0] |= ~mask.any(-1)  # padding rows: keep softmax finite, their output is dropped
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
-    return out.transpose(1, 2)[request, local].to(q.dtype)
+    """`triton_kernels.tree_attention` over vLLM's CPU cache (the tree's K/V already written):
+    all requests in one padded, masked SDPA call. `tree_attention_ref` is the oracle
+    (tests/tree/test_cpu_paged_kv.py)."""
+    block_size = kv_cache.shape[2]
+    plan = TreeAttentionPlan.build(block_table, prefix_lens, cu_nodes, ancestor_bits, block_size)
+    return plan.attend(q, kv_cache, isa, scale)
 
 
 def compact_kv_cpu(kv_caches: list[torch.Tensor], isa: str, src_slots, dst_slots) -> None:
