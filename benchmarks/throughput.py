@@ -24,11 +24,17 @@ from pathlib import Path
 from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
 
-def engine_configs(head: str | None, chains: list[int], engine: dict) -> list[EngineConfig]:
+def engine_configs(head: str | None, chains: list[int], engine: dict,
+                   respsp_shapes: list[str] = ()) -> list[EngineConfig]:
+    from benchmarks.tree_shapes import parse_shape
+
     configs = [EngineConfig("none", None, engine)]
     for n in chains if head else []:
         configs.append(EngineConfig(f"eagle3-{n}", {"method": "eagle3", "model": head,
                                                      "num_speculative_tokens": n}, engine))
+    for shape in respsp_shapes if head else []:
+        configs.append(EngineConfig(f"respsp-{shape}", {"method": "respsp", "model": head,
+                                                         "shape": parse_shape(shape)}, engine))
     return configs
 
 
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--num-prompts", type=int, default=64, help="prompts per set (batched by batch size)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chains", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--respsp", nargs="*", default=["T4/D2/K2", "T8/D3/K4"],
+                        help="respsp static shapes (T<total>/D<depth>/K<top_k> or chainN), one column each")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None)
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.quick:
         args.prompt_sets, args.batch_sizes = ["mt-bench"], [1, 4]
         args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3, 5], 1
+        args.respsp = args.respsp[:1]
     if any(b < 1 for b in args.batch_sizes) or args.num_prompts < 1 or args.reps < 1:
         parser.error("--batch-sizes, --num-prompts and --reps must be positive")
 
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
 
-    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len})
+    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len}, args.respsp)
     workers = [EngineWorker(model, c) for c in configs]
     try:
         for w in tqdm(workers, desc="starting engines"):

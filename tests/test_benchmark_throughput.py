@@ -31,16 +31,19 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
                                  for t in ["w5 w6 w7", "w9 w3", "w40 w41 w42"]))
     out = throughput.main(["--model", str(fixture_models["tiny"]), "--head", str(fixture_models["tiny_head"]),
                            "--prompt-sets", str(prompts), "--batch-sizes", "1", "3", "--num-prompts", "3",
-                           "--max-tokens", "6", "--chains", "2", "--reps", "2", "--max-model-len", "256", "--out", str(tmp_path / "run")])
+                           "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2", "--max-model-len", "256", "--out", str(tmp_path / "run")])
     result = json.loads((out / "throughput.json").read_text())
-    assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2"]
+    assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2", "respsp-T4/D2/K2"]
     assert [(c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [(1, 3), (3, 3)]
     for cell in result["cells"]:
         assert cell["configs"]["none"]["speedup_vs_none"] == 1.0
         assert cell["configs"]["eagle3-2"]["acceptance_length"] >= 1.0
+        assert cell["configs"]["respsp-T4/D2/K2"]["acceptance_length"] >= 1.0
+        assert cell["configs"]["respsp-T4/D2/K2"]["speedup_vs_best_eagle3"] > 0
     raw = result["raw"][f"{prompts}/bs1"]
     assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
     table = (out / "throughput.md").read_text()
-    assert "EAGLE-3 chain of 2" in table and table.count("\n| ") == 5  # header + 4 rows
+    assert "EAGLE-3 chain of 2" in table and "respsp T4/D2/K2" in table
+    assert table.count("\n| ") == 7  # header + 2 cells x 3 configs
     assert (out / "speedup_vs_batch.png").stat().st_size > 1000
     assert (out / "acceptance_hist.png").stat().st_size > 1000

@@ -27,6 +27,9 @@ class EngineConfig:
             return "no speculation"
         if spec.get("method") == "eagle3":
             return f"EAGLE-3 chain of {spec['num_speculative_tokens']}"
+        if spec.get("method") == "respsp" and "shape" in spec and spec.get("policy", "static") == "static":
+            s = spec["shape"]
+            return f"respsp T{s['total_tokens']}/D{s['depth']}/K{s['top_k']}"
         return str(spec)
 
 

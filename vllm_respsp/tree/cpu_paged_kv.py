@@ -41,8 +41,8 @@ class TreeAttentionPlan:
     """Everything about a step's tree attention that does not depend on the layer: built once
     per step, used by every layer (gather indices into the paged cache, the padded masks)."""
 
-    blocks: torch.Tensor  # int64 [R, L] cache block of key position j (a valid one where j >= length)
-    offsets: torch.Tensor  # int64 [R, L]
+    blocks: torch.Tensor  # int64 [R, B] the cache blocks holding each request's positions
+    valid: torch.Tensor  # bool [R, B * block_size, 1, 1] positions inside the request
     mask: torch.Tensor  # bool [R, 1, n, L]: prefix keys, then the node's ancestors (itself included)
     request: torch.Tensor  # int64 [N] request of each node row
     local: torch.Tensor  # int64 [N] index of each node row in its request
@@ -56,12 +56,12 @@ class TreeAttentionPlan:
         lengths = prefix + sizes
         max_len = int(lengths.max())
         pos = torch.arange(max_len)
-        valid = pos[None, :] < lengths[:, None]
-        # Padding keys read position 0 of their own request: finite values, masked out below.
-        pos_or_0 = torch.where(valid, pos[None, :], 0)
-        cols = pos_or_0 // block_size
+        # Whole blocks are gathered (one contiguous copy each); a request with fewer blocks
+        # repeats its last one, and positions past its length are zeroed and masked.
+        num_blocks = (lengths + block_size - 1) // block_size
+        cols = torch.minimum(torch.arange(int(num_blocks.max()))[None, :], num_blocks[:, None] - 1)
         blocks = block_table.long().gather(1, cols)
-        offsets = pos_or_0 % block_size
+        valid = torch.arange(cols.shape[1] * block_size)[None, :] < lengths[:, None]
 
         request = torch.repeat_interleave(torch.arange(num_requests), sizes)
         local = torch.arange(int(cu[-1])) - cu[:-1][request]
@@ -74,13 +74,24 @@ class TreeAttentionPlan:
         node_rows[row_index[in_tree], tree_col[in_tree]] = ancestors[in_tree]
         mask[request, local] = node_rows
         mask[:, :, 0] |= ~mask.any(-1)  # padding rows: keep softmax finite, their output is dropped
-        return cls(blocks, offsets, mask[:, None], request, local)
+        return cls(blocks, valid[..., None, None], mask[:, None], request, local)
 
     def attend(self, q, kv_cache, isa, scale):
         """q [N, Hq, D] of the plan's node rows -> attention outputs [N, Hq, D]."""
-        k_cache, v_cache = kv_views(kv_cache, isa)
-        keys = k_cache[self.blocks, self.offsets].float()  # [R, L, Hkv, D]
-        values = v_cache[self.blocks, self.offsets].float()
+        if isa not in SUPPORTED_ISAS:
+            kv_views(kv_cache, isa)  # raises the explanation
+        num_requests, num_blocks = self.blocks.shape
+        _, num_kv_heads, block_size, two_head = kv_cache.shape
+        head = two_head // 2
+        planes = kv_cache[self.blocks.flatten()].view(num_requests, num_blocks, num_kv_heads, 2, block_size * head)
+        # K is stored transposed per (block, head): [head, block_size]; V as written: [block_size, head]
+        keys = planes[:, :, :, 0].unflatten(-1, (head, block_size)).permute(0, 1, 4, 2, 3)
+        values = planes[:, :, :, 1].unflatten(-1, (block_size, head)).permute(0, 1, 3, 2, 4)
+        max_len = self.mask.shape[-1]
+        keys = keys.reshape(num_requests, -1, num_kv_heads, head)[:, :max_len].float()
+        values = values.reshape(num_requests, -1, num_kv_heads, head)[:, :max_len].float()
+        valid = self.valid[:, :max_len]
+        keys, values = torch.where(valid, keys, 0.0), torch.where(valid, values, 0.0)
         queries = q.new_zeros(self.mask.shape[0], self.mask.shape[2], *q.shape[1:], dtype=torch.float32)
         queries[self.request, self.local] = q.float()
         out = F.scaled_dot_product_attention(
