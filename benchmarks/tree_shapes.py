@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_shape(text: str) -> dict:
-    if text.startswith("chain"):
-        n = int(text[5:])
-        return {"total_tokens": n, "depth": n, "top_k": 1}
-    m = re.fullmatch(r"T(\d+)/D(\d+)/K(\d+)", text)
-    if not m:
-        raise SystemExit(f"--shapes: {text!r} is not chainN or T<total>/D<depth>/K<top_k>")
-    return {"total_tokens": int(m[1]), "depth": int(m[2]), "top_k": int(m[3])}
+    from vllm_respsp.tree.shape import ShapeError, TreeShape
+
+    try:
+        return TreeShape.parse(text).to_dict()
+    except ShapeError as e:
+        raise SystemExit(f"--shapes: {e}") from None
 
 
 def spec_for(name: str, head: str) -> dict:

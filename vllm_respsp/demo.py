@@ -1,8 +1,9 @@
 """`make demo`: the testbed model (SmolLM2-135M-Instruct) answering MT-Bench prompts in vLLM,
-and a short side-by-side of no speculation against EAGLE-3 with the shipped draft head.
+and a short side-by-side of no speculation, vLLM's EAGLE-3 chain and respsp's EAGLE-3 tree,
+all with the shipped draft head.
 
-Each issue that lands upgrades this to the newest capability. Today: plain vLLM vs vLLM's
-EAGLE-3 chain (the `respsp` tree method is not wired into vLLM yet).
+Each issue that lands upgrades this to the newest capability. Today: a static respsp tree
+(the learned shape policy is not in the engine yet).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chain", type=int, default=3, help="EAGLE-3 draft tokens per step")
+    parser.add_argument("--tree", default="T4/D2/K2", help="respsp static shape T<total>/D<depth>/K<top_k>")
     args = parser.parse_args()
 
     from tqdm import tqdm
@@ -30,8 +32,12 @@ def main() -> None:
     head = shipped_head_if_present()
     configs = [EngineConfig("none")]
     if head:
+        from vllm_respsp.tree.shape import TreeShape
+
         configs.append(EngineConfig("eagle3", {"method": "eagle3", "model": head,
                                                "num_speculative_tokens": args.chain}))
+        configs.append(EngineConfig("respsp", {"method": "respsp", "model": head,
+                                               "shape": TreeShape.parse(args.tree).to_dict()}))
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     workers = [EngineWorker(model, c) for c in configs]
     try:

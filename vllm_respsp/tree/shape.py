@@ -16,6 +16,7 @@ A chain of n tokens is (n, n, 1).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -70,6 +71,16 @@ class TreeShape:
             raise ShapeError(f"{field} needs exactly the keys {sorted(keys)}; "
                              f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
         return cls(data["total_tokens"], data["depth"], data["top_k"]).validate(field)
+
+    @classmethod
+    def parse(cls, text: str) -> "TreeShape":
+        """"T16/D5/K4" (as str() writes it) or "chain5"."""
+        m = re.fullmatch(r"chain(\d+)|T(\d+)/D(\d+)/K(\d+)", text.strip())
+        if not m:
+            raise ShapeError(f"shape {text!r}: expected chainN or T<total_tokens>/D<depth>/K<top_k>")
+        if m[1]:
+            return chain(int(m[1]))
+        return cls(int(m[2]), int(m[3]), int(m[4]))
 
     def to_dict(self) -> dict:
         return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
