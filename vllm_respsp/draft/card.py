@@ -30,6 +30,16 @@ DECISIONS = """\
   the rest PyTorch's default init; see `train.init_from_target`. Tried and left off (short
   A/Bs, no gain): the midlayer from the target's layer 27, an EAGLE-1-style feature loss.
 - **No embed_tokens in the file**: vLLM shares the target's embedding.
+- **Step 0 first, then the training-time test** (`single_step_epochs`, `deep_step_weight`).
+  Trained with all 5 TTT steps from the start, the head settled on a token-statistics solution:
+  held-out step-0 accuracy at bigram level and deep steps as accurate as step 0, i.e. it ignored
+  the aux states. Diagnosis (seeded 150-step A/Bs on 2 shards, 32 held-out sequences): the data
+  alignment matches vLLM (row i: aux of position i = `hidden_states + residual` entering each aux
+  layer, token x[i+1], label x[i+2]); deliberately leaking the aux states of position i+1 lifts
+  held-out step-0 accuracy to 0.38 (vs 0.22), so the features do reach the head; training step 0
+  alone reaches 0.28, so the deep steps (which never see the aux states and carry 2.4x step 0's
+  loss weight) were what held it at the token-only optimum. 100 step-0-only + 100 TTT steps
+  (deep weights x0.5): step-0 accuracy 0.28, offline acceptance length 1.32 vs 1.26.
 """
 
 
@@ -38,14 +48,15 @@ TARGETS = {"mt_bench": 2.5, "humaneval": 2.8}  # issue 3's acceptance-length tar
 LIMITATIONS = """\
 ## Limitations and what is not done
 
-- The training budget is tiny for an EAGLE head: ~0.3M tokens (1024 replies) for 3 epochs,
-  about 1% of one epoch of the usual ShareGPT+UltraChat recipe, on 2 shared CPU cores. The
-  training accuracy was still rising when it stopped. The head has not yet learned to
-  exploit the target's aux states much beyond token statistics: its held-out step-0
-  accuracy (0.23) is barely above a bigram table's (0.20) or a trigram table's (0.21) built
-  from the same replies, and its deep-step training accuracies are close to step 0's. More data is the lever: each extra 1024
-  prompts costs ~8 min of vLLM generation + ~8 min of feature extraction + ~9 min per epoch of
-  training here; `DataConfig.num_prompts` and `TrainConfig.epochs` scale it.
+- The training budget is tiny for an EAGLE head: ~0.3M tokens (1024 replies) for 2 epochs
+  (1 step-0-only, 1 with the training-time test), about 1% of one epoch of the usual
+  ShareGPT+UltraChat recipe, on 2 shared CPU cores. The step-0-first curriculum lets the head
+  use the aux states (offline first-draft acceptance 0.32 vs 0.23 for the head trained with
+  TTT from the start, on the same 48 held-out sequences), but it is still far from the targets:
+  first drafts are right about a third of the time, and deeper drafts rarely. More data and
+  more epochs are the levers: each extra 1024 prompts costs ~8 min of vLLM generation + ~8 min
+  of feature extraction + training time (table below) here; `DataConfig.num_prompts` and
+  `TrainConfig.epochs` scale it.
 - Observed and handled: the target's residual stream has massive activations (attention-sink
   tokens with RMS ~1000 at layers 15 and 27, a single dimension ~25k), which is why the head
   normalises each aux state before fc (`fc_norm`, a vLLM option).
