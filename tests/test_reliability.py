@@ -111,3 +111,29 @@ def test_special_requests_and_a_failing_drafter_keep_exact_outputs(fixture_model
         assert result["token_ids"] == [successor_tokens(p, sampling["max_tokens"]) for p in prompts], sampling
         assert result["spec"]["accepted_tokens"] == 0
     assert json.loads(stats.read_text())["fallbacks"]["drafter_error"] > 0
+
+
+def test_eos_inside_a_tree_and_preemption_under_kv_pressure(fixture_models, tmp_path):
+    """EOS (token 2) reached in the middle of an accepted path stops the output exactly there;
+    a KV cache too small for the batch forces preemption and recomputation of requests whose
+    trees were in flight: outputs stay exact and the draft caches follow."""
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    eos_prompts = [[120], [126, 127], [124]]
+    crowded = [[10 * i + 3] for i in range(8)]
+    job = {"model": str(fixture_models["successor"]), "speculative_config": spec,
+           "engine": {"dtype": "float32", "max_model_len": 256, "num_gpu_blocks_override": 12,
+                      "block_size": 32},
+           "prompts": eos_prompts + crowded,
+           "samplings": [{"temperature": 0.0, "max_tokens": 100}]}
+    stats = tmp_path / "stats.json"
+    result = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats)})["results"][0]
+    for prompt, tokens in zip(eos_prompts, result["token_ids"]):
+        expected = successor_tokens(prompt, 100)
+        assert tokens == expected[:expected.index(2) + 1], prompt  # up to and including EOS
+    for prompt, tokens in zip(crowded, result["token_ids"][len(eos_prompts):]):
+        expected = successor_tokens(prompt, 100)
+        assert tokens == (expected[:expected.index(2) + 1] if 2 in expected else expected), prompt
+    assert result["spec"]["acceptance_length"] > 3.5
+    stats = json.loads(stats.read_text())
+    assert stats["recomputed_requests"] > 0  # the cache really was too small: preemption happened
+    assert "lost_draft_context" not in stats["fallbacks"]

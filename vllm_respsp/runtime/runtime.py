@@ -73,6 +73,7 @@ class RespspRuntime:
         self.fallbacks: Counter[str] = Counter()
         # shape -> {draft tokens the scheduler gave a request of that shape: steps}
         self.scheduled: dict[str, Counter[int]] = {}
+        self.recomputed = 0
         self.steps = 0
 
     @property
@@ -165,6 +166,8 @@ class RespspRuntime:
             start, row0, n_sched = int(num_computed[i]), int(qsl[i]), int(qsl[i + 1] - qsl[i])
             if req_id in self.broken or n_sched == 0:
                 continue
+            if start == 0 and drafter.context_length(req_id) > 0:
+                self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
             if start > 0 and drafter.context_length(req_id) < start:
                 self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
                 self.fallbacks["lost_draft_context"] += 1
@@ -230,6 +233,7 @@ class RespspRuntime:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
+                "recomputed_requests": self.recomputed,
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}
