@@ -87,9 +87,13 @@ def no_spec_samples(soft_pair):
 TINY_TREE = {"total_tokens": 6, "depth": 3, "top_k": 3}
 
 
-def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_spec_samples):
+def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_spec_samples, tmp_path):
     spec = {"method": "respsp", "model": str(soft_pair[1]), "shape": TINY_TREE}
-    samples, counters = sample_first_tokens(soft_pair[0], spec)
+    stats_file = tmp_path / "stats.json"
+    samples, counters = sample_first_tokens(soft_pair[0], spec, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})
+    # per-request state is released: after 20,000 requests at most a batch's worth is alive
+    stats = json.loads(stats_file.read_text())
+    assert stats["live_draft_contexts"] <= 512 and stats["live_proposed_trees"] <= 512
     # the trees were used: drafts accepted at every depth, and many rejected
     assert all(n > 100 for n in counters["accepted_per_pos"][:3])
     assert counters["accepted_tokens"] < 0.5 * counters["draft_tokens"]

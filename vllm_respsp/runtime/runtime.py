@@ -234,6 +234,8 @@ class RespspRuntime:
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
                 "recomputed_requests": self.recomputed,
+                "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
+                "live_proposed_trees": len(self.proposed),
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}
