@@ -137,3 +137,15 @@ def test_eos_inside_a_tree_and_preemption_under_kv_pressure(fixture_models, tmp_
     stats = json.loads(stats.read_text())
     assert stats["recomputed_requests"] > 0  # the cache really was too small: preemption happened
     assert "lost_draft_context" not in stats["fallbacks"]
+
+
+def test_prompts_at_the_length_limit(fixture_models):
+    """A prompt that leaves 6 tokens of room: trees shrink to fit, the output is exact."""
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    long_prompt = [(3 + i) % 128 for i in range(250)]
+    job = {"model": str(fixture_models["successor"]), "speculative_config": spec,
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "prompts": [long_prompt, [7]],
+           "samplings": [{"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}]}
+    result = run_engine(job)["results"][0]
+    assert result["token_ids"] == [successor_tokens(long_prompt, 6), successor_tokens([7], 6)]

@@ -98,3 +98,45 @@ def test_accepted_path_is_a_root_path_and_greedy_is_longest(batch, target_seed):
                    for j in range(s, e) if int(tree.parents[j]) == last)
         assert outputs[b][-1] == int(target[s + last])
         assert outputs[b][:-1] == [int(tree.tokens[s + x]) for x in nodes[1:]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches(), st.integers(0, 2**16), st.lists(st.integers(0, 50), min_size=5, max_size=5))
+def test_step_layout_positions_and_compaction_preserve_the_accepted_path(batch, target_seed, prefixes):
+    """Through the runtime's own step code: trees laid over token rows (with other requests'
+    rows in between), RoPE positions = prefix + depth, and after compaction the slot right
+    after each root holds the accepted path's tokens in order."""
+    from vllm_respsp.runtime.sampler import compaction_moves
+    from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
+
+    tree, _ = random_batch(*batch)
+    g = torch.Generator().manual_seed(target_seed)
+    acceptance = verify.accept_greedy(tree, torch.randint(0, VOCAB, (tree.tokens.numel(),), generator=g))
+    req_ids, spec, proposed, query_start, rows = [], {}, {}, [], 0
+    for b in range(tree.num_requests):
+        part = tree.request(b)
+        req_ids += [f"plain{b}", f"tree{b}"]  # a request without drafts before each tree
+        proposed[f"tree{b}"] = ProposedTree(part.tokens.tolist(), part.parents.tolist(), part.depths.tolist())
+        spec[f"tree{b}"] = part.tokens[1:].tolist()
+        query_start += [rows, rows + 3]
+        rows += 3 + part.tokens.numel()
+    query_start.append(rows)
+    num_computed = [p for p in prefixes[:tree.num_requests] for _ in (0, 1)]
+    slot_mapping = torch.randperm(4 * rows, generator=g)[:rows]  # any injective row -> slot map
+    trees = StepTrees.build(req_ids, spec, proposed, query_start, num_computed, slot_mapping)
+    positions = torch.full((rows,), -7, dtype=torch.long)
+    trees.rewrite_positions(positions)
+    cache = torch.full((4 * rows,), -1, dtype=torch.long)
+    for b in range(tree.num_requests):
+        start, n = query_start[2 * b + 1], int(tree.cu_nodes[b + 1] - tree.cu_nodes[b])
+        expect = num_computed[2 * b + 1] + tree.depths[int(tree.cu_nodes[b]):int(tree.cu_nodes[b + 1])].long()
+        assert torch.equal(positions[start:start + n], expect)
+        cache[slot_mapping[start:start + n]] = tree.tokens[int(tree.cu_nodes[b]):int(tree.cu_nodes[b + 1])]
+    accepted = [acceptance.accepted_nodes[b, :int(acceptance.accepted_len[b]) + 1].tolist()
+                for b in range(tree.num_requests)]
+    src, dst = compaction_moves(trees, accepted)
+    cache[dst] = cache[src].clone()  # gather, then scatter
+    for b, nodes in enumerate(accepted):
+        start = query_start[2 * b + 1]
+        path = [int(tree.tokens[int(tree.cu_nodes[b]) + j]) for j in nodes]
+        assert cache[slot_mapping[start:start + len(nodes)]].tolist() == path
