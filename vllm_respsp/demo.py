@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chain", type=int, default=3, help="EAGLE-3 draft tokens per step")
     parser.add_argument("--tree", default="T4/D2/K2", help="respsp static shape T<total>/D<depth>/K<top_k>")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast) or float32 (token-exact comparison)")
     args = parser.parse_args()
 
     from tqdm import tqdm
@@ -30,14 +31,15 @@ def main() -> None:
 
     model = str(testbed_model_path())
     head = shipped_head_if_present()
-    configs = [EngineConfig("none")]
+    engine = {"dtype": args.dtype}
+    configs = [EngineConfig("none", None, engine)]
     if head:
         from vllm_respsp.tree.shape import TreeShape
 
         configs.append(EngineConfig("eagle3", {"method": "eagle3", "model": head,
-                                               "num_speculative_tokens": args.chain}))
+                                               "num_speculative_tokens": args.chain}, engine))
         configs.append(EngineConfig("respsp", {"method": "respsp", "model": head,
-                                               "shape": TreeShape.parse(args.tree).to_dict()}))
+                                               "shape": TreeShape.parse(args.tree).to_dict()}, engine))
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     workers = [EngineWorker(model, c) for c in configs]
     try:
@@ -59,7 +61,7 @@ def main() -> None:
         print("-" * 100)
         print(answer.strip())
     print("=" * 100)
-    print(f"{len(prompts)} prompts at once (batch {len(prompts)}), greedy, {args.max_tokens} new tokens, "
+    print(f"{len(prompts)} prompts at once (batch {len(prompts)}), greedy, {args.max_tokens} new tokens, {args.dtype}, "
           f"vLLM {__import__('vllm').__version__} on CPU:")
     for config in configs:
         r = results[config.name]
@@ -71,6 +73,9 @@ def main() -> None:
         print(f"  {config.describe():<24} {r['tokens_per_s']:6.1f} output tokens/s{extra}")
     if not head:
         print("  (no shipped EAGLE-3 head found: run `make draft-head` to train one)")
+    elif args.dtype == "bfloat16" and any(results[c.name]["token_ids"] != plain["token_ids"] for c in configs):
+        print("  bf16: verifying several tokens per step changes the rounding of the target's logits, and\n"
+              "  argmax near-ties (1-2 bf16 steps apart) can flip; `--dtype float32` compares token-exactly.")
 
 
 if __name__ == "__main__":
