@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import BASE_ENV, REPO
@@ -18,6 +19,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def respsp_server(model: str, spec: dict, tmp_path, env: dict | None = None):
+    """`respsp-vllm serve` on loopback (float32, max_model_len 256); yields its base URL once
+    /health answers, and stops it afterwards."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [str(CLI), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+         "--enforce-eager", "--dtype", "float32", "--speculative-config", json.dumps(spec)],
+        cwd=REPO, env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        server.base = base
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
 
 
 def test_version_resolves_the_cpu_build():
@@ -52,24 +82,8 @@ def test_openai_server_with_respsp_trees_serves_32_concurrent_requests(fixture_m
     model = str(fixture_models["successor"])
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]),
             "shape": {"total_tokens": 8, "depth": 4, "top_k": 2}}
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(CLI), "serve", model, "--host", "127.0.0.1",
-         "--port", str(port), "--max-model-len", "256", "--enforce-eager", "--dtype", "float32",
-         "--speculative-config", json.dumps(spec)],
-        cwd=REPO, env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with respsp_server(model, spec, tmp_path) as server:
+        base = server.base
         requests, expected = [], []
         for i in range(32):
             start, max_tokens = 5 + i, 4 + 3 * (i % 7)
@@ -97,7 +111,3 @@ def test_openai_server_with_respsp_trees_serves_32_concurrent_requests(fixture_m
         # trees of 8 nodes, depth 4, a head that is always right: steps accept whole root paths
         # (4 tokens) except where max_tokens or a stop string ends a request first
         assert 1 + counters["vllm:spec_decode_num_accepted_tokens_total"] / drafts > 3.0
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()

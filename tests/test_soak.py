@@ -7,13 +7,10 @@ run of a few thousand requests is the same test with bigger numbers."""
 
 import json
 import os
-import subprocess
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import BASE_ENV, REPO
-from test_cli import CLI, free_port
+from test_cli import respsp_server
 
 REQUESTS = int(os.environ.get("RESPSP_SOAK_REQUESTS", "160"))
 CLIENTS = int(os.environ.get("RESPSP_SOAK_CLIENTS", "16"))
@@ -54,23 +51,9 @@ def test_soak_streaming_clients_against_respsp_trees(fixture_models, tmp_path):
             "actions": [{"total_tokens": 4, "depth": 4, "top_k": 1},
                         {"total_tokens": 8, "depth": 4, "top_k": 2},
                         {"total_tokens": 24, "depth": 3, "top_k": 4}]}
-    port, stats = free_port(), tmp_path / "stats.json"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(CLI), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--enforce-eager", "--dtype", "float32", "--speculative-config", json.dumps(spec)],
-        cwd=REPO, env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_RESPSP_STATS_FILE": str(stats)},
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    stats = tmp_path / "stats.json"
+    with respsp_server(model, spec, tmp_path, {"VLLM_RESPSP_STATS_FILE": str(stats)}) as server:
+        base = server.base
         bodies, expected = [], []
         for i in range(REQUESTS):
             start, max_tokens = 3 + i % 90, 1 + (7 * i) % 40
@@ -97,7 +80,3 @@ def test_soak_streaming_clients_against_respsp_trees(fixture_models, tmp_path):
         assert memory_after - memory_before < 100 * 1024, (memory_before, memory_after)  # KiB
         state = json.loads(stats.read_text())
         assert not state["fallbacks"] and state["live_draft_contexts"] <= CLIENTS
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
