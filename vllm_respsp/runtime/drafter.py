@@ -108,7 +108,7 @@ class TreeDrafter:
                 attn_mask=mask[:, None], scale=head.scale, enable_gqa=self.group > 1)
             return out.transpose(1, 2)[request, local]
 
-        last = torch.tensor([len(r.aux_rows) for r in rows]).cumsum(0) - 1
+        last = counts.cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
         return prenorm[last], logprobs

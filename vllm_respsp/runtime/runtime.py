@@ -25,6 +25,7 @@ from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
 from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
+from vllm_respsp.tree import verify
 from vllm_respsp.tree.shape import TreeShape, chain
 
 logger = logging.getLogger("vllm_respsp")
@@ -52,15 +53,23 @@ class ShapeChooser:
     def __init__(self, config: RespspConfig):
         self.config = config
         self.actions = list(config.actions) or [config.shape]
+        self.by_request: dict[str, TreeShape] = {}  # "cycle": chosen once per request
 
-    def __call__(self, prompt_token_ids: list[int] | None) -> TreeShape:
-        if self.config.policy == "cycle" and prompt_token_ids:
-            return self.actions[sum(prompt_token_ids) % len(self.actions)]
-        return self.config.shape
+    def forget(self, keep: set[str]) -> None:
+        self.by_request = {r: s for r, s in self.by_request.items() if r in keep}
+
+    def __call__(self, req_id: str, prompt_token_ids: list[int] | None) -> TreeShape:
+        if self.config.policy != "cycle" or not prompt_token_ids:
+            return self.config.shape
+        if req_id not in self.by_request:
+            self.by_request[req_id] = self.actions[sum(prompt_token_ids) % len(self.actions)]
+        return self.by_request[req_id]
 
 
 class RespspRuntime:
     def __init__(self, runner, config: RespspConfig):
+        if os.environ.get(FAULT_ENV) == "keep_rejected":  # the biased sampler of the statistical test
+            verify.remove_rejected = lambda p, rows, tokens: None
         self.runner = runner
         self.config = config
         self.choose = ShapeChooser(config)
@@ -117,11 +126,9 @@ class RespspRuntime:
         if trees is None or spec_decode_metadata is None:
             return None
         runner = self.runner
-        keep_rejected = os.environ.get(FAULT_ENV) == "keep_rejected"
         with timed("verify"):
             out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
-                                         runner.input_batch.num_reqs,
-                                         remove_rejected=(lambda *a: None) if keep_rejected else None)
+                                         runner.input_batch.num_reqs)
         with timed("compact_kv"):
             src, dst = compaction_moves(trees, accepted)
             if src.numel():
@@ -152,8 +159,10 @@ class RespspRuntime:
             raise RuntimeError(f"{FAULT_ENV}=drafter_raises")
         runner = self.runner
         drafter = self.drafter
-        drafter.forget(set(runner.requests))
-        self.broken &= set(runner.requests)
+        live = set(runner.requests)
+        drafter.forget(live)
+        self.choose.forget(live)
+        self.broken &= live
         num_reqs = len(req_ids)
         qsl = runner.query_start_loc.np[:num_reqs + 1]
         num_computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
@@ -199,7 +208,7 @@ class RespspRuntime:
         max_len = runner.max_model_len
         chosen, shapes = [], []
         for req_id, (index, root_token, root_pos) in root_of.items():
-            shape = self.choose(runner.requests[req_id].prompt_token_ids)
+            shape = self.choose(req_id, runner.requests[req_id].prompt_token_ids)
             if upstream:
                 shape = chain(shape.depth)
             room = max_len - root_pos - 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from triton_kernels import compaction_slots
+from triton_kernels.tree_metadata import node_requests
 from vllm_respsp.runtime.step_trees import StepTrees
 from vllm_respsp.tree.build import DraftTree
 from vllm_respsp.tree.verify import accept_greedy, accept_sampled
@@ -67,7 +69,7 @@ def _target_probs(logits: torch.Tensor, rows_per_request: torch.Tensor, sampling
 
 
 def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, sampling_metadata,
-                 num_reqs: int, generator: torch.Generator | None = None, remove_rejected=None):
+                 num_reqs: int, generator: torch.Generator | None = None):
     """Returns (sampled_token_ids [num_reqs, max_drafts + 1], accepted node lists per tree request).
 
     `logits` holds, per request, one row per scheduled token when it has drafts and one row
@@ -98,25 +100,25 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
         acceptance = accept_greedy(tree, node_logits.argmax(-1))
     else:
         probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
-        acceptance = accept_sampled(tree, probs, generator, remove_rejected)
+        acceptance = accept_sampled(tree, probs, generator)
     accepted = []
-    for r, b in enumerate(tree_reqs.tolist()):
-        n = int(acceptance.accepted_len[r])
-        nodes = acceptance.accepted_nodes[r, :n + 1].tolist()
-        start = int(trees.cu_nodes[r])
-        path = [int(trees.tokens[start + j]) for j in nodes[1:]]
-        out[b, :n + 1] = torch.tensor(path + [int(acceptance.bonus_token[r])], dtype=torch.int32)
-        accepted.append(nodes)
+    for r, (b, tokens) in enumerate(zip(tree_reqs.tolist(), acceptance.output_tokens(tree))):
+        out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        accepted.append(acceptance.accepted_nodes[r, :len(tokens)].tolist())
     return out, accepted
 
 
 def compaction_moves(trees: StepTrees, accepted: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(src, dst) KV slots that put each accepted path right after its root."""
-    src, dst = [], []
+    """(src, dst) KV slots that put each accepted path right after its root: `compaction_slots`
+    over each request's node slots (a block table of one-slot blocks, positions = node index)."""
+    sizes = (trees.cu_nodes[1:] - trees.cu_nodes[:-1]).long()
+    request, root_row = node_requests(trees.cu_nodes)
+    node_slots = torch.zeros(len(accepted), int(sizes.max()), dtype=torch.long)
+    node_slots[request, torch.arange(request.numel()) - root_row] = trees.slots
+    path = torch.full((len(accepted), max(map(len, accepted))), -1, dtype=torch.long)
     for r, nodes in enumerate(accepted):
-        start = int(trees.cu_nodes[r])
-        for depth, node in enumerate(nodes):
-            if node != depth:
-                src.append(int(trees.slots[start + node]))
-                dst.append(int(trees.slots[start + depth]))
-    return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+        path[r, :len(nodes)] = torch.tensor(nodes)
+    lengths = torch.tensor([len(nodes) - 1 for nodes in accepted])
+    src, dst = compaction_slots(torch.zeros(len(accepted)), path, lengths, node_slots, 1)
+    moved = src >= 0
+    return src[moved], dst[moved]

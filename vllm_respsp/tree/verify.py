@@ -61,7 +61,7 @@ def remove_rejected(p: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -
 
 
 def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
-                   generator: torch.Generator | None = None, remove=None) -> Acceptance:
+                   generator: torch.Generator | None = None) -> Acceptance:
     """target_probs [N, V]: the target's sampling distribution after each node (temperature,
     top-k/top-p already applied). Vectorised over requests; loops over depth and siblings."""
     meta = _metadata(tree)
@@ -89,7 +89,7 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
             mass = p.sum(-1)
             accept = trying & (u * mass < p[rows, token])
             reject = trying & ~accept
-            (remove or remove_rejected)(p, rows[reject], token[reject])
+            remove_rejected(p, rows[reject], token[reject])
             # Accepted: step into the child and restart from the target's distribution there.
             current = torch.where(accept, child, current)
             p[accept] = target_probs[start[accept] + child[accept]].float()
