@@ -110,7 +110,7 @@ class RespspRuntime:
                     self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
         except Exception:  # verifying the drafts as chains is still exact
             logger.exception("respsp: could not lay out this step's trees; verifying them as chains")
-            self.fallbacks["tree_layout_error"] += 1
+            self._fallback("tree_layout_error")
             self.step_trees = None
 
     def tree_attention_batch(self) -> StepTrees | None:
@@ -147,7 +147,7 @@ class RespspRuntime:
                 drafts = self._propose(scheduler_output, req_ids, sampled_token_ids, aux_hidden_states)
         except Exception:
             logger.exception("respsp: drafting failed; this step proposes no drafts")
-            self.fallbacks["drafter_error"] += 1
+            self._fallback("drafter_error")
             self.proposed = {}
             drafts = [[] for _ in req_ids]
         self.steps += 1
@@ -179,7 +179,7 @@ class RespspRuntime:
                 self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
             if start > 0 and drafter.context_length(req_id) < start:
                 self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
-                self.fallbacks["lost_draft_context"] += 1
+                self._fallback("lost_draft_context")
                 continue
             valid = sampled[i][sampled[i] >= 0]
             if i in drafting:
@@ -204,7 +204,7 @@ class RespspRuntime:
 
         upstream = self._upstream_reason(scheduler_output, req_ids)
         if upstream:
-            self.fallbacks[f"chain_for_{upstream}"] += 1
+            self._fallback(f"chain_for_{upstream}")
         max_len = runner.max_model_len
         chosen, shapes = [], []
         for req_id, (index, root_token, root_pos) in root_of.items():
@@ -239,6 +239,10 @@ class RespspRuntime:
             if reason:
                 return reason
         return None
+
+    def _fallback(self, kind: str, count: int = 1) -> None:
+        """Count a safety net that fired (stats file; the Prometheus counter)."""
+        self.fallbacks[kind] += count
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
