@@ -22,6 +22,7 @@ from vllm.config.utils import config
 
 from vllm_respsp.config import METHOD, POLICIES, RespspConfigError, check_head_matches_target, parse
 from vllm_respsp.patches.registry import Patch
+from vllm_respsp.runtime import metrics
 
 
 @config
@@ -67,7 +68,9 @@ class RespspSpeculativeConfigPatch(Patch):
             raw = engine_args.speculative_config
             if not isinstance(raw, dict) or raw.get("method") != METHOD:
                 return original(engine_args, target_model_config, target_parallel_config)
-            return to_vllm_config({k.replace("-", "_"): v for k, v in raw.items()},
+            spec = to_vllm_config({k.replace("-", "_"): v for k, v in raw.items()},
                                   target_model_config, target_parallel_config)
+            metrics.setup_frontend()  # respsp's counters on this process's /metrics
+            return spec
 
         return create_speculative_config

@@ -243,6 +243,7 @@ class RespspRuntime:
     def _fallback(self, kind: str, count: int = 1) -> None:
         """Count a safety net that fired (stats file; the Prometheus counter)."""
         self.fallbacks[kind] += count
+        from vllm_respsp.runtime.metrics import record_fallback; record_fallback(kind, count)  # noqa: E702
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),

@@ -1,0 +1,104 @@
+"""Prometheus counters of the respsp runtime, visible on the OpenAI server's /metrics.
+
+The runtime lives in vLLM's engine-core process; /metrics is served by the API server process,
+whose registry only sees that process's own metrics (vLLM ships engine-core statistics to the
+front end inside its step outputs, a channel a plugin cannot extend). So the counters cross the
+process boundary the way prometheus_client's multiprocess mode does: the engine core writes
+them into a memory-mapped `counter_*.db` file (prometheus_client's own format), and the front
+end reads every such file of the directory at scrape time with `MultiProcessCollector`.
+
+- `setup_frontend()` runs where the respsp speculative config is created (the API server, or the
+  `LLM` process): it picks the directory and registers the collector. With vLLM's own
+  multiprocess mode on (`PROMETHEUS_MULTIPROC_DIR` set by the user or by `--api-server-count`
+  > 1) the files go into that directory, which vLLM's registry already collects. Otherwise a
+  private temporary directory, named in `VLLM_RESPSP_METRICS_DIR` so that the engine core (a
+  child process) inherits it, is collected into prometheus_client's default registry, the one
+  a single API server exposes and `LLM.get_metrics()` reads.
+- `record_fallback(kind)` runs in the engine core, once per fallback: one mmap write.
+
+Exposed: `vllm:respsp_fallbacks_total{kind="drafter_error"|"chain_for_logprobs"|...}` and
+`vllm:respsp_tree_shapes_total{shape="T8/D4/K2"}` (trees drafted per shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+
+logger = logging.getLogger("vllm_respsp")
+
+DIR_ENV = "VLLM_RESPSP_METRICS_DIR"
+FALLBACKS = ("vllm:respsp_fallbacks", "kind",
+             "Times a respsp safety net fired (drafting failed, chains for vLLM's sampler, ...)")
+SHAPES = ("vllm:respsp_tree_shapes", "shape", "Draft trees proposed by respsp, per tree shape")
+
+_lock = threading.Lock()
+_private_dir: tempfile.TemporaryDirectory | None = None
+_collector = None
+_file = None  # (pid, directory, MmapedDict) of this process
+_values: dict[str, float] = {}
+
+
+def metrics_dir() -> str | None:
+    """Where this process's counters go: vLLM's multiprocess directory if set, else ours."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(DIR_ENV)
+
+
+def setup_frontend() -> str:
+    """Make respsp's counters part of this process's /metrics (idempotent); returns the directory.
+
+    Must run before the engine core starts, so that it inherits the directory."""
+    global _private_dir, _collector
+    with _lock:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return os.environ["PROMETHEUS_MULTIPROC_DIR"]  # vLLM's registry collects the directory
+        path = os.environ.get(DIR_ENV)
+        if not path or not os.path.isdir(path):
+            _private_dir = tempfile.TemporaryDirectory(prefix="respsp-metrics-")
+            path = os.environ[DIR_ENV] = _private_dir.name
+        if _collector is None or _collector._path != path:
+            from prometheus_client import REGISTRY
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            if _collector is not None:
+                REGISTRY.unregister(_collector)
+            _collector = MultiProcessCollector(REGISTRY, path=path)
+        return path
+
+
+def _increment(metric: tuple[str, str, str], label: str, count: float) -> None:
+    global _file
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    name, label_name, help_text = metric
+    with _lock:
+        path, pid = metrics_dir(), os.getpid()
+        if not path or not os.path.isdir(path):
+            return  # no front end collects them (e.g. an engine started without setup_frontend)
+        if _file is None or _file[:2] != (pid, path):
+            # Not `counter_<pid>.db`: prometheus_client's own counters of this process may own that.
+            _file = (pid, path, MmapedDict(os.path.join(path, f"counter_respsp-{pid}.db")))
+            _values.clear()
+        key = mmap_key(name, name + "_total", [label_name], [label], help_text)
+        if key not in _values:
+            _values[key] = _file[2].read_value(key)[0]
+        _values[key] += count
+        _file[2].write_value(key, _values[key], 0.0)
+
+
+def record_fallback(kind: str, count: int = 1) -> None:
+    """Count `count` fallbacks of this kind. Never raises: a metric must not cost a step."""
+    try:
+        _increment(FALLBACKS, kind, count)
+    except Exception:  # noqa: BLE001
+        logger.exception("respsp: could not record a fallback metric")
+
+
+def record_shape(shape: str, count: int = 1) -> None:
+    """Count `count` draft trees of this shape (e.g. "T8/D4/K2")."""
+    try:
+        _increment(SHAPES, shape, count)
+    except Exception:  # noqa: BLE001
+        logger.exception("respsp: could not record a shape metric")
