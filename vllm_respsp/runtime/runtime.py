@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from vllm_respsp.config import RespspConfig, parse
+from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
@@ -46,33 +47,13 @@ def timed(phase: str):
         SECONDS[phase] += time.perf_counter() - start
 
 
-class ShapeChooser:
-    """The shape of each request's next tree: the static shape, or (`"policy": "cycle"`) one of
-    the actions fixed per request by its prompt, which mixes shapes in one batch (tests, demos)."""
-
-    def __init__(self, config: RespspConfig):
-        self.config = config
-        self.actions = list(config.actions) or [config.shape]
-        self.by_request: dict[str, TreeShape] = {}  # "cycle": chosen once per request
-
-    def forget(self, keep: set[str]) -> None:
-        self.by_request = {r: s for r, s in self.by_request.items() if r in keep}
-
-    def __call__(self, req_id: str, prompt_token_ids: list[int] | None) -> TreeShape:
-        if self.config.policy != "cycle" or not prompt_token_ids:
-            return self.config.shape
-        if req_id not in self.by_request:
-            self.by_request[req_id] = self.actions[sum(prompt_token_ids) % len(self.actions)]
-        return self.by_request[req_id]
-
-
 class RespspRuntime:
     def __init__(self, runner, config: RespspConfig):
         if os.environ.get(FAULT_ENV) == "keep_rejected":  # the biased sampler of the statistical test
             verify.remove_rejected = lambda p, rows, tokens: None
         self.runner = runner
         self.config = config
-        self.choose = ShapeChooser(config)
+        self.choose = ShapeChooser(config, fault=os.environ.get(FAULT_ENV))
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
         self.step_trees: StepTrees | None = None
@@ -182,6 +163,8 @@ class RespspRuntime:
                 self._fallback("lost_draft_context")
                 continue
             valid = sampled[i][sampled[i] >= 0]
+            if scheduler_output.scheduled_spec_decode_tokens.get(req_id) and len(valid):
+                self.choose.observe(req_id, len(valid) - 1)
             if i in drafting:
                 nodes = self.accepted.get(i, list(range(len(valid))))
                 rows = torch.tensor(nodes) + row0
@@ -200,15 +183,22 @@ class RespspRuntime:
         if not new_rows:
             return [[] for _ in req_ids]
         aux = torch.cat([h[:int(qsl[num_reqs])] for h in aux_hidden_states], dim=-1)
-        root_hidden, root_logprobs = drafter.extend(aux, new_rows)
+        roots = drafter.extend(aux, new_rows)
 
         upstream = self._upstream_reason(scheduler_output, req_ids)
         if upstream:
             self._fallback(f"chain_for_{upstream}")
+        asking = list(root_of)
+        if not asking:
+            return [[] for _ in req_ids]
+        picked, failed = self.choose(asking, [runner.requests[r].prompt_token_ids for r in asking],
+                                     roots[torch.tensor([root_of[r][0] for r in asking])], num_reqs)
+        if failed:
+            self._fallback("policy_error", failed)
         max_len = runner.max_model_len
         chosen, shapes = [], []
-        for req_id, (index, root_token, root_pos) in root_of.items():
-            shape = self.choose(req_id, runner.requests[req_id].prompt_token_ids)
+        for req_id, shape in zip(asking, picked):
+            index, root_token, root_pos = root_of[req_id]
             if upstream:
                 shape = chain(shape.depth)
             room = max_len - root_pos - 1
@@ -223,7 +213,7 @@ class RespspRuntime:
             return [[] for _ in req_ids]
         index = torch.tensor([c[1] for c in chosen])
         tree = drafter.draft([c[0] for c in chosen], shapes, torch.tensor([c[2] for c in chosen]),
-                             root_hidden[index], root_logprobs[index])
+                             roots.hidden[index], roots.logprobs[index])
         for b, (req_id, _, _) in enumerate(chosen):
             part = tree.request(b)
             self.proposed[req_id] = ProposedTree(part.tokens.tolist(), part.parents.tolist(),
@@ -250,6 +240,7 @@ class RespspRuntime:
                 "recomputed_requests": self.recomputed,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
+                "live_policy_holds": self.choose.live_holds,
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}

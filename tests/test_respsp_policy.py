@@ -1,0 +1,123 @@
+"""A learned shape policy file inside vLLM: loaded and checked at start-up, asked once per step
+for the whole batch, lossless whatever it picks, and harmless when it fails."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_engine
+from test_respsp_trees import BIG_TREE, CHAIN4, PROMPTS, SMALL_TREE
+from test_reliability import engine_config
+from vllm_respsp.config import RespspConfigError
+from vllm_respsp.policy.features import DEFAULT_FEATURES, feature_spec
+from vllm_respsp.policy.network import PolicyNet
+from vllm_respsp.policy.policy_file import save_policy
+from vllm_respsp.policy.simulator import EXTRA_FEATURES
+from vllm_respsp.tree.shape import TreeShape
+
+ACTIONS = [TreeShape.from_dict(a) for a in (CHAIN4, SMALL_TREE, BIG_TREE)]
+STATIC = {"total_tokens": 8, "depth": 4, "top_k": 2}
+
+
+def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: int = 0):
+    """An untrained but well-formed policy file: its picks vary with the features."""
+    torch.manual_seed(seed)
+    spec = feature_spec(DEFAULT_FEATURES, hidden_size)
+    net = PolicyNet(sum(f.dim for f in spec), len(EXTRA_FEATURES), len(actions), proj_dim=8, hidden=(16,))
+    with torch.no_grad():
+        net.head.weight.mul_(20)  # spread the scores so that the argmax moves between actions
+    return save_policy(stem, net, actions, spec, hold=hold, target={"hidden_size": hidden_size})
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory):
+    return random_policy(tmp_path_factory.mktemp("policy") / "random", hidden_size=128)
+
+
+def job(fixture_models, policy, samplings):
+    return {"model": str(fixture_models["successor"]), "prompts": PROMPTS, "samplings": samplings,
+            "engine": {"dtype": "float32", "max_model_len": 256},
+            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
+                                   "shape": STATIC, "policy": str(policy)}}
+
+
+def expected(n):
+    return [[(p[-1] + 1 + i) % 128 for i in range(n)] for p in PROMPTS]
+
+
+def test_policy_file_picks_shapes_per_request_and_stays_lossless(fixture_models, policy_file, tmp_path):
+    stats_file = tmp_path / "stats.json"
+    samplings = [{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True},
+                 {"temperature": 0.8, "max_tokens": 40, "ignore_eos": True}]
+    results = run_engine(job(fixture_models, policy_file, samplings),
+                         env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
+    for r in results:
+        assert r["token_ids"] == expected(40)
+        assert r["spec"]["acceptance_length"] > 3.5  # the successor head is always right
+    stats = json.loads(stats_file.read_text())
+    assert not stats["fallbacks"]
+    # only the policy's actions, and more than one of them: the choice follows the features
+    assert set(stats["shapes"]) <= {str(a) for a in ACTIONS} and len(stats["shapes"]) >= 2, stats["shapes"]
+    # per-request policy state (hold counter, acceptance EMA) exists for live requests only:
+    # the last step still sees the last batch's requests, nothing from the first batch
+    assert stats["live_policy_holds"] <= 2 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("fault", ["policy_nan", "policy_raises"])
+def test_a_failing_policy_falls_back_to_the_static_shape(fixture_models, policy_file, tmp_path, fault):
+    stats_file = tmp_path / "stats.json"
+    samplings = [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}]
+    results = run_engine(job(fixture_models, policy_file, samplings),
+                         env={"VLLM_RESPSP_STATS_FILE": str(stats_file), "VLLM_RESPSP_FAULT": fault})
+    assert results["results"][0]["token_ids"] == expected(24)
+    stats = json.loads(stats_file.read_text())
+    assert set(stats["shapes"]) == {"T8/D4/K2"}  # the config's static shape, every step
+    assert stats["fallbacks"]["policy_error"] == sum(stats["shapes"].values())
+
+
+@pytest.fixture(scope="module")
+def bad_policies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-policies")
+    good = random_policy(root / "good", hidden_size=128)
+    files = {"other_hidden": random_policy(root / "wide", hidden_size=576)}
+    for name, damage in {"truncated_weights": lambda p: p.write_bytes(p.read_bytes()[:-64]),
+                         "bad_json": None, "no_weights": lambda p: p.unlink()}.items():
+        folder = root / name
+        folder.mkdir()
+        for f in (good, good.with_suffix(".safetensors")):
+            shutil.copy(f, folder / f.name)
+        files[name] = folder / good.name
+        if damage is None:
+            files[name].write_text('{"format": "respsp-shape-policy", "version": 1, "actions": [')
+        else:
+            damage(folder / good.with_suffix(".safetensors").name)
+    meta = json.loads(good.read_text())
+    meta["hold"] = 0
+    (root / "zero_hold.json").write_text(json.dumps(meta))
+    shutil.copy(good.with_suffix(".safetensors"), root / "zero_hold.safetensors")
+    files["zero_hold"] = root / "zero_hold.json"
+    return files | {"good": good}
+
+
+@pytest.mark.parametrize("which,change,message", [
+    ("other_hidden", {}, "feature_spec.draft_root_hidden.*trained for width 576, the engine provides width 128"),
+    ("truncated_weights", {}, "weights.sha256"),
+    ("no_weights", {}, "weights.file"),
+    ("bad_json", {}, "not valid JSON"),
+    ("zero_hold", {}, "'hold': must be a positive integer"),
+    ("good", {"actions": [CHAIN4]}, "'actions': the policy chooses among 3 shapes but the respsp config's actions differ"),
+])
+def test_bad_policy_files_fail_at_start_up_naming_the_field(fixture_models, bad_policies, which, change, message):
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": STATIC,
+            "policy": str(bad_policies[which]), **change}
+    with pytest.raises(RespspConfigError, match=message):
+        engine_config(fixture_models["successor"], spec)
+
+
+def test_a_good_policy_file_sets_the_verification_budget(fixture_models, bad_policies):
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": STATIC,
+            "policy": str(bad_policies["good"])}
+    config = engine_config(fixture_models["successor"], spec)
+    assert config.speculative_config.num_speculative_tokens == 64  # BIG_TREE, from the policy's actions

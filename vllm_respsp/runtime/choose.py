@@ -1,0 +1,113 @@
+"""Which tree shape each request drafts at this step.
+
+- `"static"`: the config's `shape` for every request.
+- `"cycle"`: one of `actions` per request, fixed by its prompt, so one batch mixes shapes
+  (tests, demos, A/B runs).
+- a policy file: the learned `ShapePolicy`, one batched call per step for every request whose
+  hold ran out, over the features of `policy.features` and the extras the simulator builds
+  (batch load, an EMA of each request's accepted draft tokens).
+
+A policy that fails (raises, returns NaN, wrong widths) gives the affected requests the static
+shape for this step; each such request-step is counted as a `policy_error` fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_respsp.config import POLICIES, RespspConfig
+from vllm_respsp.policy.features import RootStates, feature_dims, policy_features
+from vllm_respsp.policy.shape_policy import ShapePolicy, recent_accept_update
+from vllm_respsp.tree.shape import TreeShape
+
+logger = logging.getLogger("vllm_respsp")
+# Fault injection for the tests of the policy's safety net (see runtime.FAULT_ENV).
+POLICY_FAULTS = ("policy_nan", "policy_raises")
+
+
+def _inject(policy: ShapePolicy, fault: str) -> None:
+    net_forward = policy.net.forward
+
+    def broken(obs):
+        if fault == "policy_raises":
+            raise RuntimeError(f"VLLM_RESPSP_FAULT={fault}")
+        return torch.full_like(net_forward(obs), float("nan"))
+
+    policy.net.forward = broken
+
+
+class ShapeChooser:
+    def __init__(self, config: RespspConfig, fault: str | None = None):
+        self.config = config
+        self.actions = list(config.actions) or [config.shape]
+        self.fault = fault if fault in POLICY_FAULTS else None
+        self.policy: ShapePolicy | None = None  # loaded on first use: needs the head's width
+        self.load_failed = False
+        self.by_request: dict[str, TreeShape] = {}  # "cycle": chosen once per request
+        self.recent: dict[str, float] = {}  # EMA of accepted draft tokens per request
+
+    @property
+    def learned(self) -> bool:
+        return self.config.policy not in POLICIES
+
+    @property
+    def live_holds(self) -> int:
+        """Per-request state still held (released when a request finishes)."""
+        held = len(self.policy._held) if self.policy is not None else 0
+        return held + len(self.by_request) + len(self.recent)
+
+    def forget(self, keep: set[str]) -> None:
+        for req_id in [r for r in self.by_request if r not in keep]:
+            del self.by_request[req_id]
+        for req_id in [r for r in self.recent if r not in keep]:
+            del self.recent[req_id]
+            if self.policy is not None:
+                self.policy.release(req_id)
+
+    def observe(self, req_id: str, accepted_drafts: int) -> None:
+        """A verification step of `req_id` accepted this many draft tokens."""
+        if self.learned:
+            old = torch.tensor([self.recent.get(req_id, 0.0)])
+            self.recent[req_id] = float(recent_accept_update(old, torch.tensor([accepted_drafts]))[0])
+
+    def __call__(self, req_ids: list[str], prompts: list[list[int] | None], roots: RootStates,
+                 batch_load: int) -> tuple[list[TreeShape], int]:
+        """(one shape per request, number of request-steps the policy failed and fell back)."""
+        if self.learned:
+            return self._learned(req_ids, roots, batch_load)
+        if self.config.policy != "cycle":
+            return [self.config.shape] * len(req_ids), 0
+        shapes = []
+        for req_id, prompt in zip(req_ids, prompts):
+            if not prompt:
+                shapes.append(self.config.shape)
+                continue
+            if req_id not in self.by_request:
+                self.by_request[req_id] = self.actions[sum(prompt) % len(self.actions)]
+            shapes.append(self.by_request[req_id])
+        return shapes, 0
+
+    def _learned(self, req_ids, roots: RootStates, batch_load: int):
+        if self.policy is None:
+            if self.load_failed:
+                return [self.config.shape] * len(req_ids), len(req_ids)
+            try:  # checked at start-up already; this only fails if the file changed since
+                self.policy = ShapePolicy.from_file(self.config.policy, self.config,
+                                                    feature_dims=feature_dims(int(roots.hidden.shape[-1])))
+            except Exception:
+                logger.exception("respsp: could not load the shape policy; using the static shape %s",
+                                 self.config.shape)
+                self.load_failed = True
+                return [self.config.shape] * len(req_ids), len(req_ids)
+            if self.fault:
+                _inject(self.policy, self.fault)
+        before = self.policy.fallback_count
+        try:
+            features = policy_features(self.policy.feature_spec, roots)
+        except Exception:  # ShapePolicy turns a bad feature tensor into fallbacks, never raises
+            features = torch.empty(0)
+        recent = torch.tensor([self.recent.setdefault(r, 0.0) for r in req_ids])
+        shapes = self.policy.choose(req_ids, features, recent, batch_load)
+        return shapes, self.policy.fallback_count - before
