@@ -23,6 +23,7 @@ import torch
 from vllm_respsp.config import RespspConfig, parse
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
+from vllm_respsp.runtime.recorder import RECORD_ENV, TraceRecorder
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
 from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
@@ -54,6 +55,8 @@ class RespspRuntime:
         self.runner = runner
         self.config = config
         self.choose = ShapeChooser(config, fault=os.environ.get(FAULT_ENV))
+        self.recorder = TraceRecorder(os.environ[RECORD_ENV], config.shapes) \
+            if os.environ.get(RECORD_ENV) else None
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
         self.step_trees: StepTrees | None = None
@@ -190,6 +193,12 @@ class RespspRuntime:
             self._fallback(f"chain_for_{upstream}")
         asking = list(root_of)
         if not asking:
+            return [[] for _ in req_ids]
+        if self.recorder is not None:  # record every action's tree, draft nothing
+            self.recorder.forget(live)
+            self.recorder.record(drafter, asking, [runner.requests[r].prompt_token_ids for r in asking],
+                                 [root_of[r][1] for r in asking], [root_of[r][2] for r in asking],
+                                 roots[torch.tensor([root_of[r][0] for r in asking])])
             return [[] for _ in req_ids]
         picked, failed = self.choose(asking, [runner.requests[r].prompt_token_ids for r in asking],
                                      roots[torch.tensor([root_of[r][0] for r in asking])], num_reqs)

@@ -1,0 +1,55 @@
+"""Trace recording in the real engine (runtime.recorder + policy.record): the recorded roots are
+the engine's output, and each action's tree is walked along it to its accepted length."""
+
+import numpy as np
+
+from conftest import run_engine
+from vllm_respsp.policy.record import accepted_lengths, assemble
+from vllm_respsp.runtime.recorder import read_records
+from vllm_respsp.tree.shape import TreeShape
+
+
+def test_walking_trees_along_an_output():
+    # two trees rooted at output index 0 and 1; output = 10 11 12 13
+    #   tree 0: root -> 11 -> 12, root -> 99        accepted 2
+    #   tree 1: root -> 12 -> 77, root -> 12 -> 13  accepted 2 (second path), 77 rejected
+    tokens = np.array([10, 11, 99, 12, 11, 12, 12, 77, 13])
+    parents = np.array([-1, 0, 0, 1, -1, 0, 0, 1, 2])
+    depths = np.array([0, 1, 1, 2, 0, 1, 1, 2, 2])
+    cu = np.array([0, 4, 9])
+    output = np.array([10, 11, 12, 13])
+    assert accepted_lengths((tokens, parents, depths, cu), np.array([0, 1]), output).tolist() == [2, 2]
+    # a matching token under a rejected parent does not count; nothing past the output's end
+    assert accepted_lengths((np.array([12, 5, 13]), np.array([-1, 0, 1]), np.array([0, 1, 2]),
+                             np.array([0, 3])), np.array([2]), output).tolist() == [0]
+    assert accepted_lengths((np.array([13, 14]), np.array([-1, 0]), np.array([0, 1]),
+                             np.array([0, 2])), np.array([3]), output).tolist() == [0]
+
+
+def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
+    """The successor head is always right: every action accepts its whole depth (capped by
+    the tokens left), and the recorded roots are exactly the greedy output."""
+    actions = [{"total_tokens": 3, "depth": 3, "top_k": 1}, {"total_tokens": 8, "depth": 4, "top_k": 2}]
+    prompts = [[5, 9, 30], [100, 7], [3]]
+    records = tmp_path / "trace.records"
+    job = {"model": str(fixture_models["successor"]), "prompts": prompts,
+           "samplings": [{"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}],
+           "engine": {"dtype": "float32", "max_model_len": 128},
+           "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
+                                  "shape": actions[0], "actions": actions}}
+    result = run_engine(job, env={"VLLM_RESPSP_RECORD": str(records)})["results"][0]
+    outputs = result["token_ids"]
+    assert outputs == [[(p[-1] + 1 + i) % 128 for i in range(12)] for p in prompts]
+    # recording proposes nothing (vLLM may still schedule a step of -1 placeholders once: all rejected)
+    assert result["spec"]["accepted_tokens"] == 0
+    generations, recorded, names = assemble(
+        read_records(str(records)), {tuple(p): o for p, o in zip(prompts, outputs)},
+        {tuple(p): (f"p{i}", "fixture") for i, p in enumerate(prompts)})
+    assert recorded == [TreeShape.from_dict(a) for a in actions]
+    assert names == ["draft_root_hidden", "eagle3_fused", "draft_root_probs"]
+    for g in generations.values():
+        assert g.features.shape == (11, 128 + 128 + 8)
+        left = 11 - np.arange(11)  # tokens after position p that a tree can still match
+        assert g.accepted[:, 0].tolist() == np.minimum(3, left).tolist()
+        assert g.accepted[:, 1].tolist() == np.minimum(4, left).tolist()
+        assert np.allclose(g.features[:, -8].max(), g.features[:, -8]) and g.features[0, -8] > 0.9

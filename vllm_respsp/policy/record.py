@@ -1,0 +1,190 @@
+"""Record trace tables with the real engine (design.md §6), and check them against it.
+
+    python -m vllm_respsp.policy.record --prompts mt-bench --num-prompts 80 --max-tokens 128 \\
+        --out vllm_respsp/policy/traces/mt-bench [--check chain3 T4/D2/K2 T8/D3/K4]
+
+1. One greedy run of the respsp engine with `VLLM_RESPSP_RECORD` set (runtime.recorder): it
+   decodes as without speculation and records, per step and request, the policy features and
+   the tree each action would have drafted.
+2. Each recorded tree is walked along the tokens the target then produced: a node at depth d
+   is accepted when its whole path equals the next d output tokens. That gives A[p, a].
+3. `--check SHAPE ...`: the same prompts through the respsp engine with each static shape;
+   vLLM's own acceptance length is compared with the trace simulator's for that shape, and
+   the outputs with the recording's (they must be identical: float32, greedy).
+
+The default dtype is float32: in bf16 a verification batch can flip argmax near-ties, and then
+the text (so the table) depends on the shapes chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, save_traces
+from vllm_respsp.tree.shape import TreeShape
+
+DEFAULT_ACTIONS = ("chain1", "chain2", "chain3", "chain4", "chain5", "chain6", "T3/D1/K3",
+                   "T4/D2/K2", "T6/D3/K2", "T8/D3/K4", "T12/D4/K4", "T16/D5/K4", "T32/D6/K8")
+
+
+def accepted_lengths(trees, roots_at: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """Accepted draft tokens of each recorded tree along `output`.
+
+    trees     (tokens, parents, depths, cu_nodes) of T trees, flattened
+    roots_at  [T] output index of each tree's root token
+    """
+    tokens, parents, depths, cu = (np.asarray(t) for t in trees)
+    tree_of = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    target_at = roots_at[tree_of] + depths  # output index a node's token must equal
+    padded = np.concatenate([output, [-1]])
+    ok = (depths == 0) | (padded[np.minimum(target_at, len(output))] == tokens)
+    global_parent = np.where(parents >= 0, parents + cu[tree_of], -1)
+    matched = ok.copy()
+    for d in range(1, int(depths.max(initial=0)) + 1):  # nodes are breadth-first per tree
+        level = depths == d
+        matched[level] &= matched[global_parent[level]]
+    best = np.zeros(len(cu) - 1, dtype=np.int64)
+    np.maximum.at(best, tree_of[matched], depths[matched])
+    return best
+
+
+def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, tuple[str, str]]):
+    """(features, accepted) per generation from the recorder's records and the final outputs."""
+    steps: dict[str, dict[int, tuple]] = defaultdict(dict)
+    prompts: dict[str, tuple] = {}
+    actions = names = None
+    for rec in records:
+        actions, names = rec["actions"], rec["feature_names"]
+        prompts.update({r: tuple(p) for r, p in rec["prompts"].items()})
+        tokens, parents, depths, cu = rec["trees"]
+        A = len(actions)
+        for i, req in enumerate(rec["req_ids"]):
+            lo, hi = cu[i * A], cu[(i + 1) * A]
+            tree = (tokens[lo:hi], parents[lo:hi], depths[lo:hi], cu[i * A:(i + 1) * A + 1] - lo)
+            steps[req][rec["root_positions"][i]] = (rec["root_tokens"][i], rec["features"][i], tree)
+    generations = {}
+    for req, by_pos in steps.items():
+        prompt = prompts[req]
+        output = np.array(outputs[prompt])
+        positions = sorted(by_pos)
+        roots = [by_pos[p][0] for p in positions]
+        if positions != list(range(len(prompt), len(prompt) + len(output))) or roots != list(output):
+            raise RuntimeError(f"request {req}: the recorded roots are not the engine's output "
+                               f"({len(roots)} roots for {len(output)} output tokens)")
+        P = len(output) - 1  # the last token has no continuation to accept
+        accepted = np.zeros((P, len(actions)), dtype=np.int16)
+        features = np.stack([by_pos[p][1] for p in positions[:P]]).astype(np.float32)
+        for j, pos in enumerate(positions[:P]):
+            tree = by_pos[pos][2]
+            accepted[j] = accepted_lengths(tree, np.full(len(actions), j), output)
+        generations[prompt] = Generation(*prompt_ids[prompt], features, accepted)
+    return generations, [TreeShape.parse(a) for a in actions], names
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default="mt-bench", help="prompt set name or .jsonl path")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--skip", type=int, default=0, help="skip this many prompts of the set first")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024,
+                        help="leave out longer prompts (ShareGPT has some beyond the context)")
+    parser.add_argument("--actions", nargs="+", default=list(DEFAULT_ACTIONS))
+    parser.add_argument("--head", default=None, help="EAGLE-3 head (default: the shipped head)")
+    parser.add_argument("--model", default=None, help="target model (default: the testbed model)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--out", required=True, help="trace stem: writes <out>.json + .safetensors")
+    parser.add_argument("--check", nargs="*", default=[], metavar="SHAPE",
+                        help="compare vLLM's acceptance length with the simulator's for these shapes")
+    args = parser.parse_args(argv)
+
+    from vllm import SamplingParams
+
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.policy.features import feature_dims
+    from vllm_respsp.runtime.recorder import RECORD_ENV, read_records
+    from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
+    from vllm_respsp.testbed.model import testbed_model_path
+    from vllm_respsp.testbed.prompts import load_prompts, render
+
+    prepare_cpu_env()
+    head = args.head or str(shipped_head_path())
+    model = args.model or str(testbed_model_path())
+    actions = [TreeShape.parse(a) for a in args.actions]
+    prompts = load_prompts(args.prompts, limit=args.skip + args.num_prompts)[args.skip:]
+    engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
+    spec = {"method": "respsp", "model": head, "shape": actions[0].to_dict(),
+            "actions": [a.to_dict() for a in actions]}
+    greedy = {"temperature": 0.0, "max_tokens": args.max_tokens}
+
+    records = Path(tempfile.mkstemp(suffix=".records")[1])
+    os.environ[RECORD_ENV] = str(records)  # read by the engine process this LLM starts
+    llm = make_llm(model, spec, **engine)
+    del os.environ[RECORD_ENV]
+    tokenizer = llm.get_tokenizer()
+    texts = render(prompts, tokenizer)
+    fits = [len(tokenizer(t, add_special_tokens=False).input_ids) <= args.max_prompt_tokens for t in texts]
+    if not all(fits):
+        print(f"leaving out {fits.count(False)} prompts longer than {args.max_prompt_tokens} tokens")
+        prompts = [p for p, ok in zip(prompts, fits) if ok]
+        texts = [t for t, ok in zip(texts, fits) if ok]
+    raw = llm.generate(texts, SamplingParams(**greedy), use_tqdm=True)
+    reference = [list(o.outputs[0].token_ids) for o in raw]
+    by_prompt = {tuple(o.prompt_token_ids): list(o.outputs[0].token_ids) for o in raw}
+    ids = {tuple(o.prompt_token_ids): (p.id, args.prompts) for o, p in zip(raw, prompts)}
+    hidden = llm.llm_engine.model_config.get_hidden_size()
+    del llm
+    generations, recorded_actions, names = assemble(read_records(str(records)), by_prompt, ids)
+    records.unlink()
+    head_hidden = json.loads((Path(head) / "config.json").read_text())["hidden_size"]
+    dims = feature_dims(head_hidden)
+    traces = TraceSet(recorded_actions, [FeatureSpec(n, dims[n]) for n in names],
+                      [generations[tuple(o.prompt_token_ids)] for o in raw],
+                      target={"name": Path(model).name, "hidden_size": hidden},
+                      head={"name": Path(head).name, "hidden_size": head_hidden}, temperature=0.0)
+    save_traces(traces, args.out)
+    report = {"out": args.out, "prompts": args.prompts, "num_prompts": len(prompts), "skip": args.skip,
+              "max_tokens": args.max_tokens, "dtype": args.dtype,
+              "positions": sum(g.num_positions for g in traces.generations),
+              "static_acceptance_length": {str(a): simulated_acceptance(traces, i)
+                                           for i, a in enumerate(traces.actions)}}
+    for shape in map(TreeShape.parse, args.check):
+        if shape not in traces.actions:
+            raise SystemExit(f"--check {shape}: not among the recorded actions {list(map(str, traces.actions))}")
+        llm = make_llm(model, {"method": "respsp", "model": head, "shape": shape.to_dict()}, **engine)
+        result = generate(llm, texts, greedy)
+        del llm
+        identical = sum(a == b for a, b in zip(result.token_ids, reference))
+        sim = report["static_acceptance_length"][str(shape)]
+        real = result.spec.acceptance_length
+        report.setdefault("check", {})[str(shape)] = {
+            "engine_acceptance_length": real, "simulated": sim, "relative_error": abs(sim - real) / real,
+            "identical_outputs": f"{identical}/{len(texts)}"}
+        print(f"check {shape}: engine {real:.3f}, simulated {sim:.3f} "
+              f"({100 * abs(sim - real) / real:.1f}% apart), identical outputs {identical}/{len(texts)}")
+    Path(f"{args.out}.report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def simulated_acceptance(traces: TraceSet, action: int) -> float:
+    """vLLM's acceptance length (tokens per verification step) for one fixed action."""
+    tokens = steps = 0
+    for g in traces.generations:
+        pos, P = 0, g.num_positions
+        while pos < P:
+            gain = min(int(g.accepted[pos, action]) + 1, P - pos)
+            tokens, steps, pos = tokens + gain, steps + 1, pos + gain
+    return tokens / max(steps, 1)
+
+
+if __name__ == "__main__":
+    main()
