@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from vllm_respsp.policy.cost import load_cost_model
@@ -67,7 +68,7 @@ def test_cli_writes_loadable_reproducible_policies(tmp_path):
         pf = load_policy(tmp_path / "a" / f"{algo}.json", hidden_size=4)
         assert pf.actions == ACTIONS and pf.meta["cost_profile"]["name"] == "cpu-smollm2-135m"
     assert load_policy(tmp_path / "a" / "ppo.json").hold == 2
-    row = report["tokens_per_s_on_eval"]["64"]
+    row = report["tokens_per_s_on_eval"]["eval"]["64"]
     assert row["oracle"] >= max(row["bandit"], row["ppo"], row["best_static"]) * 0.999
     assert json.loads((tmp_path / "a" / "report.json").read_text())["files"]["bandit"]
     policy = ShapePolicy.from_file(tmp_path / "a" / "bandit.json")
@@ -79,3 +80,16 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "vllm_respsp.policy.train", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--traces" in out.stdout and "--profile" in out.stdout
+
+
+def test_held_out_trace_sets_and_feature_ablation(tmp_path):
+    save_traces(small_traces(seed=0), tmp_path / "train")
+    save_traces(small_traces(seed=1), tmp_path / "heldout")
+    first = small_traces().feature_spec[0]
+    report = main(["--traces", str(tmp_path / "train.json"), "--eval-traces", str(tmp_path / "heldout.json"),
+                   "--features", first.name, "--algo", "bandit", "--batch-loads", "1",
+                   "--bandit-epochs", "1", "--out", str(tmp_path / "p")])
+    assert set(report["tokens_per_s_on_eval"]) == {"heldout"} and report["features"] == [first.name]
+    assert load_policy(tmp_path / "p" / "bandit.json").net.architecture["feature_dim"] == first.dim
+    with pytest.raises(SystemExit, match="not in the traces"):
+        main(["--traces", str(tmp_path / "train.json"), "--features", "nope", "--out", str(tmp_path / "q")])

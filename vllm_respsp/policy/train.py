@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,6 +47,20 @@ def synthetic_action_set() -> list[TreeShape]:
     small = [chain(1), chain(2), chain(3), chain(4), TreeShape(8, 3, 4), TreeShape(16, 5, 4),
              EAGLE3_DEFAULT]
     return small + [a for a in resps_actions() if a not in small]
+
+
+def select_features(traces: TraceSet, names: list[str]) -> TraceSet:
+    """The same trace set with only the named feature blocks, in the given order."""
+    offsets, start = {}, 0
+    for f in traces.feature_spec:
+        offsets[f.name] = (start, start + f.dim, f)
+        start += f.dim
+    missing = [n for n in names if n not in offsets]
+    if missing:
+        raise SystemExit(f"--features {missing}: not in the traces; they hold {list(offsets)}")
+    cols = np.concatenate([np.arange(*offsets[n][:2]) for n in names]) if names else np.arange(0)
+    gens = [dataclasses.replace(g, features=np.ascontiguousarray(g.features[:, cols])) for g in traces.generations]
+    return dataclasses.replace(traces, feature_spec=[offsets[n][2] for n in names], generations=gens)
 
 
 def make_net(traces: TraceSet, proj_dim: int, hidden: tuple[int, ...], activation: str,
@@ -208,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--traces", help="trace set (<stem>.json + <stem>.safetensors)")
     src.add_argument("--synthetic", action="store_true", help="synthetic traces (smoke runs)")
+    ap.add_argument("--eval-traces", nargs="*", default=[],
+                    help="held-out trace sets, reported one by one (default: a split of --traces)")
+    ap.add_argument("--features", nargs="*", default=None,
+                    help="train on these feature blocks of the traces only (ablations)")
     ap.add_argument("--profile", default="cpu-smollm2-135m", help="profile name or path")
     ap.add_argument("--out", required=True, help="output folder for the policy files")
     ap.add_argument("--algo", nargs="+", choices=["bandit", "ppo"], default=["bandit", "ppo"])
@@ -227,9 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
     np.random.seed(args.seed)
     traces = (load_traces(args.traces) if args.traces else synthetic_traces(
         synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
-    train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
-    if not eval_set.generations:
-        eval_set = train_set
+    if args.features is not None:
+        traces = select_features(traces, args.features)
+    if args.eval_traces:
+        train_set = traces
+        eval_sets = {Path(t).name.removesuffix(".json"): load_traces(t) for t in args.eval_traces}
+        if args.features is not None:
+            eval_sets = {k: select_features(v, args.features) for k, v in eval_sets.items()}
+    else:
+        train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
+        eval_sets = {"eval": eval_set if eval_set.generations else train_set}
     cost = load_cost_model(args.profile)
     rates = {b: best_static(train_set, cost, b)[1] for b in args.batch_loads}
     out = Path(args.out)
@@ -253,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       hold=hold, training=info, **common))
         policies[algo] = (net, hold)
     report = {"profile": cost.profile_name, "cost_model": cost.describe(), "files": files,
-              "tokens_per_s_on_eval": evaluate(train_set, eval_set, cost, args.batch_loads, policies)}
+              "features": [f.name for f in traces.feature_spec],
+              "tokens_per_s_on_eval": {name: evaluate(train_set, eval_set, cost, args.batch_loads, policies)
+                                       for name, eval_set in eval_sets.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["tokens_per_s_on_eval"], indent=1))
     return report

