@@ -200,8 +200,9 @@ class RespspRuntime:
                                  [root_of[r][1] for r in asking], [root_of[r][2] for r in asking],
                                  roots[torch.tensor([root_of[r][0] for r in asking])])
             return [[] for _ in req_ids]
-        picked, failed = self.choose(asking, [runner.requests[r].prompt_token_ids for r in asking],
-                                     roots[torch.tensor([root_of[r][0] for r in asking])], num_reqs)
+        with timed("choose_shapes"):
+            picked, failed = self.choose(asking, [runner.requests[r].prompt_token_ids for r in asking],
+                                         roots[torch.tensor([root_of[r][0] for r in asking])], num_reqs)
         if failed:
             self._fallback("policy_error", failed)
         max_len = runner.max_model_len
