@@ -2,8 +2,8 @@
 and a short side-by-side of no speculation, vLLM's EAGLE-3 chain and respsp's EAGLE-3 tree,
 all with the shipped draft head.
 
-Each issue that lands upgrades this to the newest capability. Today: a static respsp tree
-(the learned shape policy is not in the engine yet).
+Each issue that lands upgrades this to the newest capability. Today: a static respsp tree and,
+when the repo ships one, respsp with the learned shape policy (per request, per step).
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chain", type=int, default=3, help="EAGLE-3 draft tokens per step")
     parser.add_argument("--tree", default="T4/D2/K2", help="respsp static shape T<total>/D<depth>/K<top_k>")
+    parser.add_argument("--policy", default="shipped",
+                        help="respsp shape policy file; 'shipped' (default) = the shipped one, 'none' = skip")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast) or float32 (token-exact comparison)")
     args = parser.parse_args()
 
     from tqdm import tqdm
 
     from vllm_respsp.draft import shipped_head_if_present
+    from vllm_respsp.policy import shipped_policy_if_present
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
@@ -40,6 +43,11 @@ def main() -> None:
                                                "num_speculative_tokens": args.chain}, engine))
         configs.append(EngineConfig("respsp", {"method": "respsp", "model": head,
                                                "shape": TreeShape.parse(args.tree).to_dict()}, engine))
+        policy = shipped_policy_if_present() if args.policy == "shipped" else \
+            (None if args.policy == "none" else args.policy)
+        if policy:
+            configs.append(EngineConfig("respsp-policy", {"method": "respsp", "model": head, "policy": policy,
+                                                          "shape": TreeShape.parse(args.tree).to_dict()}, engine))
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     workers = [EngineWorker(model, c) for c in configs]
     try:

@@ -4,12 +4,12 @@
         [--shapes chain1 T4/D2/K2 ...] [--batch-sizes 1 8 32] [--context 256]
 
 One engine per configuration (no speculation, then respsp with each static shape) stays loaded
-in its own process. For each batch size B it decodes B random prompts of `--context` tokens
+in its own process, `--max-engines` at a time. For each batch size B it decodes B random prompts of `--context` tokens
 twice, for a short and a long output; the difference of the two wall times over the difference
 of their engine-step counts is the time of one decode step, prefill and start-up cancelled out.
 Steps are counted by the respsp runtime (its stats file); without speculation every step emits
-one token per request. Every configuration runs at a batch size before the next batch size
-starts, interleaved, so the machine's noise hits them alike; the median of `--reps` is kept.
+one token per request. Within a group, every configuration runs at a batch size before the next batch
+size starts, interleaved, so the machine's noise hits them alike; the median of `--reps` is kept.
 
 Time depends on the shape and the load, not on what the tokens are, so random prompts and
 whatever the head accepts are fine; the rows record q = tokens per sequence in the target pass.
@@ -49,13 +49,14 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--tokens", nargs=2, type=int, default=[8, 40], metavar=("SHORT", "LONG"))
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--max-engines", type=int, default=5,
+                        help="configurations loaded at once (each holds a model and a KV cache)")
     parser.add_argument("--head", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args(argv)
 
     from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
 
     head = args.head or str(shipped_head_path())
@@ -64,36 +65,14 @@ def main(argv=None) -> None:
     engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes),
               "max_model_len": args.context + args.tokens[1] + 64}
     stats_dir = Path(tempfile.mkdtemp(prefix="respsp-profile-"))
-    workers = []
-    for shape in [None] + shapes:
-        spec = None if shape is None else {"method": "respsp", "model": head, "shape": shape.to_dict()}
-        name = "none" if shape is None else str(shape)
-        os.environ["VLLM_RESPSP_STATS_FILE"] = str(stats_dir / f"{name.replace('/', '_')}.json")
-        workers.append((shape, EngineWorker(model, EngineConfig(name, spec, engine))))
-    os.environ.pop("VLLM_RESPSP_STATS_FILE")
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    configs = [None] + shapes
+    groups = [configs[i:i + args.max_engines] for i in range(0, len(configs), args.max_engines)]
+    bar = tqdm(total=len(configs) * len(args.batch_sizes) * args.reps, desc="profiling")
     rows = []
-    try:
-        for _, w in tqdm(workers, desc="starting engines"):
-            w.wait_ready()
-        bar = tqdm(total=len(args.batch_sizes) * args.reps * len(workers), desc="profiling")
-        for batch in args.batch_sizes:
-            prompts = random_prompts(batch, args.context, vocab, seed=batch)
-            samples: dict[int, list[float]] = {i: [] for i in range(len(workers))}
-            for rep in range(args.reps):
-                for i, (shape, w) in enumerate(workers):
-                    samples[i].append(step_seconds(w, shape, prompts, args.tokens, stats_dir))
-                    bar.update(1)
-            for i, (shape, _) in enumerate(workers):
-                seconds = statistics.median(samples[i])
-                row = {"batch": batch, "context": args.context, "seconds": round(seconds, 6),
-                       "note": f"median of {args.reps}: " + ", ".join(f"{s * 1e3:.1f}" for s in samples[i]) + " ms"}
-                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
-                rows.append(row)
-        bar.close()
-    finally:
-        for _, w in workers:
-            w.close()
+    for group in groups:
+        rows += profile_group(group, model, head, engine, args, vocab, stats_dir, bar)
+    bar.close()
     out = Path(args.out)
     profile = {
         "name": args.name or out.stem,
@@ -107,6 +86,40 @@ def main(argv=None) -> None:
 
     model_fit = fit(parse_profile(profile, str(out)))
     print(f"wrote {out}: {len(rows)} rows; fitted {model_fit.describe()}")
+
+
+def profile_group(shapes, model, head, engine, args, vocab, stats_dir, bar) -> list[dict]:
+    """Rows for a group of configurations loaded side by side (None = no speculation)."""
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+
+    workers = []
+    for shape in shapes:
+        spec = None if shape is None else {"method": "respsp", "model": head, "shape": shape.to_dict()}
+        name = "none" if shape is None else str(shape)
+        os.environ["VLLM_RESPSP_STATS_FILE"] = str(stats_dir / f"{name.replace('/', '_')}.json")
+        workers.append((shape, EngineWorker(model, EngineConfig(name, spec, engine))))
+    os.environ.pop("VLLM_RESPSP_STATS_FILE")
+    rows = []
+    try:
+        for _, w in workers:
+            w.wait_ready()
+        for batch in args.batch_sizes:
+            prompts = random_prompts(batch, args.context, vocab, seed=batch)
+            samples: dict[int, list[float]] = {i: [] for i in range(len(workers))}
+            for rep in range(args.reps):
+                for i, (shape, w) in enumerate(workers):
+                    samples[i].append(step_seconds(w, shape, prompts, args.tokens, stats_dir))
+                    bar.update(1)
+            for i, (shape, _) in enumerate(workers):
+                seconds = statistics.median(samples[i])
+                row = {"batch": batch, "context": args.context, "seconds": round(seconds, 6),
+                       "note": f"median of {args.reps}: " + ", ".join(f"{s * 1e3:.1f}" for s in samples[i]) + " ms"}
+                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
+                rows.append(row)
+    finally:
+        for _, w in workers:
+            w.close()
+    return rows
 
 
 def step_seconds(worker, shape, prompts, tokens, stats_dir: Path) -> float:
