@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_RESPSP_CACHE ?= $(HOME)/.cache/vllm_respsp
 
-.PHONY: venv demo test test-kernels bench bench-quick draft-head clean-venv
+.PHONY: venv demo test test-kernels bench bench-quick bench-serve bench-serve-quick draft-head clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -27,6 +27,13 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m benchmarks.throughput --quick
+
+# The OpenAI server per configuration, driven at several loads (TTFT, TPOT, ITL, throughput).
+bench-serve: venv
+	$(PY) -m benchmarks.serving $(BENCH_ARGS)
+
+bench-serve-quick: venv
+	$(PY) -m benchmarks.serving --quick
 
 draft-head: venv
 	$(PY) -m vllm_respsp.draft

