@@ -11,6 +11,8 @@ def markdown_table(result: dict) -> str:
         f"Date (UTC): {result['date']}; machine: {result['machine']['device']}, "
         f"{result['machine']['cpus']} CPUs, vLLM {result['machine']['vllm']}, torch {result['machine']['torch']}  ",
         f"Target: `{Path(result['model']).name}`; EAGLE-3 head: `{result['head']}`",
+        *([] if result.get("complete", True) else
+          ["", "**Incomplete run** (stopped early): only the finished cells are shown."]),
         "",
         "| prompt set | batch | configuration | tokens/s (median, min-max) | ms / output token | "
         "acceptance length | speedup vs none | vs best EAGLE-3 |",
@@ -84,3 +86,14 @@ def write_report(result: dict, out: Path) -> None:
     (out / "throughput.md").write_text(markdown_table(result))
     plot_speedups(result, out / "speedup_vs_batch.png")
     plot_acceptance(result, out / "acceptance_hist.png")
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.report benchmarks/results/<run>: table and plots again from its JSON
+    # (e.g. after an interrupted run, whose finished cells are in throughput.json).
+    import json
+    import sys
+
+    run = Path(sys.argv[1])
+    write_report(json.loads((run / "throughput.json").read_text()), run)
+    print((run / "throughput.md").read_text())

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
@@ -142,12 +143,31 @@ def main(argv: list[str] | None = None) -> Path:
 
     configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len}, args.respsp,
                              args.policies, args.policy_shape)
+    # SIGTERM / SIGHUP unwind like Ctrl-C, so the engine processes are closed below.
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workers = [EngineWorker(model, c) for c in configs]
     try:
         for w in tqdm(workers, desc="starting engines"):
             w.wait_ready()
         sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": False}
         cells, raw = [], {}
+        machine = machine_info()
+
+        def result(complete: bool) -> dict:
+            return {
+                "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": stamp, "complete": complete, "machine": machine, "model": model, "head": head,
+                "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
+                            for c in configs],
+                "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                "cells": cells, "raw": raw,
+            }
+
         total = len(args.prompt_sets) * len(args.batch_sizes) * args.reps * len(workers)
         with tqdm(total=total, desc="benchmark", unit="run") as progress:
             for set_name in args.prompt_sets:
@@ -159,22 +179,19 @@ def main(argv: list[str] | None = None) -> Path:
                     cells.append({"prompt_set": set_name, "batch_size": batch_size,
                                   "num_prompts": len(texts), "configs": cell})
                     raw[f"{set_name}/bs{batch_size}"] = samples
+                    # Finished cells survive an interrupted run (`python -m benchmarks.report DIR`
+                    # then writes their table and plots).
+                    (out / "throughput.json").write_text(json.dumps(result(False), indent=1, default=str))
     finally:
         for w in workers:
             w.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    result = {
-        "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "date": stamp, "machine": machine_info(), "model": model, "head": head,
-        "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
-                    for c in configs],
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "cells": cells, "raw": raw,
-    }
-    (out / "throughput.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "throughput.json").write_text(json.dumps(result(True), indent=1, default=str))
     from benchmarks.report import write_report
 
-    write_report(result, out)
+    write_report(result(True), out)
     print((out / "throughput.md").read_text())
     return out
 

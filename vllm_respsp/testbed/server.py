@@ -97,7 +97,7 @@ def start_server(model: str, speculative_config: dict | None = None, *, log_path
                 raise RuntimeError(f"server not healthy after {startup_timeout:.0f} s:\n" + server.log_tail())
             time.sleep(0.5)
     except BaseException:
-        stop_server(server)
+        stop_server(server, grace=5)  # a server still starting may not act on SIGTERM yet
         raise
 
 
