@@ -62,7 +62,8 @@ def main(argv=None) -> None:
     head = args.head or str(shipped_head_path())
     model = args.model or str(testbed_model_path())
     shapes = [TreeShape.parse(s) for s in args.shapes]
-    engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes),
+    # no prefix caching: the short and the long run must pay the same prefill
+    engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes), "enable_prefix_caching": False,
               "max_model_len": args.context + args.tokens[1] + 64}
     stats_dir = Path(tempfile.mkdtemp(prefix="respsp-profile-"))
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
