@@ -3,7 +3,10 @@
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+
+import pytest
 
 from conftest import BASE_ENV, REPO
 
@@ -67,8 +70,9 @@ def test_record_without_a_front_end_is_a_no_op():
 
 
 def test_server_metrics_count_each_drafter_failure(fixture_models, tmp_path):
-    """Every draft step failing (fault injection): answers stay exact, and the server's /metrics
-    shows `vllm:respsp_fallbacks_total{kind="drafter_error"}` equal to the runtime's own count."""
+    """Every draft step failing (fault injection): answers stay exact, an empty prompt gets HTTP
+    400 as without speculation, and the server's /metrics shows
+    `vllm:respsp_fallbacks_total{kind="drafter_error"}` equal to the runtime's own count."""
     from test_cli import completion, respsp_server
 
     model = str(fixture_models["successor"])
@@ -77,6 +81,10 @@ def test_server_metrics_count_each_drafter_failure(fixture_models, tmp_path):
     stats = tmp_path / "stats.json"
     env = {"VLLM_RESPSP_FAULT": "drafter_raises", "VLLM_RESPSP_STATS_FILE": str(stats)}
     with respsp_server(model, spec, tmp_path, env) as server:
+        # an empty prompt is refused by the front end, as without speculation; serving goes on
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            completion(server.base, {"model": model, "prompt": "", "max_tokens": 4})
+        assert refused.value.code == 400 and "non-empty" in refused.value.read().decode()
         for start in (5, 40):
             body = {"model": model, "prompt": f"w{start}", "max_tokens": 6, "temperature": 0.0,
                     "ignore_eos": True}

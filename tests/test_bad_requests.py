@@ -1,0 +1,97 @@
+"""Requests that are empty, structured or need vLLM's own sampler: respsp answers exactly what
+the same engine without speculation answers (tokens, logprobs, errors), and each fallback to
+vLLM's chains is counted, in the stats file and in the Prometheus counter.
+
+The successor pair (greedy next token t+1, a head that drafts it): requests that follow it accept
+whole trees; regexes force tokens off it, so every draft is rejected by the grammar. The token
+strings are "w<number>" without spaces to the grammar (a raw vocabulary), so a regex spells a
+token sequence as "w5w3w7". Single-digit words keep forced sequences unambiguous ("w5" is no
+prefix of "w3"; ids 0-2 are special tokens, not words); many-digit words would let greedy pick a
+prefix token (ties at logit 0) into a dead end.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BASE_ENV, REPO, _job_file
+
+TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
+
+
+def run_requests(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    proc = subprocess.run([sys.executable, "tests/request_job.py", "@" + _job_file(job)], cwd=REPO,
+                          env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"engine run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def greedy(prompt, max_tokens, **extra):
+    return {"prompt": prompt, "sampling": {"temperature": 0.0, "max_tokens": max_tokens,
+                                           "ignore_eos": True, **extra}}
+
+
+def structured(prompt, max_tokens, **constraint):
+    # no ignore_eos: the grammar ends the output with EOS
+    return {"prompt": prompt, "sampling": {"temperature": 0.0, "max_tokens": max_tokens,
+                                           "structured_outputs": constraint}}
+
+
+PHASES = [
+    [greedy("", 4)],  # an empty text prompt
+    [greedy([], 4)],  # empty token ids
+    [greedy([5], 4), greedy("", 4)],  # one empty prompt among good ones
+    # max_num_seqs 3: the structured requests join while the first ones decode with trees
+    [greedy([10], 24), greedy([40], 12), greedy([70], 30),
+     structured([8], 10, choice=["w9w10w11", "w40w41w42"]),  # follows the successor
+     structured([20], 10, regex="w5w3w7w4"),  # off it: every draft rejected
+     structured([30], 8, regex="(w[0-9]+)+"),  # free, greedy follows the successor
+     greedy([60], 10, logprobs=3),
+     {"prompt": [90], "sampling": {"temperature": 0.8, "seed": 7, "max_tokens": 10, "ignore_eos": True}},
+     greedy([100], 16)],
+    [greedy([7], 20), greedy([90], 20)],  # plain again: trees resume
+]
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_models, tmp_path_factory):
+    stats = tmp_path_factory.mktemp("bad-requests") / "stats.json"
+    job = {"model": str(fixture_models["successor"]), "phases": PHASES,
+           "engine": {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 3}}
+    plain = run_requests(job)
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    respsp = run_requests({**job, "speculative_config": spec}, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
+    return plain, respsp, json.loads(stats.read_text())
+
+
+def test_empty_prompts_fail_as_without_speculation_and_the_engine_goes_on(runs):
+    plain, respsp, _ = runs
+    for i in range(3):
+        assert "prompt cannot be empty" in plain["phases"][i]["error"]
+        assert respsp["phases"][i]["error"] == plain["phases"][i]["error"]
+    assert respsp["phases"][4] == plain["phases"][4]  # still serving, exactly
+
+
+def test_structured_outputs_logprobs_and_seeds_equal_no_speculation(runs):
+    plain, respsp, stats = runs
+    mixed = respsp["phases"][3]
+    assert mixed == plain["phases"][3]  # tokens, texts, logprobs
+    tokens = [t[0] for t in mixed["token_ids"]]
+    assert tokens[3] == [9, 10, 11, 2]  # the choice that follows the successor, then EOS
+    assert tokens[4] == [5, 3, 7, 4, 2]  # forced off the successor path
+    assert tokens[5] == [31 + i for i in range(8)]
+    assert [tokens[0], tokens[8]] == [[11 + i for i in range(24)], [101 + i for i in range(16)]]
+    assert len(mixed["logprobs"][6][0]) == 10 and all(len(step) >= 3 for step in mixed["logprobs"][6][0])
+    # counted: the stats file and the Prometheus counter (read offline through LLM.get_metrics)
+    fallbacks = stats["fallbacks"]
+    assert fallbacks["chain_for_structured_outputs"] > 0 and "drafter_error" not in fallbacks
+    for kind, count in fallbacks.items():
+        assert respsp["metrics"][f'vllm:respsp_fallbacks{{"kind": "{kind}"}}'] == count
+    # trees were used before and after the structured requests, and drafts accepted
+    assert stats["shapes"].get("T8/D4/K2", 0) > 0
+    assert sum(v for k, v in respsp["metrics"].items() if k.startswith("vllm:spec_decode_num_accepted_tokens{")) > 0
