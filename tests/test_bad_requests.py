@@ -11,6 +11,7 @@ prefix token (ties at logit 0) into a dead end.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,3 +96,35 @@ def test_structured_outputs_logprobs_and_seeds_equal_no_speculation(runs):
     # trees were used before and after the structured requests, and drafts accepted
     assert stats["shapes"].get("T8/D4/K2", 0) > 0
     assert sum(v for k, v in respsp["metrics"].items() if k.startswith("vllm:spec_decode_num_accepted_tokens{")) > 0
+
+
+JSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+               "languages": {"type": "array", "items": {"type": "string"}}},
+               "required": ["name", "age", "languages"]}
+
+
+@pytest.mark.skipif(not os.environ.get("RESPSP_TESTBED_JSON"),
+                    reason="manual: RESPSP_TESTBED_JSON=1 (two SmolLM2 engines, ~3 min here)")
+def test_json_outputs_on_the_testbed_model_equal_no_speculation():
+    """JSON needs a real vocabulary: SmolLM2-135M with the shipped head, float32 (bf16 near-ties
+    could flip an argmax when several tokens are verified at once), JSON schema, JSON object and
+    choice constraints beside plain requests."""
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    def g(prompt, n, **extra):
+        return {"prompt": prompt, "sampling": {"temperature": 0.0, "max_tokens": n, **extra}}
+
+    phase = [g("List three fruits:", 48),
+             g("Describe a person as JSON:", 60, structured_outputs={"json": JSON_SCHEMA}),
+             g("Give the JSON for a city:", 40, structured_outputs={"json_object": True}),
+             g("Is the sky blue? Answer:", 5, structured_outputs={"choice": ["yes", "no"]})]
+    job = {"model": str(testbed_model_path()), "phases": [phase],
+           "engine": {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 3}}
+    plain = run_requests(job)
+    respsp = run_requests({**job, "speculative_config": {"method": "respsp", "model": str(shipped_head_path()),
+                                                         "shape": TREE}})
+    assert respsp["phases"] == plain["phases"]
+    texts = [t[0] for t in respsp["phases"][0]["texts"]]
+    assert texts[1].startswith("{") and isinstance(json.loads(texts[2]), dict) and texts[3] in ("yes", "no")
+    assert respsp["metrics"]['vllm:respsp_fallbacks{"kind": "chain_for_structured_outputs"}'] > 0
