@@ -108,10 +108,10 @@ async def run(job: dict) -> dict:
         stats = json.loads(Path(job["stats_file"]).read_text())
         return {k: v for k, v in stats.items() if k.startswith("live_")} | {"fallbacks": stats["fallbacks"]}
 
-    async def memory() -> dict:
+    async def memory(look_inside: bool) -> dict:
         me = os.getpid()
         engine_kib = rss_kib(me, children_only=True)  # engine core and its worker
-        worker = (await asyncio.wait_for(engine.collective_rpc(probe), 300))[0]
+        worker = (await asyncio.wait_for(engine.collective_rpc(probe), 300))[0] if look_inside else None
         return {"engine_kib": engine_kib, "frontend_kib": rss_kib(me) - engine_kib, "worker": worker}
 
     n, chunks = job["requests"], 10
@@ -122,10 +122,10 @@ async def run(job: dict) -> dict:
             start = time.perf_counter()
             await batch(lo, hi)
             seconds += time.perf_counter() - start
-            tenths.append({**await memory(), "live": live_state()})
+            tenths.append({**await memory(lo == 0 or hi == n), "live": live_state()})
         # One more request: the runtime forgets finished requests at its next step.
         await batch(n, n + 1)
-        idle = {**await memory(), "live": live_state()}
+        idle = {**await memory(True), "live": live_state()}
     finally:
         engine.shutdown()
     return {"requests": n + 1, "aborted": aborted, "wrong": wrong[:5], "num_wrong": len(wrong),

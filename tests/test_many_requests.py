@@ -42,7 +42,7 @@ def test_per_request_state_is_released_over_many_requests(fixture_models, tmp_pa
     print(json.dumps({"requests": result["requests"], "seconds": result["seconds"],
                       "engine_rss_mib": [t["engine_kib"] // 1024 for t in result["tenths"] + [idle]],
                       "frontend_rss_mib": [warm["frontend_kib"] // 1024, idle["frontend_kib"] // 1024],
-                      "worker_objects": [t["worker"]["objects"] for t in result["tenths"] + [idle]],
+                      "worker_objects": [t["worker"]["objects"] for t in (warm, end, idle)],
                       "live_at_end": end["live"], "idle": idle["live"],
                       "respsp_containers_idle": idle["worker"]["respsp_containers"]}))
 
