@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_RESPSP_CACHE ?= $(HOME)/.cache/vllm_respsp
 
-.PHONY: venv demo test test-kernels bench bench-quick bench-serve bench-serve-quick draft-head clean-venv
+.PHONY: venv demo test test-kernels bench bench-quick policy bench-serve bench-serve-quick draft-head clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -37,6 +37,19 @@ bench-serve-quick: venv
 
 draft-head: venv
 	$(PY) -m vllm_respsp.draft
+
+# The shape policy from scratch (~1 h on 2 cores): record trace tables in the engine (ShareGPT
+# train slice; MT-Bench and HumanEval held out), measure this CPU's cost profile, train, report.
+TRACES ?= $(VLLM_RESPSP_CACHE)/traces
+policy: venv
+	$(PY) -m vllm_respsp.policy.record --prompts sharegpt-train --skip 4000 --num-prompts 96 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
+	$(PY) -m vllm_respsp.policy.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
+	$(PY) -m vllm_respsp.policy.record --prompts humaneval --num-prompts 40 --out $(TRACES)/humaneval
+	$(PY) -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
+		--shapes chain1 chain3 chain6 T4/D2/K2 T8/D3/K4 T16/D5/K4 T32/D6/K8 --batch-sizes 1 8 32 --max-engines 4
+	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
+		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json \
+		--profile cpu-smollm2-135m-measured --out $(TRACES)/policy-cpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ can be trained and compared offline (design.md §6) before the engine seam exist
 
 from pathlib import Path
 
-SHIPPED_POLICY = Path(__file__).resolve().parents[1] / "assets" / "policy" / "smollm2-135m-cpu.json"
+SHIPPED_POLICY = Path(__file__).resolve().parents[1] / "assets" / "policy" / "smollm2-135m-cpu" / "bandit.json"
 
 
 def shipped_policy_if_present() -> str | None:

@@ -33,7 +33,8 @@ class EngineConfig:
         if spec.get("method") == "respsp" and spec.get("policy") not in (None, "static", "cycle"):
             from pathlib import Path
 
-            return f"respsp policy {Path(spec['policy']).stem}"
+            policy = Path(spec["policy"])
+            return f"respsp policy {policy.parent.name}/{policy.stem}"
         return str(spec)
 
 
