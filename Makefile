@@ -39,7 +39,8 @@ draft-head: venv
 	$(PY) -m vllm_respsp.draft
 
 # The shape policy from scratch (~1 h on 2 cores): record trace tables in the engine (ShareGPT
-# train slice; MT-Bench and HumanEval held out), measure this CPU's cost profile, train, report.
+# train slice; MT-Bench and HumanEval held out), measure this CPU's cost profile, train the
+# shipped policy (its report.json: simulated tokens/s on the held-out sets).
 TRACES ?= $(VLLM_RESPSP_CACHE)/traces
 policy: venv
 	$(PY) -m vllm_respsp.policy.record --prompts sharegpt-train --skip 4000 --num-prompts 96 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
@@ -49,7 +50,8 @@ policy: venv
 		--shapes chain1 chain3 chain6 T4/D2/K2 T8/D3/K4 T16/D5/K4 T32/D6/K8 --batch-sizes 1 8 32 --max-engines 4
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json \
-		--profile cpu-smollm2-135m-measured --out $(TRACES)/policy-cpu
+		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs \
+		--out vllm_respsp/assets/policy/smollm2-135m-cpu
 
 clean-venv:
 	rm -rf $(VENV)
