@@ -54,7 +54,7 @@ def test_per_request_state_is_released_over_many_requests(fixture_models, tmp_pa
     # every container reachable from the runtime holds at most one request's or the action set's
     held = idle["worker"]["respsp_containers"]
     assert held and all(size <= len(ACTIONS) + 1 for size in held.values()), held
-    assert idle["worker"]["runner_requests"] == 0
+    assert idle["worker"]["runner_requests"] <= 1  # vLLM's runner, too, drops the last one a step later
     # nothing accumulates in the worker: Python objects and tensors as after the warm-up
     assert idle["worker"]["objects"] - warm["worker"]["objects"] < 1000, (warm["worker"]["objects"],
                                                                         idle["worker"]["objects"])
