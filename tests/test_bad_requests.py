@@ -95,6 +95,8 @@ def test_structured_outputs_logprobs_and_seeds_equal_no_speculation(runs):
         assert respsp["metrics"][f'vllm:respsp_fallbacks{{"kind": "{kind}"}}'] == count
     # trees were used before and after the structured requests, and drafts accepted
     assert stats["shapes"].get("T8/D4/K2", 0) > 0
+    for shape, count in stats["shapes"].items():  # the shape counter on /metrics says the same
+        assert respsp["metrics"][f'vllm:respsp_tree_shapes{{"shape": "{shape}"}}'] == count
     assert sum(v for k, v in respsp["metrics"].items() if k.startswith("vllm:spec_decode_num_accepted_tokens{")) > 0
 
 

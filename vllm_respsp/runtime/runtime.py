@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from vllm_respsp.config import RespspConfig, parse
+from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.recorder import RECORD_ENV, TraceRecorder
@@ -218,7 +219,9 @@ class RespspRuntime:
                 shape = TreeShape(room, min(shape.depth, room), shape.top_k)
             chosen.append((req_id, index, root_token))
             shapes.append(shape)
-            self.shape_counts[str(shape)] += 1
+        for shape, count in Counter(map(str, shapes)).items():
+            self.shape_counts[shape] += count
+            metrics.record_shape(shape, count)
         if not chosen:
             return [[] for _ in req_ids]
         index = torch.tensor([c[1] for c in chosen])
@@ -243,7 +246,7 @@ class RespspRuntime:
     def _fallback(self, kind: str, count: int = 1) -> None:
         """Count a safety net that fired (stats file; the Prometheus counter)."""
         self.fallbacks[kind] += count
-        from vllm_respsp.runtime.metrics import record_fallback; record_fallback(kind, count)  # noqa: E702
+        metrics.record_fallback(kind, count)
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
