@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, save_traces
 from vllm_respsp.tree.shape import TreeShape

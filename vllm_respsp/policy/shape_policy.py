@@ -23,7 +23,6 @@ from torch import nn
 
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import load_policy
-from vllm_respsp.policy.simulator import RECENT_DECAY
 from vllm_respsp.tree.shape import TreeShape
 
 logger = logging.getLogger(__name__)
@@ -114,7 +113,3 @@ class ShapePolicy(nn.Module):
             logger.warning("respsp shape policy failed (%s: %s); using the static shape %s",
                            kind, error, self.fallback)
 
-
-def recent_accept_update(recent: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-    """The engine-side EMA of accepted draft tokens, same as simulator.update_recent, batched."""
-    return RECENT_DECAY * recent + (1 - RECENT_DECAY) * accepted.float()

@@ -19,7 +19,8 @@ import torch
 
 from vllm_respsp.config import POLICIES, RespspConfig
 from vllm_respsp.policy.features import RootStates, feature_dims, policy_features
-from vllm_respsp.policy.shape_policy import ShapePolicy, recent_accept_update
+from vllm_respsp.policy.shape_policy import ShapePolicy
+from vllm_respsp.policy.simulator import update_recent
 from vllm_respsp.tree.shape import TreeShape
 
 logger = logging.getLogger("vllm_respsp")
@@ -69,8 +70,8 @@ class ShapeChooser:
     def observe(self, req_id: str, accepted_drafts: int) -> None:
         """A verification step of `req_id` accepted this many draft tokens."""
         if self.learned:
-            old = torch.tensor([self.recent.get(req_id, 0.0)])
-            self.recent[req_id] = float(recent_accept_update(old, torch.tensor([accepted_drafts]))[0])
+            # the simulator's own update: the policy sees the state it was trained on
+            self.recent[req_id] = update_recent(self.recent.get(req_id, 0.0), accepted_drafts)
 
     def __call__(self, req_ids: list[str], prompts: list[list[int] | None], roots: RootStates,
                  batch_load: int) -> tuple[list[TreeShape], int]:
