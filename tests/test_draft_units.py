@@ -131,9 +131,62 @@ def test_batches_cover_every_sequence_once_within_budget():
 def test_offline_acceptance_counts_a_perfect_and_a_useless_head():
     head = tiny_head()
     ids = torch.randint(0, 50, (30,))
-    seq = [(ids, torch.randn(30, 96), 5)]
+    seq = [draft_data.FeatureSequence(ids, torch.randn(30, 96), 5)]
     res = offline_acceptance(head, seq, chain=3)
     assert 1.0 <= res["acceptance_length"] <= 4.0 and len(res["per_position_rate"]) == 3
     # Rates are non-increasing: a later position can only be accepted after the earlier ones.
     rates = res["per_position_rate"]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_deep_steps_on_a_row_subset_equal_the_full_unroll_on_those_rows():
+    head = tiny_head()
+    T, steps = 14, 4
+    ids = torch.randint(0, 50, (2, T))
+    aux = torch.randn(2, T, 96)
+    lengths = torch.tensor([T, 10])
+    rows = torch.tensor([0, 3, 4, 9])
+    with torch.no_grad():
+        full = head.unrolled(ids, aux, lengths, steps)
+        part = head.unrolled(ids, aux, lengths, steps, deep_rows=rows)
+    torch.testing.assert_close(part[0], full[0])
+    for k in range(1, steps):
+        assert part[k].shape == (2, len(rows), 32)
+        torch.testing.assert_close(part[k], full[k][:, rows], atol=1e-5, rtol=1e-4)
+
+
+def test_soft_label_ce_is_the_hard_ce_for_a_one_hot_target_and_skips_outside_tokens():
+    from vllm_respsp.draft.train import soft_label_ce
+
+    head = tiny_head()
+    logits = torch.randn(3, 20)
+    label_draft = torch.tensor([4, 0, 19])
+    outside = int(next(t for t in range(50) if t not in head.draft_to_target.tolist()))
+    soft_ids = torch.stack([head.draft_to_target[label_draft], torch.full((3,), outside)], -1)
+    # The outside-vocabulary token carries most of the mass: renormalised over the draft
+    # vocabulary the target is one-hot on the label.
+    soft_logp = torch.log(torch.tensor([[0.3, 0.7]] * 3))
+    torch.testing.assert_close(soft_label_ce(head, logits, soft_ids, soft_logp),
+                               F.cross_entropy(logits, label_draft))
+
+
+def test_ttt_loss_mixes_soft_labels_and_needs_them_when_asked():
+    import pytest
+
+    from vllm_respsp.draft.train import collate, ttt_loss
+
+    head = tiny_head()
+    T = 16
+    ids = head.draft_to_target[torch.randint(0, 20, (T,))]
+    soft_ids = torch.stack([torch.roll(ids, -1), torch.roll(ids, -2)], -1).to(torch.int32)
+    soft_logp = torch.log(torch.tensor([[0.9, 0.1]] * T)).half()
+    seq = draft_data.FeatureSequence(ids, torch.randn(T, 96).bfloat16(), 3, soft_ids, soft_logp)
+    batch = collate([seq])
+    hard, _ = ttt_loss(head, batch, 3, 0.8)
+    soft, stats = ttt_loss(head, batch, 3, 0.8, soft_weight=1.0, deep_row_fraction=0.5)
+    assert torch.isfinite(soft) and soft.item() != hard.item()
+    assert len(stats) == 3 and all(n > 0 for _, n in stats)
+    soft.backward()
+    assert head.fc.weight.grad is not None
+    with pytest.raises(ValueError, match="soft_label_weight"):
+        ttt_loss(head, collate([draft_data.FeatureSequence(ids, seq.aux, 3)]), 1, 0.8, soft_weight=1.0)

@@ -104,7 +104,7 @@ def main() -> None:
     num_sequences = sum(1 for _ in iter_sequences(load_feature_shards(features)))
     summary = {
         "data": {**asdict(data_cfg), "sequences": num_sequences,
-                 "tokens": sum(len(ids) for ids, _, _ in iter_sequences(load_feature_shards(features))),
+                 "tokens": sum(len(s.ids) for s in iter_sequences(load_feature_shards(features))),
                  "draft_vocab_coverage": coverage},
         "train": asdict(train_cfg),
         "train_log_tail": (work / "train" / "train_log.jsonl").read_text().splitlines()[-1],

@@ -17,12 +17,15 @@ complete, so a re-run skips finished shards and redoes an interrupted one.
    residual stream entering the aux layers (what vLLM hands the head: `aux_hidden_states`),
    for every position, in bf16. Prompt positions are kept because the head attends over them
    at inference too (vLLM's draft prefill runs over the whole context); the loss only uses
-   reply positions (`reply_start`).
+   reply positions (`reply_start`). The same forward also keeps the target's `soft_topk` most
+   likely next tokens at every position with their log-probabilities: soft labels for
+   distillation, far more signal per token than the one greedy label when data is this scarce.
 
 Features shard format (safetensors): `input_ids` int32 [N], `aux` bf16 [N, 3 * hidden]
 (layers concatenated in `aux_layers` order, as vLLM's fc input), `seq_starts` int64 [S + 1]
 (offsets of each sequence in the packed arrays), `reply_starts` int64 [S] (offset of the first
-reply token inside its sequence).
+reply token inside its sequence), and, when `soft_topk` > 0, `soft_ids` int32 [N, k] and
+`soft_logp` fp16 [N, k] (the target's top-k distribution of the token after each position).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,6 +52,7 @@ class DataConfig:
     max_prompt_tokens: int = 256
     max_new_tokens: int = 256
     aux_layers: tuple[int, int, int] = (2, 15, 27)
+    soft_topk: int = 16  # 0: no soft labels (the target is then run only up to the last aux layer)
     seed: int = 0
 
 
@@ -135,13 +140,23 @@ class AuxRecorder:
         return hook
 
 
-def load_truncated_target(model_path: Path, last_layer: int):
-    """The target in bf16 with only the layers up to `last_layer` (later ones are never needed)."""
+def load_truncated_target(model_path: Path, last_layer: int | None):
+    """The target in bf16 with only the layers up to `last_layer` (later ones are never needed),
+    or whole when `last_layer` is None."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16)
-    model.model.layers = model.model.layers[:last_layer + 1]
+    if last_layer is not None:
+        model.model.layers = model.model.layers[:last_layer + 1]
     return model.eval()
+
+
+def top_next_tokens(model, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole target's k most likely next tokens at every position and their log-probs
+    (fp32 softmax over the full vocabulary), as ([T, k] int32, [T, k] fp16)."""
+    logits = model(input_ids=ids[None]).logits[0].float()
+    logp, top = logits.log_softmax(-1).topk(k, dim=-1)
+    return top.to(torch.int32), logp.to(torch.float16)
 
 
 def extract_features(work: Path, cfg: DataConfig, model_path: Path) -> Path:
@@ -152,21 +167,28 @@ def extract_features(work: Path, cfg: DataConfig, model_path: Path) -> Path:
     todo = pending_shards(out, num_shards, ".safetensors")
     if not todo:
         return out
-    model = load_truncated_target(model_path, max(cfg.aux_layers))
+    model = load_truncated_target(model_path, None if cfg.soft_topk else max(cfg.aux_layers))
     recorder = AuxRecorder(model, cfg.aux_layers)
     for index in tqdm(todo, desc="features (shards)"):
         rows = json.loads(shard_path(replies, index, ".json").read_text())
-        ids_list, aux_list, starts, reply_starts = [], [], [0], []
+        ids_list, aux_list, starts, reply_starts, soft_ids, soft_logp = [], [], [0], [], [], []
         for row in tqdm(rows, desc=f"shard {index}", leave=False):
             ids = torch.tensor(row["prompt_ids"] + row["reply_ids"])
-            with torch.inference_mode():
-                model.model(input_ids=ids[None])  # the pre-hooks record the aux states
+            with torch.inference_mode():  # the pre-hooks record the aux states
+                if cfg.soft_topk:
+                    top, logp = top_next_tokens(model, ids, cfg.soft_topk)
+                    soft_ids.append(top)
+                    soft_logp.append(logp)
+                else:
+                    model.model(input_ids=ids[None])
             aux_list.append(torch.cat([recorder.states[k][0] for k in cfg.aux_layers], dim=-1))
             ids_list.append(ids.to(torch.int32))
             starts.append(starts[-1] + len(ids))
             reply_starts.append(len(row["prompt_ids"]))
         tensors = {"input_ids": torch.cat(ids_list), "aux": torch.cat(aux_list).to(torch.bfloat16),
                    "seq_starts": torch.tensor(starts), "reply_starts": torch.tensor(reply_starts)}
+        if cfg.soft_topk:
+            tensors |= {"soft_ids": torch.cat(soft_ids), "soft_logp": torch.cat(soft_logp)}
         write_atomically(shard_path(out, index, ".safetensors"), lambda p: save_file(tensors, str(p)))
     return out
 
@@ -175,13 +197,26 @@ def load_feature_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors"))]
 
 
+class FeatureSequence(NamedTuple):
+    """One stored sequence: input_ids [T] int64, aux [T, 3h] bf16, the offset of its first
+    reply token, and the target's top-k next tokens / log-probs [T, k] when stored."""
+    ids: torch.Tensor
+    aux: torch.Tensor
+    reply_start: int
+    soft_ids: torch.Tensor | None = None
+    soft_logp: torch.Tensor | None = None
+
+
 def iter_sequences(shards: list[dict[str, torch.Tensor]]):
-    """(input_ids [T] int64, aux [T, 3h] bf16, reply_start) for every stored sequence."""
+    """Every stored sequence, as a FeatureSequence."""
     for shard in shards:
         starts = shard["seq_starts"].tolist()
+        soft = "soft_ids" in shard
         for s, reply_start in enumerate(shard["reply_starts"].tolist()):
             a, b = starts[s], starts[s + 1]
-            yield shard["input_ids"][a:b].long(), shard["aux"][a:b], reply_start
+            yield FeatureSequence(shard["input_ids"][a:b].long(), shard["aux"][a:b], reply_start,
+                                  shard["soft_ids"][a:b] if soft else None,
+                                  shard["soft_logp"][a:b] if soft else None)
 
 
 def reply_token_counts(replies: Path, vocab_size: int) -> torch.Tensor:

@@ -74,7 +74,7 @@ def offline_check(head: Path, model_path: Path, prompts: list[list[int]], output
     acceptance figures agree up to bf16 rounding."""
     import torch
 
-    from vllm_respsp.draft.data import AuxRecorder, load_truncated_target
+    from vllm_respsp.draft.data import AuxRecorder, FeatureSequence, load_truncated_target
     from vllm_respsp.draft.model import load_head
     from vllm_respsp.draft.train import offline_acceptance
 
@@ -87,7 +87,7 @@ def offline_check(head: Path, model_path: Path, prompts: list[list[int]], output
         with torch.inference_mode():
             target.model(input_ids=ids[None])
         aux = torch.cat([recorder.states[k][0] for k in draft.cfg.aux_layers], dim=-1).float()
-        sequences.append((ids, aux, len(prompt)))
+        sequences.append(FeatureSequence(ids, aux, len(prompt)))
     return {"prompts": len(prompts), **offline_acceptance(draft, sequences, NUM_SPECULATIVE_TOKENS)}
 
 

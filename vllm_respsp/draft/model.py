@@ -8,7 +8,7 @@ the un-normed `hidden`. Parameter names are the checkpoint keys vLLM loads, so e
 dtype cast plus d2t/t2d. The token embedding is the target's, frozen and not exported (vLLM
 shares the target's when `embed_tokens.weight` is absent).
 
-Training-time test (`unrolled_logits`): the head runs `steps` draft steps over every position i
+Training-time test (`unrolled`): the head runs `steps` draft steps over every position i
 of a sequence at once, exactly as vLLM drafts after position i:
   step 0: token x[i+1], hidden fc(aux[i]), RoPE position i, attends to step-0 keys at j <= i;
   step k: token x[i+k+1], hidden = its own step-(k-1) output at row i, RoPE position i+k,
@@ -164,11 +164,15 @@ class Eagle3Head(nn.Module):
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(prenorm))
 
-    def unrolled(self, input_ids: torch.Tensor, aux: torch.Tensor, lengths: torch.Tensor, steps: int):
+    def unrolled(self, input_ids: torch.Tensor, aux: torch.Tensor, lengths: torch.Tensor, steps: int,
+                 deep_rows: torch.Tensor | None = None):
         """Pre-norm outputs of draft steps 0..steps-1 at every row (see module doc).
 
         input_ids [B, T] (padded), aux [B, T, 3h], lengths [B]. Returns a list of [B, T, h];
-        step k's row i is meaningful where i + k + 2 < length.
+        step k's row i is meaningful where i + k + 2 < length. With `deep_rows` (row indices),
+        steps 1.. run only on those rows and return [B, len(deep_rows), h]: a row's deep steps
+        read only the shared step-0 keys and its own chain, so a subset of rows is exact for
+        those rows and cuts the cost of the training-time test in proportion.
         """
         B, T = input_ids.shape
         group = self.cfg.num_heads // self.cfg.num_kv_heads
@@ -182,6 +186,10 @@ class Eagle3Head(nn.Module):
             # Input token of step k at row i is x[i+k+1]; rows past the end read a pad token.
             tokens = F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)
             positions = (rows + k)[None].expand(B, T)
+            if k == 1 and deep_rows is not None:
+                hidden, mask0 = hidden[:, deep_rows], mask0[:, :, deep_rows]
+            if k >= 1 and deep_rows is not None:
+                tokens, positions = tokens[:, deep_rows], positions[:, deep_rows]
             q, key, value = self._qkv(tokens, hidden, positions)
             key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
             if k == 0:

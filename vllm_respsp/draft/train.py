@@ -13,12 +13,13 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_respsp.draft.data import iter_sequences, load_feature_shards
+from vllm_respsp.draft.data import FeatureSequence, iter_sequences, load_feature_shards
 from vllm_respsp.draft.model import Eagle3Head, HeadConfig
 
 
@@ -34,7 +35,7 @@ class TrainConfig:
     # TTT from step 0, 0.28 with step 0 alone). So the first `single_step_epochs` train step 0
     # only (and cost ~1/3 of a TTT step), then the deep steps join with their weights scaled
     # by `deep_step_weight`.
-    single_step_epochs: int = 1
+    single_step_epochs: float = 1
     deep_step_weight: float = 0.5
     epochs: int = 2  # (1 step-0-only + 1 TTT: what fit the wall-time budget on the shared machine)
     # Small batches, many updates: far from convergence, the number of updates is what limits
@@ -46,11 +47,22 @@ class TrainConfig:
     grad_clip: float = 1.0
     heldout_sequences: int = 48   # last sequences of the data, kept out for the offline estimate
     checkpoint_every: int = 200
+    # Held-out per-step accuracy every this many steps, in the log and on the progress bar. In
+    # a single pass over the data (epochs=1) this is also the data-scaling curve: every
+    # training token is new when it is seen.
+    eval_every: int = 200
     init_midlayer_from_target: bool = False
     # Options tried and left off: in a 64-step A/B on 128 sequences, the feature loss gave no
     # gain (offline acceptance 1.150 vs 1.155) and the target's final norm init lost (1.089).
     feature_weight: float = 0.0   # EAGLE-1-style feature loss on the deepest aux state (ttt_loss)
     final_norm_from_target: bool = False  # start the final norm at the target's (logit-lens) weights
+    # Distillation: each step's loss is (1 - w) * CE(greedy label) + w * CE(the target's own
+    # top-k distribution of that token, renormalised over the draft vocabulary), where the
+    # feature shards carry it (data.DataConfig.soft_topk).
+    soft_label_weight: float = 0.0
+    # Deep steps on this share of each batch's rows (Eagle3Head.unrolled's deep_rows): with 5
+    # steps, the training-time test then costs ~2 step-0 passes instead of ~5.
+    deep_row_fraction: float = 1.0
     seed: int = 0
 
 
@@ -106,16 +118,48 @@ def make_batches(lengths: list[int], tokens_per_batch: int, rng: random.Random) 
     return batches
 
 
-def collate(sequences: list[tuple[torch.Tensor, torch.Tensor, int]]):
-    lengths = torch.tensor([len(ids) for ids, _, _ in sequences])
-    T = int(lengths.max())
-    ids = torch.zeros(len(sequences), T, dtype=torch.long)
-    aux = torch.zeros(len(sequences), T, sequences[0][1].shape[-1], dtype=torch.bfloat16)
-    for b, (s_ids, s_aux, _) in enumerate(sequences):
-        ids[b, :len(s_ids)] = s_ids
-        aux[b, :len(s_ids)] = s_aux
-    reply_starts = torch.tensor([r for _, _, r in sequences])
-    return ids, aux, lengths, reply_starts  # aux stays bf16: under autocast fc reads it as is
+class Batch(NamedTuple):
+    ids: torch.Tensor            # [B, T] int64, zero-padded
+    aux: torch.Tensor            # [B, T, 3h] bf16 (under autocast fc reads it as is)
+    lengths: torch.Tensor        # [B]
+    reply_starts: torch.Tensor   # [B]
+    soft_ids: torch.Tensor | None = None   # [B, T, k] target ids of the target's top-k
+    soft_logp: torch.Tensor | None = None  # [B, T, k] their log-probs (-inf in the padding)
+
+
+def collate(sequences: list[FeatureSequence]) -> Batch:
+    lengths = torch.tensor([len(s.ids) for s in sequences])
+    B, T = len(sequences), int(lengths.max())
+    ids = torch.zeros(B, T, dtype=torch.long)
+    aux = torch.zeros(B, T, sequences[0].aux.shape[-1], dtype=torch.bfloat16)
+    soft = all(s.soft_ids is not None for s in sequences)
+    if soft:
+        k = sequences[0].soft_ids.shape[-1]
+        soft_ids = torch.zeros(B, T, k, dtype=torch.long)
+        soft_logp = torch.full((B, T, k), float("-inf"))
+    for b, s in enumerate(sequences):
+        n = len(s.ids)
+        ids[b, :n] = s.ids
+        aux[b, :n] = s.aux
+        if soft:
+            soft_ids[b, :n] = s.soft_ids.long()
+            soft_logp[b, :n] = s.soft_logp.float()
+    reply_starts = torch.tensor([s.reply_start for s in sequences])
+    if not soft:
+        return Batch(ids, aux, lengths, reply_starts)
+    return Batch(ids, aux, lengths, reply_starts, soft_ids, soft_logp)
+
+
+def soft_label_ce(head: Eagle3Head, logits: torch.Tensor, soft_ids: torch.Tensor,
+                  soft_logp: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the draft logits [N, V_draft] against the target's top-k distribution
+    ([N, k] target ids and log-probs), renormalised over the tokens in the draft vocabulary."""
+    draft_ids = head.target_to_draft[soft_ids]
+    in_vocab = draft_ids >= 0
+    # nan_to_num: a row whose top-k lies wholly outside the draft vocabulary adds no loss.
+    p = soft_logp.masked_fill(~in_vocab, float("-inf")).softmax(-1).nan_to_num(0.0)
+    log_q = logits.log_softmax(-1).gather(-1, draft_ids.clamp(min=0))
+    return -(p * log_q).masked_fill(~in_vocab, 0.0).sum(-1).mean()
 
 
 def unit_rms(x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +167,8 @@ def unit_rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def ttt_loss(head: Eagle3Head, batch, steps: int, decay: float, feature_weight: float = 0.0,
-             deep_weight: float = 1.0):
+def ttt_loss(head: Eagle3Head, batch: Batch, steps: int, decay: float, feature_weight: float = 0.0,
+             deep_weight: float = 1.0, soft_weight: float = 0.0, deep_row_fraction: float = 1.0):
     """Weighted cross-entropy over the unrolled steps; per-step (correct, counted) for accuracy.
     The lm_head only runs on rows whose label counts (reply tokens in the draft vocab).
 
@@ -132,25 +176,66 @@ def ttt_loss(head: Eagle3Head, batch, steps: int, decay: float, feature_weight: 
     i should point where the target's deepest aux state at position i+k+1 points (both
     RMS-normalised; smooth L1). That state is what the target itself would use to predict the
     label x[i+k+2] (its logit lens already picks the right token ~50% of the time), and a
-    576-dim target per token is a much denser signal than one label when data is this scarce."""
-    ids, aux, lengths, reply_starts = batch
-    outputs = head.unrolled(ids, aux, lengths, steps)
+    576-dim target per token is a much denser signal than one label when data is this scarce.
+
+    With `soft_weight` > 0 the label's CE is mixed with the CE against the target's own
+    distribution of that token (`soft_label_ce`): step k at row i predicts x[i+k+2], which the
+    target drew from its distribution at position i+k+1.
+
+    With `deep_row_fraction` < 1 the deep steps run on a random subset of rows (the same for
+    the whole batch; `Eagle3Head.unrolled`'s `deep_rows`); step 0 always uses every row."""
+    ids, aux, lengths, reply_starts = batch[:4]
+    if soft_weight and batch.soft_ids is None:
+        raise ValueError("soft_label_weight > 0 needs feature shards with soft labels (DataConfig.soft_topk)")
+    T = ids.shape[1]
+    deep_rows = None
+    if steps > 1 and deep_row_fraction < 1.0:
+        deep_rows = torch.randperm(T)[:max(1, math.ceil(deep_row_fraction * T))].sort().values
+    outputs = head.unrolled(ids, aux, lengths, steps, deep_rows)
     labels = head.labels(ids, lengths, reply_starts, steps)
     h = head.cfg.hidden_size
+
+    def at_step_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x if k == 0 or deep_rows is None else x[:, deep_rows]
+
     total, stats = 0.0, []
     for k, (out, lab) in enumerate(zip(outputs, labels)):
+        lab = at_step_rows(lab, k)
         keep = lab >= 0
         logits = head.logits(out[keep]).float()
         target = lab[keep]
         if target.numel():
             weight = decay ** k * (deep_weight if k else 1.0)
-            total = total + weight * F.cross_entropy(logits, target)
+            ce = F.cross_entropy(logits, target)
+            if soft_weight:
+                shift = (0, 0, 0, k + 1)
+                soft_ids = at_step_rows(F.pad(batch.soft_ids[:, k + 1:], shift), k)[keep]
+                soft_logp = at_step_rows(F.pad(batch.soft_logp[:, k + 1:], shift), k)[keep]
+                ce = (1 - soft_weight) * ce + soft_weight * soft_label_ce(head, logits, soft_ids, soft_logp)
+            total = total + weight * ce
             if feature_weight:
-                deepest_next = F.pad(aux[:, k + 1:, -h:], (0, 0, 0, k + 1))[keep]
+                deepest_next = at_step_rows(F.pad(aux[:, k + 1:, -h:], (0, 0, 0, k + 1)), k)[keep]
                 total = total + decay ** k * feature_weight * F.smooth_l1_loss(
                     unit_rms(out[keep]), unit_rms(deepest_next))
         stats.append(((logits.argmax(-1) == target).sum().item(), target.numel()))
     return total, stats
+
+
+@torch.no_grad()
+def heldout_accuracy(head: Eagle3Head, sequences, steps: int, tokens_per_batch: int) -> list[float]:
+    """Top-1 accuracy of each unrolled step on the reply labels of `sequences` (teacher-forced
+    inputs, as in training)."""
+    was_training = head.training
+    head.eval()
+    counts = [[0, 0] for _ in range(steps)]
+    for batch_ids in make_batches([len(s.ids) for s in sequences], tokens_per_batch, random.Random(0)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, stats = ttt_loss(head, collate([sequences[i] for i in batch_ids]), steps, 1.0)
+        for c, (right, n) in zip(counts, stats):
+            c[0] += right
+            c[1] += n
+    head.train(was_training)
+    return [right / n if n else 0.0 for right, n in counts]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -177,7 +262,7 @@ def train(features: Path, target_path: Path, out_dir: Path, cfg: TrainConfig,
             head.norm.weight.copy_(f.get_tensor("model.norm.weight").float())
 
     sequences = list(iter_sequences(load_feature_shards(features)))
-    train_seqs = sequences[:-cfg.heldout_sequences]
+    train_seqs, heldout_seqs = sequences[:-cfg.heldout_sequences], sequences[-cfg.heldout_sequences:]
     batches_per_epoch = len(make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, random.Random(0)))
     total_steps = cfg.epochs * batches_per_epoch
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -195,27 +280,32 @@ def train(features: Path, target_path: Path, out_dir: Path, cfg: TrainConfig,
 
     log = open(out_dir / "train_log.jsonl", "a")
     bar = tqdm(total=total_steps, initial=step, desc="train")
-    start = time.perf_counter()
+    start, held = time.perf_counter(), "-"
     while step < total_steps:
         epoch_rng = random.Random(cfg.seed * 1000 + step // batches_per_epoch)
         batches = make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, epoch_rng)
         for batch_ids in batches[step % batches_per_epoch:]:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg)
-            steps = 1 if step < cfg.single_step_epochs * batches_per_epoch else cfg.ttt_steps
+            steps = 1 if step < int(cfg.single_step_epochs * batches_per_epoch) else cfg.ttt_steps
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss, stats = ttt_loss(head, collate([train_seqs[i] for i in batch_ids]), steps,
-                                       cfg.step_weight_decay, cfg.feature_weight, cfg.deep_step_weight)
+                                       cfg.step_weight_decay, cfg.feature_weight, cfg.deep_step_weight,
+                                       cfg.soft_label_weight, cfg.deep_row_fraction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
             acc = [c / n if n else 0.0 for c, n in stats]
+            record = {"step": step, "loss": loss.item(), "acc": acc, "seconds": time.perf_counter() - start}
+            if step % cfg.eval_every == 0 or step == total_steps:
+                record["heldout_acc"] = heldout_accuracy(head, heldout_seqs, cfg.ttt_steps, cfg.tokens_per_batch)
+                held = "/".join(f"{a:.2f}" for a in record["heldout_acc"])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc="/".join(f"{a:.2f}" for a in acc))
-            log.write(json.dumps({"step": step, "loss": loss.item(), "acc": acc,
-                                  "seconds": time.perf_counter() - start}) + "\n")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc="/".join(f"{a:.2f}" for a in acc),
+                            heldout=held)
+            log.write(json.dumps(record) + "\n")
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 torch.save({"config": asdict(cfg), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
@@ -237,9 +327,10 @@ def offline_acceptance(head: Eagle3Head, sequences, chain: int = 5) -> dict:
     the mean acceptance length (1 + accepted / rounds, vLLM's metric) and per-position rates.
     """
     rounds, accepted_per_pos = 0, [0] * chain
-    for ids, aux, reply_start in sequences:
-        batch = collate([(ids, aux, reply_start)])
-        outputs = head.unrolled(batch[0], batch[1], batch[2], chain)
+    for seq in sequences:
+        ids, reply_start = seq.ids, seq.reply_start
+        batch = collate([FeatureSequence(ids, seq.aux, reply_start)])
+        outputs = head.unrolled(batch.ids, batch.aux, batch.lengths, chain)
         drafts = [head.draft_to_target[head.logits(o[0]).argmax(-1)] for o in outputs]  # [T] each
         T = len(ids)
         i = max(reply_start - 1, 0)  # first draft round: hidden of the last prompt token + token 1
