@@ -58,6 +58,13 @@ def build_vocab(work: Path, cfg: TrainConfig, vocab_size: int) -> tuple[torch.Te
     return vocab, float(counts[vocab].sum() / counts.sum())
 
 
+def heldout_curve(train_log: Path, every: int = 400) -> list[dict]:
+    """Every `every`-th held-out evaluation of the training log, and the last one."""
+    rows = [r for r in map(json.loads, train_log.read_text().splitlines()) if "heldout_acc" in r]
+    kept = [r for r in rows if r["step"] % every == 0 or r is rows[-1]]
+    return [{"step": r["step"], "heldout_acc": r["heldout_acc"]} for r in kept]
+
+
 def reexec_with_intel_openmp() -> None:
     """Re-start this process with Intel OpenMP preloaded (prepare_cpu_env sets LD_PRELOAD, which
     only affects processes started afterwards): the HF feature forward measured ~2.5x faster
@@ -108,6 +115,7 @@ def main() -> None:
                  "draft_vocab_coverage": coverage},
         "train": asdict(train_cfg),
         "train_log_tail": (work / "train" / "train_log.jsonl").read_text().splitlines()[-1],
+        "heldout_curve": heldout_curve(work / "train" / "train_log.jsonl"),
         "offline_estimate": offline,
     }
     if not args.skip_eval:
