@@ -104,14 +104,14 @@ def main() -> None:
                      data_cfg.aux_layers, skip_if_done=True)
     export_head(head, target_cfg, args.out)
 
-    heldout = list(iter_sequences(load_feature_shards(features)))[-train_cfg.heldout_sequences:]
+    sequences = list(iter_sequences(load_feature_shards(features)))  # the shards are GBs: read once
+    heldout = sequences[-train_cfg.heldout_sequences:]
     offline = clock.run("offline_estimate", offline_acceptance, head.float().eval(), heldout)
     print(f"[draft] offline estimate on {len(heldout)} held-out sequences: {offline}", flush=True)
 
-    num_sequences = sum(1 for _ in iter_sequences(load_feature_shards(features)))
     summary = {
-        "data": {**asdict(data_cfg), "sequences": num_sequences,
-                 "tokens": sum(len(s.ids) for s in iter_sequences(load_feature_shards(features))),
+        "data": {**asdict(data_cfg), "sequences": len(sequences),
+                 "tokens": sum(len(s.ids) for s in sequences),
                  "draft_vocab_coverage": coverage},
         "train": asdict(train_cfg),
         "train_log_tail": (work / "train" / "train_log.jsonl").read_text().splitlines()[-1],

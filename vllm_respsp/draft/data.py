@@ -17,9 +17,9 @@ complete, so a re-run skips finished shards and redoes an interrupted one.
    residual stream entering the aux layers (what vLLM hands the head: `aux_hidden_states`),
    for every position, in bf16. Prompt positions are kept because the head attends over them
    at inference too (vLLM's draft prefill runs over the whole context); the loss only uses
-   reply positions (`reply_start`). The same forward also keeps the target's `soft_topk` most
-   likely next tokens at every position with their log-probabilities: soft labels for
-   distillation, far more signal per token than the one greedy label when data is this scarce.
+   reply positions (`reply_start`). With `soft_topk` > 0 the whole target runs and its
+   `soft_topk` most likely next tokens at every position are kept with their log-probabilities
+   (soft labels for distillation; off by default, see DataConfig).
 
 Features shard format (safetensors): `input_ids` int32 [N], `aux` bf16 [N, 3 * hidden]
 (layers concatenated in `aux_layers` order, as vLLM's fc input), `seq_starts` int64 [S + 1]

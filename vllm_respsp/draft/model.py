@@ -186,10 +186,10 @@ class Eagle3Head(nn.Module):
             # Input token of step k at row i is x[i+k+1]; rows past the end read a pad token.
             tokens = F.pad(input_ids[:, k + 1:], (0, k + 1), value=0)
             positions = (rows + k)[None].expand(B, T)
-            if k == 1 and deep_rows is not None:
-                hidden, mask0 = hidden[:, deep_rows], mask0[:, :, deep_rows]
             if k >= 1 and deep_rows is not None:
                 tokens, positions = tokens[:, deep_rows], positions[:, deep_rows]
+                if k == 1:  # later steps inherit the subset through `hidden`
+                    hidden, mask0 = hidden[:, deep_rows], mask0[:, :, deep_rows]
             q, key, value = self._qkv(tokens, hidden, positions)
             key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
             if k == 0:

@@ -137,6 +137,7 @@ def collate(sequences: list[FeatureSequence]) -> Batch:
     ids = torch.zeros(B, T, dtype=torch.long)
     aux = torch.zeros(B, T, sequences[0].aux.shape[-1], dtype=torch.bfloat16)
     soft = all(s.soft_ids is not None for s in sequences)
+    soft_ids = soft_logp = None
     if soft:
         k = sequences[0].soft_ids.shape[-1]
         soft_ids = torch.zeros(B, T, k, dtype=torch.long)
@@ -149,8 +150,6 @@ def collate(sequences: list[FeatureSequence]) -> Batch:
             soft_ids[b, :n] = s.soft_ids.long()
             soft_logp[b, :n] = s.soft_logp.float()
     reply_starts = torch.tensor([s.reply_start for s in sequences])
-    if not soft:
-        return Batch(ids, aux, lengths, reply_starts)
     return Batch(ids, aux, lengths, reply_starts, soft_ids, soft_logp)
 
 
@@ -188,7 +187,7 @@ def ttt_loss(head: Eagle3Head, batch: Batch, steps: int, decay: float, feature_w
 
     With `deep_row_fraction` < 1 the deep steps run on a random subset of rows (the same for
     the whole batch; `Eagle3Head.unrolled`'s `deep_rows`); step 0 always uses every row."""
-    ids, aux, lengths, reply_starts = batch[:4]
+    ids, aux, lengths, reply_starts = batch.ids, batch.aux, batch.lengths, batch.reply_starts
     if soft_weight and batch.soft_ids is None:
         raise ValueError("soft_label_weight > 0 needs feature shards with soft labels (DataConfig.soft_topk)")
     T = ids.shape[1]
