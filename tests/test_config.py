@@ -36,6 +36,8 @@ BAD = [
     ({"shape": {"total_tokens": 3, "depth": 2}}, r"shape needs exactly the keys.*missing: \['top_k'\]"),
     ({"shape": [3, 2, 2]}, "shape must be an object"),
     ({"actions": []}, "actions must hold at least one shape"),
+    ({"actions": [{"total_tokens": 0, "depth": 0, "top_k": 0}]}, "at least one shape that drafts"),
+    ({"shape": {"total_tokens": 0, "depth": 0, "top_k": 0}}, r"shape=T0/D0/K0 drafts nothing.*only among actions"),
     ({"actions": {"total_tokens": 3}}, "actions must be a list of shapes"),
     ({"actions": [{"total_tokens": 4, "depth": 4, "top_k": 1}] * 2}, "duplicate"),
     ({"actions": [{"total_tokens": 99, "depth": 2, "top_k": 2}]}, r"actions\[0\].total_tokens=99 is more than"),
@@ -62,3 +64,12 @@ def test_token_budget_and_non_eagle3_heads(head, fixture_models, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(C.RespspConfigError, match="not valid JSON"):
         C.parse({"method": "respsp", "model": str(tmp_path)})
+
+
+def test_no_drafts_is_an_action_and_parses_both_ways(head):
+    from vllm_respsp.tree.shape import NO_DRAFTS
+
+    assert TreeShape.parse("none") == TreeShape.parse(str(NO_DRAFTS)) == NO_DRAFTS
+    cfg = C.parse({"method": "respsp", "model": head, "policy": "cycle",
+                   "actions": [NO_DRAFTS.to_dict(), {"total_tokens": 3, "depth": 3, "top_k": 1}]})
+    assert NO_DRAFTS in cfg.actions and cfg.max_depth == cfg.shape.depth

@@ -1,5 +1,6 @@
-"""respsp trees in real vLLM: lossless greedy and sampled decoding, mixed shapes in one batch,
-per-request verification budgets, and the output distribution at temperature 0.8."""
+"""respsp trees in real vLLM: lossless greedy and sampled decoding, mixed shapes (and requests
+that draft nothing) in one batch, per-request verification budgets, and the output distribution
+at temperature 0.8."""
 
 import json
 
@@ -11,8 +12,9 @@ from conftest import run_engine
 CHAIN4 = {"total_tokens": 4, "depth": 4, "top_k": 1}
 SMALL_TREE = {"total_tokens": 12, "depth": 4, "top_k": 3}
 BIG_TREE = {"total_tokens": 64, "depth": 4, "top_k": 8}
-# policy "cycle" gives request with prompt p the shape actions[sum(p) % 3]
-PROMPTS = [[3], [4], [5], [6, 7], [9, 30], [100, 8]]
+NO_DRAFTS = {"total_tokens": 0, "depth": 0, "top_k": 0}
+# policy "cycle" gives request with prompt p the shape actions[sum(p) % 4]
+PROMPTS = [[3], [4], [5], [6], [6, 7], [9, 30], [100, 8]]
 
 
 def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_path):
@@ -22,17 +24,18 @@ def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_p
                          {"temperature": 0.8, "max_tokens": 40, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "policy": "cycle", "actions": [CHAIN4, SMALL_TREE, BIG_TREE]}}
+                                  "policy": "cycle", "actions": [CHAIN4, SMALL_TREE, BIG_TREE, NO_DRAFTS]}}
     results = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
     expected = [[(p[-1] + 1 + i) % 128 for i in range(40)] for p in PROMPTS]
     for r in results:
         assert r["token_ids"] == expected
         spec = r["spec"]
-        # the successor head is always right: every step accepts a whole root path of depth 4
+        # the successor head is always right: every step that drafts accepts a whole root path
+        # of depth 4 (a request given NO_DRAFTS verifies its bonus token alone, no draft counted)
         assert spec["accepted_tokens"] >= 0.9 * 4 * spec["drafts"]
         assert spec["acceptance_length"] > 4.5
     stats = json.loads(stats_file.read_text())
-    assert set(stats["shapes"]) == {"T4/D4/K1", "T12/D4/K3", "T64/D4/K8"}
+    assert set(stats["shapes"]) == {"T4/D4/K1", "T12/D4/K3", "T64/D4/K8", "T0/D0/K0"}
     assert not stats["fallbacks"]
     for shape, total in (("T4/D4/K1", 4), ("T12/D4/K3", 12), ("T64/D4/K8", 64)):
         scheduled = {int(n): count for n, count in stats["scheduled_drafts"][shape].items()}

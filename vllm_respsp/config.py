@@ -124,6 +124,9 @@ def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
     try:
         shape = TreeShape.from_dict(raw["shape"]) if "shape" in raw else DEFAULT_SHAPE
         shape.validate("shape", max_tokens_per_request)
+        if not shape.drafts:
+            raise ShapeError(f"shape={shape} drafts nothing; the static shape must draft "
+                             f"(total_tokens >= 1). {shape} is allowed only among actions")
         actions = tuple(validate_actions(raw["actions"], "actions", max_tokens_per_request)) \
             if "actions" in raw else ()
     except ShapeError as e:

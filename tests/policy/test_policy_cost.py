@@ -5,7 +5,7 @@ import pytest
 
 from vllm_respsp.policy.cost import (ProfileError, fit, load_cost_model, load_profile,
                                      parse_profile)
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 TRUE = {"step": 0.020, "speculation": 0.006, "draft_pass": 0.003, "draft_rows": 0.0002,
         "verify_tokens": 0.0007, "sequences": 0.001}
@@ -85,3 +85,25 @@ def test_bad_profiles_name_the_field(mutate, match):
 def test_unknown_profile_name():
     with pytest.raises(ProfileError, match="shipped: \\['cpu-smollm2-135m'"):
         load_profile("gpu-h200-made-up")
+
+
+def test_no_drafts_pays_the_root_pass_but_verifies_one_token():
+    model = fit(parse_profile(synthetic_profile()))
+    for batch in (1, 16):
+        saved = model.step_seconds(chain(1), batch) - model.step_seconds(NO_DRAFTS, batch)
+        assert saved == pytest.approx(TRUE["verify_tokens"] * batch)  # one draft token per request
+        overhead = model.step_seconds(NO_DRAFTS, batch) - model.step_seconds(None, batch)
+        assert overhead == pytest.approx(TRUE["speculation"] + TRUE["draft_pass"] + TRUE["draft_rows"] * batch)
+
+
+def test_tree_terms_charge_trees_not_chains():
+    raw = synthetic_profile()
+    raw["terms"] += ["tree_requests", "tree_rows"]
+    for r in raw["rows"]:
+        if "shape" in r and r["shape"]["top_k"] > 1:
+            q = r["shape"]["total_tokens"] + 1
+            r["seconds"] += r["batch"] * (0.004 + 0.0001 * q)
+    model = fit(parse_profile(raw))
+    np.testing.assert_allclose(model.coefficients, list(TRUE.values()) + [0.004, 0.0001], rtol=1e-6)
+    assert model.step_seconds(chain(5), 4) == pytest.approx(
+        fit(parse_profile(synthetic_profile())).step_seconds(chain(5), 4))

@@ -8,7 +8,7 @@ import pytest
 from vllm_respsp.policy.cost import CostModel, load_cost_model
 from vllm_respsp.policy.simulator import (best_static, oracle, simulate, static_results, summary)
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, synthetic_traces
-from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain
+from vllm_respsp.tree.shape import EAGLE3_DEFAULT, NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(3)]
 
@@ -82,3 +82,12 @@ def test_oracle_bounds_everything_and_static_shrinks_with_load():
     # a heavier batch makes verified tokens dearer: the best static tree gets smaller
     big = {str(a): a.total_tokens for a in actions}
     assert big[s64["best_static"]["action"]] < big[s1["best_static"]["action"]]
+
+
+def test_no_drafts_gains_one_token_per_step():
+    traces = synthetic_traces([chain(1), chain(3)], num_generations=2, positions=40).with_no_drafts()
+    cost = load_cost_model("cpu-smollm2-135m")
+    res = simulate(traces, cost, traces.actions.index(NO_DRAFTS), batch=8)
+    assert res.tokens == res.steps == sum(g.num_positions for g in traces.generations)
+    # it beats drafting only by what verification saves, never no speculation itself
+    assert res.tokens_per_s < summary(traces, cost, 8)["no_speculation"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vllm_respsp.policy.traces import (TraceError, load_traces, save_traces, synthetic_traces)
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(3), TreeShape(8, 3, 4), TreeShape(16, 5, 4), TreeShape(32, 6, 8)]
 
@@ -75,3 +75,12 @@ def test_split_keeps_generations_whole(traces):
     assert len(train.generations) == 2 and len(held.generations) == 1
     ids = {g.prompt_id for g in train.generations} | {g.prompt_id for g in held.generations}
     assert len(ids) == 3
+
+
+def test_no_drafts_column_is_zeros_and_added_once(traces):
+    with_none = traces.with_no_drafts()
+    assert with_none.actions == traces.actions + [NO_DRAFTS]
+    for g, h in zip(traces.generations, with_none.generations):
+        np.testing.assert_array_equal(h.accepted[:, :-1], g.accepted)
+        assert not h.accepted[:, -1].any()
+    assert with_none.validate().with_no_drafts() is with_none

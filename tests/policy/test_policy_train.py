@@ -14,7 +14,7 @@ from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.simulator import best_static, simulate
 from vllm_respsp.policy.traces import save_traces, synthetic_traces
 from vllm_respsp.policy.train import main, make_net, train_bandit, train_ppo
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(2), chain(4), TreeShape(8, 3, 4), TreeShape(16, 5, 4), TreeShape(32, 6, 8)]
 
@@ -66,14 +66,17 @@ def test_cli_writes_loadable_reproducible_policies(tmp_path):
         a = (tmp_path / "a" / f"{algo}.safetensors").read_bytes()
         assert a == (tmp_path / "b" / f"{algo}.safetensors").read_bytes()  # same seed, same weights
         pf = load_policy(tmp_path / "a" / f"{algo}.json", hidden_size=4)
-        assert pf.actions == ACTIONS and pf.meta["cost_profile"]["name"] == "cpu-smollm2-135m"
+        assert pf.actions == ACTIONS + [NO_DRAFTS]  # --no-drafts on (the default) adds it
+        assert pf.meta["cost_profile"]["name"] == "cpu-smollm2-135m"
     assert load_policy(tmp_path / "a" / "ppo.json").hold == 2
     row = report["tokens_per_s_on_eval"]["eval"]["64"]
     assert row["oracle"] >= max(row["bandit"], row["ppo"], row["best_static"]) * 0.999
     assert json.loads((tmp_path / "a" / "report.json").read_text())["files"]["bandit"]
     policy = ShapePolicy.from_file(tmp_path / "a" / "bandit.json")
     shapes = policy.choose([0, 1], torch.randn(2, 12), torch.zeros(2), 64)
-    assert all(s in ACTIONS for s in shapes) and policy.fallback_count == 0
+    assert all(s in ACTIONS + [NO_DRAFTS] for s in shapes) and policy.fallback_count == 0
+    main(args + ["--out", str(tmp_path / "c"), "--algo", "bandit", "--no-drafts", "off"])
+    assert load_policy(tmp_path / "c" / "bandit.json").actions == ACTIONS
 
 
 def test_module_entry_point_help():

@@ -40,12 +40,18 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 TERMS = {
     "step": lambda s, q, b, c: 1.0,  # weights read once per forward, whatever the batch
     "speculation": lambda s, q, b, c: 0.0 if s is None else 1.0,  # draft setup, tree metadata
-    "draft_pass": lambda s, q, b, c: 0.0 if s is None else float(s.depth),  # one head call per level
+    # one head call per level; the root's runs even for NO_DRAFTS (it extends the head's cache)
+    "draft_pass": lambda s, q, b, c: 0.0 if s is None else float(max(s.depth, 1)),
     # rows the draft head computes: the root, then top_k frontier nodes per further level
-    "draft_rows": lambda s, q, b, c: 0.0 if s is None else float(b * (1 + (s.depth - 1) * s.top_k)),
+    "draft_rows": lambda s, q, b, c: 0.0 if s is None else float(b * (1 + max(s.depth - 1, 0) * s.top_k)),
     "verify_tokens": lambda s, q, b, c: float(b * q),  # target forward over all sequences' tokens
     "sequences": lambda s, q, b, c: float(b),  # per-sequence bookkeeping (sampling, metadata)
     "attention": lambda s, q, b, c: float(b * q * c),  # token x context pairs in attention
+    # Where a backend has no tree attention of its own (vLLM's CPU one is causal only), the
+    # rows of a non-chain tree are attended again through their masks and their KV compacted
+    # after verification: a cost per tree request and per tree row that chains never pay.
+    "tree_requests": lambda s, q, b, c: float(b) if s is not None and s.top_k > 1 else 0.0,
+    "tree_rows": lambda s, q, b, c: float(b * q) if s is not None and s.top_k > 1 else 0.0,
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from vllm_respsp.tree.shape import ShapeError, TreeShape, validate_actions
+from vllm_respsp.tree.shape import NO_DRAFTS, ShapeError, TreeShape, validate_actions
 
 TRACE_FORMAT_VERSION = 1
 
@@ -107,6 +107,20 @@ class TraceSet:
             if g.accepted.size and (g.accepted.min() < 0 or (g.accepted > max_depth).any()):
                 raise TraceError(f"{tag}: accepted lengths must lie in 0..depth of their action")
         return self
+
+    def with_no_drafts(self) -> "TraceSet":
+        """These traces with NO_DRAFTS appended to the actions (unless they hold it already).
+
+        A request that drafts nothing accepts nothing, so its column is zeros by definition and
+        recordings need not carry it.
+        """
+        if NO_DRAFTS in self.actions:
+            return self
+        generations = [Generation(g.prompt_id, g.prompt_set, g.features,
+                                  np.concatenate([g.accepted, np.zeros((g.num_positions, 1), np.int16)], 1))
+                       for g in self.generations]
+        return TraceSet(self.actions + [NO_DRAFTS], self.feature_spec, generations,
+                        self.target, self.head, self.temperature)
 
     def split(self, eval_fraction: float, seed: int = 0) -> tuple["TraceSet", "TraceSet"]:
         """Split by whole generations (positions of one text are correlated)."""

@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="held-out trace sets, reported one by one (default: a split of --traces)")
     ap.add_argument("--features", nargs="*", default=None,
                     help="train on these feature blocks of the traces only (ablations)")
+    ap.add_argument("--no-drafts", choices=["on", "off"], default="on",
+                    help="add the action that drafts nothing (NO_DRAFTS) to the traces' action set")
     ap.add_argument("--profile", default="cpu-smollm2-135m", help="profile name or path")
     ap.add_argument("--out", required=True, help="output folder for the policy files")
     ap.add_argument("--algo", nargs="+", choices=["bandit", "ppo"], default=["bandit", "ppo"])
@@ -246,13 +248,14 @@ def main(argv: list[str] | None = None) -> dict:
     np.random.seed(args.seed)
     traces = (load_traces(args.traces) if args.traces else synthetic_traces(
         synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
-    if args.features is not None:
-        traces = select_features(traces, args.features)
+    def prepare(t: TraceSet) -> TraceSet:
+        t = select_features(t, args.features) if args.features is not None else t
+        return t.with_no_drafts() if args.no_drafts == "on" else t
+
+    traces = prepare(traces)
     if args.eval_traces:
         train_set = traces
-        eval_sets = {Path(t).name.removesuffix(".json"): load_traces(t) for t in args.eval_traces}
-        if args.features is not None:
-            eval_sets = {k: select_features(v, args.features) for k, v in eval_sets.items()}
+        eval_sets = {Path(t).name.removesuffix(".json"): prepare(load_traces(t)) for t in args.eval_traces}
     else:
         train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
         eval_sets = {"eval": eval_set if eval_set.generations else train_set}

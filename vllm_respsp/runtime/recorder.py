@@ -31,7 +31,7 @@ RECORDED_FEATURES = ("draft_root_hidden", "eagle3_fused", "draft_root_probs")
 class TraceRecorder:
     def __init__(self, path: str, actions: list[TreeShape]):
         self.path = path
-        self.actions = list(actions)
+        self.actions = [a for a in actions if a.drafts]  # NO_DRAFTS accepts 0 by definition
         self.seen: set[str] = set()
         open(path, "wb").close()  # one recording per engine
 

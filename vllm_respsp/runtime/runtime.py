@@ -207,19 +207,21 @@ class RespspRuntime:
         if failed:
             self._fallback("policy_error", failed)
         max_len = runner.max_model_len
-        chosen, shapes = [], []
+        chosen, shapes, decided = [], [], []
         for req_id, shape in zip(asking, picked):
             index, root_token, root_pos = root_of[req_id]
-            if upstream:
+            if upstream and shape.drafts:
                 shape = chain(shape.depth)
             room = max_len - root_pos - 1
             if room <= 0:
                 continue
             if shape.total_tokens > room:
                 shape = TreeShape(room, min(shape.depth, room), shape.top_k)
-            chosen.append((req_id, index, root_token))
-            shapes.append(shape)
-        for shape, count in Counter(map(str, shapes)).items():
+            decided.append(shape)
+            if shape.drafts:  # NO_DRAFTS: this request verifies only its bonus token next step
+                chosen.append((req_id, index, root_token))
+                shapes.append(shape)
+        for shape, count in Counter(map(str, decided)).items():
             self.shape_counts[shape] += count
             metrics.record_shape(shape, count)
         if not chosen:

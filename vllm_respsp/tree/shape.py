@@ -11,7 +11,8 @@ Conventions (EAGLE-3's tree, design.md §3):
 
 A beam can produce at most top_k + (depth - 1) * top_k**2 candidates; a shape asking for more
 nodes than that, or for a tree shallower than its chain (total < depth), is impossible.
-A chain of n tokens is (n, n, 1).
+A chain of n tokens is (n, n, 1). `NO_DRAFTS` = (0, 0, 0) is the action that drafts nothing this
+step: the request verifies only its bonus token. It is a policy action, not a static shape.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ class TreeShape:
     def is_chain(self) -> bool:
         return self.top_k == 1
 
+    @property
+    def drafts(self) -> bool:
+        return self.total_tokens > 0
+
     def validate(self, field: str = "shape", max_total_tokens: int | None = None) -> "TreeShape":
+        if self == NO_DRAFTS:
+            return self
         for name in ("total_tokens", "depth", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -74,10 +81,12 @@ class TreeShape:
 
     @classmethod
     def parse(cls, text: str) -> "TreeShape":
-        """"T16/D5/K4" (as str() writes it) or "chain5"."""
+        """"T16/D5/K4" (as str() writes it), "chain5", or "none" (NO_DRAFTS)."""
+        if text.strip() in ("none", str(NO_DRAFTS)):
+            return NO_DRAFTS
         m = re.fullmatch(r"chain(\d+)|T(\d+)/D(\d+)/K(\d+)", text.strip())
         if not m:
-            raise ShapeError(f"shape {text!r}: expected chainN or T<total_tokens>/D<depth>/K<top_k>")
+            raise ShapeError(f"shape {text!r}: expected chainN, T<total_tokens>/D<depth>/K<top_k> or none")
         if m[1]:
             return chain(int(m[1]))
         return cls(int(m[2]), int(m[3]), int(m[4]))
@@ -91,6 +100,12 @@ class TreeShape:
 
 def chain(n: int) -> TreeShape:
     return TreeShape(n, n, 1)
+
+
+# Verify only the bonus token. The drafter's root pass still runs (it keeps the head's cache
+# current and gives the policy its next state); where verifying drafts costs more than they
+# return (large batches on a CPU), this is the action that wins.
+NO_DRAFTS = TreeShape(0, 0, 0)
 
 
 # EAGLE-3's defaults (total 60, EAGLE depth 7, top-k 10) in this module's convention.
@@ -123,4 +138,6 @@ def validate_actions(actions: Iterable, field: str = "actions",
         raise ShapeError(f"{field} must hold at least one shape")
     if len(set(parsed)) != len(parsed):
         raise ShapeError(f"{field} holds duplicate shapes")
+    if not any(s.drafts for s in parsed):
+        raise ShapeError(f"{field} must hold at least one shape that drafts (not only {NO_DRAFTS})")
     return parsed
