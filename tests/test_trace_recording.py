@@ -6,7 +6,7 @@ import numpy as np
 from conftest import run_engine
 from vllm_respsp.policy.record import accepted_lengths, assemble
 from vllm_respsp.runtime.recorder import read_records
-from vllm_respsp.tree.shape import TreeShape
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape
 
 
 def test_walking_trees_along_an_output():
@@ -36,7 +36,7 @@ def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
            "samplings": [{"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 128},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "shape": actions[0], "actions": actions}}
+                                  "shape": actions[0], "actions": actions + [NO_DRAFTS.to_dict()]}}
     result = run_engine(job, env={"VLLM_RESPSP_RECORD": str(records)})["results"][0]
     outputs = result["token_ids"]
     assert outputs == [[(p[-1] + 1 + i) % 128 for i in range(12)] for p in prompts]
@@ -45,7 +45,7 @@ def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
     generations, recorded, names = assemble(
         read_records(str(records)), {tuple(p): o for p, o in zip(prompts, outputs)},
         {tuple(p): (f"p{i}", "fixture") for i, p in enumerate(prompts)})
-    assert recorded == [TreeShape.from_dict(a) for a in actions]
+    assert recorded == [TreeShape.from_dict(a) for a in actions]  # NO_DRAFTS: no tree, zeros by definition
     assert names == ["draft_root_hidden", "eagle3_fused", "draft_root_probs"]
     for g in generations.values():
         assert g.features.shape == (11, 128 + 128 + 8)

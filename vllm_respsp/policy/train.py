@@ -63,6 +63,16 @@ def select_features(traces: TraceSet, names: list[str]) -> TraceSet:
     return dataclasses.replace(traces, feature_spec=[offsets[n][2] for n in names], generations=gens)
 
 
+def select_actions(traces: TraceSet, actions: list[TreeShape]) -> TraceSet:
+    """The same trace set with only these actions' columns, in the given order."""
+    missing = [str(a) for a in actions if a not in traces.actions]
+    if missing:
+        raise SystemExit(f"actions {missing}: not in the traces; they hold {list(map(str, traces.actions))}")
+    cols = [traces.actions.index(a) for a in actions]
+    gens = [dataclasses.replace(g, accepted=np.ascontiguousarray(g.accepted[:, cols])) for g in traces.generations]
+    return dataclasses.replace(traces, actions=list(actions), generations=gens)
+
+
 def make_net(traces: TraceSet, proj_dim: int, hidden: tuple[int, ...], activation: str,
              seed: int) -> PolicyNet:
     torch.manual_seed(seed)
