@@ -98,12 +98,12 @@ def test_no_drafts_pays_the_root_pass_but_verifies_one_token():
 
 def test_tree_terms_charge_trees_not_chains():
     raw = synthetic_profile()
-    raw["terms"] += ["tree_requests", "tree_rows"]
+    raw["terms"] += ["tree_step", "tree_requests", "tree_rows"]
     for r in raw["rows"]:
         if "shape" in r and r["shape"]["top_k"] > 1:
             q = r["shape"]["total_tokens"] + 1
-            r["seconds"] += r["batch"] * (0.004 + 0.0001 * q)
+            r["seconds"] += 0.010 + r["batch"] * (0.004 + 0.0001 * q)
     model = fit(parse_profile(raw))
-    np.testing.assert_allclose(model.coefficients, list(TRUE.values()) + [0.004, 0.0001], rtol=1e-6)
+    np.testing.assert_allclose(model.coefficients, list(TRUE.values()) + [0.010, 0.004, 0.0001], rtol=1e-6)
     assert model.step_seconds(chain(5), 4) == pytest.approx(
         fit(parse_profile(synthetic_profile())).step_seconds(chain(5), 4))

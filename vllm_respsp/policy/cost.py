@@ -49,7 +49,9 @@ TERMS = {
     "attention": lambda s, q, b, c: float(b * q * c),  # token x context pairs in attention
     # Where a backend has no tree attention of its own (vLLM's CPU one is causal only), the
     # rows of a non-chain tree are attended again through their masks and their KV compacted
-    # after verification: a cost per tree request and per tree row that chains never pay.
+    # after verification: a cost per step with trees (the plan, per layer), per tree request
+    # and per tree row, that chains never pay.
+    "tree_step": lambda s, q, b, c: 1.0 if s is not None and s.top_k > 1 else 0.0,
     "tree_requests": lambda s, q, b, c: float(b) if s is not None and s.top_k > 1 else 0.0,
     "tree_rows": lambda s, q, b, c: float(b * q) if s is not None and s.top_k > 1 else 0.0,
 }

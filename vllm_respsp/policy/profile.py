@@ -32,7 +32,8 @@ from tqdm import tqdm
 from vllm_respsp.policy.record import DEFAULT_ACTIONS
 from vllm_respsp.tree.shape import TreeShape
 
-TERMS = ["step", "speculation", "draft_pass", "draft_rows", "verify_tokens", "sequences", "tree_requests", "tree_rows"]
+TERMS = ["step", "speculation", "draft_pass", "draft_rows", "verify_tokens", "sequences", "tree_step",
+         "tree_requests", "tree_rows"]
 
 
 def random_prompts(batch: int, context: int, vocab: int, seed: int) -> list[list[int]]:
