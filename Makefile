@@ -52,7 +52,7 @@ policy: venv
 		--shapes chain1 chain3 chain6 T4/D2/K2 T8/D3/K4 T12/D4/K4 --batch-sizes 1 8 32 --reps 3 --max-engines 4
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json \
-		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --out $(POLICY_DIR)
+		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
 	$(PY) -m vllm_respsp.policy.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
 
 clean-venv:
