@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.policy.features import feature_dims
     from vllm_respsp.runtime.recorder import RECORD_ENV, read_records
-    from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
+    from vllm_respsp.testbed.engine_run import make_llm, prepare_cpu_env
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts, render
 
