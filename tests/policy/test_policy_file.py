@@ -95,3 +95,16 @@ def test_not_a_policy_file(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(PolicyFileError, match="'format'"):
         load_policy(tmp_path / "x.json")
+
+
+def test_constant_policy_picks_its_shape_for_every_request(tmp_path):
+    from vllm_respsp.policy.policy_file import constant_policy
+    from vllm_respsp.policy.shape_policy import ShapePolicy
+    from vllm_respsp.tree.shape import NO_DRAFTS, chain
+
+    path = constant_policy(tmp_path / "none", NO_DRAFTS, chain(1))
+    assert load_policy(path, feature_dims={"draft_root_probs": 8}).actions == [chain(1), NO_DRAFTS]
+    policy = ShapePolicy.from_file(path)
+    shapes = policy.choose(list(range(16)), torch.rand(16, 8), torch.rand(16) * 3, batch_load=16)
+    assert shapes == [NO_DRAFTS] * 16 and policy.fallback_count == 0
+    assert ShapePolicy.from_file(constant_policy(tmp_path / "c1", chain(1), chain(1))).actions == [chain(1)]

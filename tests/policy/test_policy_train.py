@@ -96,3 +96,17 @@ def test_held_out_trace_sets_and_feature_ablation(tmp_path):
     assert load_policy(tmp_path / "p" / "bandit.json").net.architecture["feature_dim"] == first.dim
     with pytest.raises(SystemExit, match="not in the traces"):
         main(["--traces", str(tmp_path / "train.json"), "--features", "nope", "--out", str(tmp_path / "q")])
+
+
+def test_action_subset_trains_and_evaluates_on_those_actions_only(tmp_path):
+    save_traces(small_traces(), tmp_path / "traces")
+    args = ["--traces", str(tmp_path / "traces.json"), "--algo", "bandit", "--batch-loads", "1", "8",
+            "--bandit-epochs", "1"]
+    report = main(args + ["--actions", "chain1", "chain4", "--out", str(tmp_path / "p")])
+    assert load_policy(tmp_path / "p" / "bandit.json").actions == [chain(1), chain(4), NO_DRAFTS]
+    for row in report["tokens_per_s_on_eval"]["eval"].values():
+        assert row["best_static_action"] in ("T1/D1/K1", "T4/D4/K1", "T0/D0/K0")
+    with pytest.raises(SystemExit, match="not in the traces"):
+        main(args + ["--actions", "chain3", "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit):
+        main(args + ["--actions", "chain", "--out", str(tmp_path / "r")])

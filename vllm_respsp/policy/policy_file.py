@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_respsp.policy.features import ROOT_PROBS
 from vllm_respsp.policy.network import ACTIVATIONS, PolicyNet
 from vllm_respsp.policy.simulator import EXTRA_FEATURES
 from vllm_respsp.policy.traces import FeatureSpec, feature_width
@@ -71,6 +72,23 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(meta, indent=1))
     return path
+
+
+def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> Path:
+    """A policy file that picks `shape` for every request at every step.
+
+    NO_DRAFTS cannot be a static shape (config.py: that is no speculation, which skips the
+    head), so the runtime reaches it only through a policy; `policy.profile` times it with
+    this one. Zero weights and a one-hot head bias make the argmax constant.
+    """
+    actions = [fallback] if shape == fallback else [fallback, shape]
+    net = PolicyNet(ROOT_PROBS, len(EXTRA_FEATURES), len(actions), proj_dim=1, hidden=(1,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.head.bias[actions.index(shape)] = 1.0
+    return save_policy(stem, net, actions, [FeatureSpec("draft_root_probs", ROOT_PROBS)],
+                       training={"algo": "constant", "shape": str(shape)})
 
 
 def _fail(path, field: str, message: str):

@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="held-out trace sets, reported one by one (default: a split of --traces)")
     ap.add_argument("--features", nargs="*", default=None,
                     help="train on these feature blocks of the traces only (ablations)")
+    ap.add_argument("--actions", nargs="+", default=None, metavar="SHAPE",
+                    help="train on these of the traces' actions only (e.g. chains where a backend "
+                         "has no tree attention and trees pay for their masks); default: all")
     ap.add_argument("--no-drafts", choices=["on", "off"], default="on",
                     help="add the action that drafts nothing (NO_DRAFTS) to the traces' action set")
     ap.add_argument("--profile", default="cpu-smollm2-135m", help="profile name or path")
@@ -256,10 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     np.random.seed(args.seed)
+    try:
+        actions = [TreeShape.parse(a) for a in args.actions] if args.actions else None
+    except ValueError as e:
+        ap.error(f"--actions: {e}")
     traces = (load_traces(args.traces) if args.traces else synthetic_traces(
         synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
     def prepare(t: TraceSet) -> TraceSet:
         t = select_features(t, args.features) if args.features is not None else t
+        t = select_actions(t, actions) if actions is not None else t
         return t.with_no_drafts() if args.no_drafts == "on" else t
 
     traces = prepare(traces)
