@@ -49,7 +49,8 @@ policy: venv
 	$(PY) -m vllm_respsp.policy.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
 	$(PY) -m vllm_respsp.policy.record --prompts humaneval --num-prompts 40 --out $(TRACES)/humaneval
 	$(PY) -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
-		--shapes chain1 chain3 chain6 T4/D2/K2 T8/D3/K4 T12/D4/K4 --batch-sizes 1 8 32 --reps 3 --max-engines 4
+		--shapes chain1 chain2 chain3 chain4 chain6 T3/D1/K3 T4/D2/K2 T8/D3/K4 T12/D4/K4 none \
+		--batch-sizes 1 8 32 --reps 3 --tokens 8 48 --max-engines 4
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json \
 		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
