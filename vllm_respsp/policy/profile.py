@@ -14,8 +14,8 @@ size starts, interleaved, so the machine's noise hits them alike; the median of 
 The prompts are real ones (default: the ShareGPT slice the policy trains on, chat-templated,
 at most --context tokens): a step's time depends on what the head accepts as well as on the
 shape. Random tokens (`--prompts random`, --context of them) accept almost nothing, and there a
-chain-3 step measured 27 ms where the same engine's step on MT-Bench prompts took 35-38 ms
-(a 20 ms step without speculation in both), so a profile on them under-prices speculation.
+chain-3 step measured 24-28 ms where the same engine's step on MT-Bench prompts took 33-38 ms
+(plain steps 20-28 ms on both), so a profile on them under-prices speculation.
 The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
 file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
