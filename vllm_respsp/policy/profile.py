@@ -4,12 +4,12 @@
         [--shapes chain1 T4/D2/K2 none ...] [--batch-sizes 1 8 32] [--prompts sharegpt-train | random]
 
 One engine per configuration (no speculation, then respsp with each static shape) stays loaded
-in its own process, `--max-engines` at a time. For each batch size B it decodes B random prompts of `--context` tokens
+in its own process, `--max-engines` at a time. For each batch size B it decodes B prompts
 twice, for a short and a long output; the difference of the two wall times over the difference
 of their engine-step counts is the time of one decode step, prefill and start-up cancelled out.
 Steps are counted by the respsp runtime (its stats file); without speculation every step emits
 one token per request. Within a group, every configuration runs at a batch size before the next batch
-size starts, interleaved, so the machine's noise hits them alike; the median of `--reps` is kept.
+size starts, interleaved, so the machine's noise hits them alike.
 
 The prompts are real ones (default: the ShareGPT slice the policy trains on, chat-templated,
 at most --context tokens): a step's time depends on what the head accepts as well as on the
