@@ -33,7 +33,9 @@ BAD = [
     ({"shape": {"total_tokens": 8, "depth": 2, "top_k": "4"}}, "shape.top_k must be a positive integer"),
     ({"shape": {"total_tokens": 30, "depth": 2, "top_k": 4}}, r"more than a depth-2, top-4 beam can produce; allowed: 1..20"),
     ({"shape": {"total_tokens": 3, "depth": 5, "top_k": 2}}, "cannot fill depth=5"),
-    ({"shape": {"total_tokens": 3, "depth": 2}}, r"shape needs exactly the keys.*missing: \['top_k'\]"),
+    ({"shape": {"total_tokens": 3, "depth": 2}}, r"shape needs the keys.*missing: \['top_k'\]"),
+    ({"shape": {"total_tokens": 8, "depth": 8, "top_k": 1, "min_prob": 1.5}}, r"shape.min_prob must be a number in \[0, 1\)"),
+    ({"actions": [{"total_tokens": 8, "depth": 8, "top_k": 1, "min_prob": "high"}]}, r"actions\[0\].min_prob must be"),
     ({"shape": [3, 2, 2]}, "shape must be an object"),
     ({"actions": []}, "actions must hold at least one shape"),
     ({"actions": [{"total_tokens": 0, "depth": 0, "top_k": 0}]}, "at least one shape that drafts"),
@@ -73,3 +75,15 @@ def test_no_drafts_is_an_action_and_parses_both_ways(head):
     cfg = C.parse({"method": "respsp", "model": head, "policy": "cycle",
                    "actions": [NO_DRAFTS.to_dict(), {"total_tokens": 3, "depth": 3, "top_k": 1}]})
     assert NO_DRAFTS in cfg.actions and cfg.max_depth == cfg.shape.depth
+
+
+def test_confidence_bounded_shapes_parse_and_round_trip(head):
+    bounded = TreeShape(8, 8, 1, 0.3)
+    assert TreeShape.parse("T8/D8/K1/p0.3") == TreeShape.parse("chain8/p0.3") == bounded
+    assert str(bounded) == "T8/D8/K1/p0.3" and TreeShape.from_dict(bounded.to_dict()) == bounded
+    assert "min_prob" not in TreeShape(8, 8, 1).to_dict()  # static shapes keep their old form
+    cfg = C.parse({"method": "respsp", "model": head, "shape": bounded.to_dict(), "policy": "cycle",
+                   "actions": [bounded.to_dict(), {"total_tokens": 12, "depth": 6, "top_k": 2, "min_prob": 0.1}]})
+    assert cfg.shape == bounded and C.parse(cfg.to_dict()) == cfg
+    with pytest.raises(Exception, match="expected chainN"):
+        TreeShape.parse("T8/D8/K1/q0.3")

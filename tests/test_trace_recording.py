@@ -4,7 +4,9 @@ the engine's output, and each action's tree is walked along it to its accepted l
 import numpy as np
 
 from conftest import run_engine
+from vllm_respsp.policy.pools import pool_shape
 from vllm_respsp.policy.record import accepted_lengths, assemble
+from vllm_respsp.policy.traces import FeatureSpec, TraceSet
 from vllm_respsp.runtime.recorder import read_records
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape
 
@@ -28,7 +30,8 @@ def test_walking_trees_along_an_output():
 
 def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
     """The successor head is always right: every action accepts its whole depth (capped by
-    the tokens left), and the recorded roots are exactly the greedy output."""
+    the tokens left), and the recorded roots are exactly the greedy output. One pool per width
+    is recorded; a confidence-bounded shape derived from it keeps only the sure chain."""
     actions = [{"total_tokens": 3, "depth": 3, "top_k": 1}, {"total_tokens": 8, "depth": 4, "top_k": 2}]
     prompts = [[5, 9, 30], [100, 7], [3]]
     records = tmp_path / "trace.records"
@@ -42,14 +45,23 @@ def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
     assert outputs == [[(p[-1] + 1 + i) % 128 for i in range(12)] for p in prompts]
     # recording proposes nothing (vLLM may still schedule a step of -1 placeholders once: all rejected)
     assert result["spec"]["accepted_tokens"] == 0
-    generations, recorded, names = assemble(
+    generations, pools, names = assemble(
         read_records(str(records)), {tuple(p): o for p, o in zip(prompts, outputs)},
         {tuple(p): (f"p{i}", "fixture") for i, p in enumerate(prompts)})
-    assert recorded == [TreeShape.from_dict(a) for a in actions]  # NO_DRAFTS: no tree, zeros by definition
+    assert pools == [pool_shape(3, 1), pool_shape(4, 2)]  # NO_DRAFTS: no tree, zeros by definition
     assert names == ["draft_root_hidden", "eagle3_fused", "draft_root_probs"]
-    for g in generations.values():
+    bounded = TreeShape(8, 4, 2, 0.5)
+    traces = TraceSet([], [FeatureSpec("all", 264)], list(generations.values())).with_actions(
+        [TreeShape.from_dict(a) for a in actions] + [bounded, NO_DRAFTS]).validate()
+    for g in traces.generations:
         assert g.features.shape == (11, 128 + 128 + 8)
         left = 11 - np.arange(11)  # tokens after position p that a tree can still match
         assert g.accepted[:, 0].tolist() == np.minimum(3, left).tolist()
         assert g.accepted[:, 1].tolist() == np.minimum(4, left).tolist()
+        assert g.accepted[:, 2].tolist() == np.minimum(4, left).tolist()
+        assert not g.accepted[:, 3].any()
         assert np.allclose(g.features[:, -8].max(), g.features[:, -8]) and g.features[0, -8] > 0.9
+        # both trees verify 8 nodes over 4 levels; the bounded one expands only the sure node
+        # of each level (1 + 3 rows instead of 1 + 3 * 2)
+        assert (g.work.nodes[:, 1:3] == 8).all() and (g.work.levels[:, 1:3] == 4).all()
+        assert (g.work.rows[:, 1] == 7).all() and (g.work.rows[:, 2] == 4).all()

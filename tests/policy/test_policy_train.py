@@ -106,7 +106,7 @@ def test_action_subset_trains_and_evaluates_on_those_actions_only(tmp_path):
     assert load_policy(tmp_path / "p" / "bandit.json").actions == [chain(1), chain(4), NO_DRAFTS]
     for row in report["tokens_per_s_on_eval"]["eval"].values():
         assert row["best_static_action"] in ("T1/D1/K1", "T4/D4/K1", "T0/D0/K0")
-    with pytest.raises(SystemExit, match="not in the traces"):
+    with pytest.raises(SystemExit, match="not in these traces' actions .* and no pools"):
         main(args + ["--actions", "chain3", "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit):
         main(args + ["--actions", "chain", "--out", str(tmp_path / "r")])

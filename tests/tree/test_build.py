@@ -103,3 +103,33 @@ def test_chain_is_greedy_path():
         expect.append(t)
         cur += (t,)
     assert list(path) == expect
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_confidence_bounded_shapes_keep_the_unbounded_trees_nodes_above_the_bound(seed):
+    """A bounded shape's tree = the best total_tokens of the unbounded beam's candidates at level
+    1 or under a parent scoring >= log(min_prob); no node below the bound is ever expanded."""
+    rng = random.Random(seed)
+    caps = [TreeShape(8, 8, 1), TreeShape(22, 6, 2), TreeShape(20, 4, 4)]
+    shapes = [TreeShape(c.total_tokens, c.depth, c.top_k, rng.choice([0.02, 0.05, 0.15]))
+              for c in caps] + [chain(3)]
+    roots = [rng.randrange(VOCAB) for _ in shapes]
+    calls = []
+    tree = batched_tree(shapes, roots, seed, calls)
+    unbounded_rows = sum(s.top_k * (s.depth - 1) for s in caps)
+    assert sum(calls) < unbounded_rows + 2  # pruned frontier nodes were not expanded
+    sizes = []
+    for b, (shape, root) in enumerate(zip(shapes, roots)):
+        full = TreeShape(shape.capacity, shape.depth, shape.top_k)
+        beam = brute_force(full, root, seed)
+        grown = {p: s for p, s in beam.items() if len(p) == 1 or beam[p[:-1]] >= shape.log_min_prob}
+        expected = dict(sorted(grown.items(), key=lambda c: (-c[1], len(c[0])))[:shape.total_tokens])
+        paths = tree.paths(b)[1:]
+        assert set(paths) == set(expected)
+        sizes.append(len(paths))
+    assert any(n < s.total_tokens for n, s in zip(sizes[:3], shapes)), sizes  # the bound bit
+
+
+def test_a_bound_above_every_node_leaves_level_one():
+    tree = batched_tree([TreeShape(8, 4, 2, 0.999), chain(2)], [4, 5], seed=0)
+    assert tree.cu_nodes.tolist() == [0, 3, 6]

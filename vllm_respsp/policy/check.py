@@ -30,7 +30,8 @@ def outputs_path(stem: str | Path) -> Path:
 def simulated_acceptance(traces: TraceSet, policy, hold: int = 1) -> float:
     """vLLM's acceptance length (tokens per verification step) of a fixed action or a policy at load 1.
 
-    Steps that verify no drafts (NO_DRAFTS) are not verification steps in vLLM's counters.
+    Steps that verify no drafts (NO_DRAFTS, or a bounded shape that found no node above its
+    bound) are not verification steps in vLLM's counters.
     """
     import numpy as np
 
@@ -38,18 +39,16 @@ def simulated_acceptance(traces: TraceSet, policy, hold: int = 1) -> float:
     from vllm_respsp.policy.simulator import simulate
 
     res = simulate(traces, CostModel(("step",), np.ones(1)), policy, batch=1, hold=hold)  # time unused
-    drafting = [i for i, a in enumerate(traces.actions) if a.drafts]
-    steps = int(res.action_counts[drafting].sum())
-    free = res.steps - steps  # NO_DRAFTS steps: one token each, outside vLLM's counters
-    return float((res.tokens - free) / steps) if steps else 1.0  # vLLM's value without drafts
+    free = res.steps - res.drafted_steps  # steps without drafts: one token each, not counted
+    return float((res.tokens - free) / res.drafted_steps) if res.drafted_steps else 1.0
 
 
 def policy_view(traces: TraceSet, policy_file) -> TraceSet:
     """The traces as the policy sees them: its feature blocks, its action order."""
-    from vllm_respsp.policy.train import select_actions, select_features
+    from vllm_respsp.policy.train import select_features
 
-    traces = select_features(traces.with_no_drafts(), [f.name for f in policy_file.feature_spec])
-    return select_actions(traces, policy_file.actions)
+    traces = select_features(traces, [f.name for f in policy_file.feature_spec])
+    return traces.with_actions(policy_file.actions)
 
 
 def run_checks(stem: str | Path, shapes: list[TreeShape], policies: list[str], model: str, head: str,
@@ -71,9 +70,7 @@ def run_checks(stem: str | Path, shapes: list[TreeShape], policies: list[str], m
             sim = simulated_acceptance(policy_view(traces, pf), pf.net.act, pf.hold)
         else:
             shape = TreeShape.parse(name)
-            if shape not in traces.actions:
-                raise SystemExit(f"check {shape}: not among the recorded actions {list(map(str, traces.actions))}")
-            sim = simulated_acceptance(traces, traces.actions.index(shape))
+            sim = simulated_acceptance(traces.with_actions([shape]), 0)
         llm = make_llm(model, spec, **{**engine, "max_num_seqs": seqs})
         result = generate(llm, texts, greedy)
         del llm

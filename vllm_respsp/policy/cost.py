@@ -36,24 +36,54 @@ from vllm_respsp.tree.shape import ShapeError, TreeShape
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
-# name -> basis value for (shape or None, q tokens per sequence, batch, context)
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one request does in a step; every field a number or equally shaped arrays.
+
+    speculates  1 when the request runs the drafter at all (0: no speculation)
+    levels      draft-head passes: tree levels grown, the root's included (NO_DRAFTS: 1)
+    rows        draft-head rows: the root's, then the expanded frontier nodes of each level
+    nodes       draft nodes verified (the target forward runs nodes + 1 tokens: the bonus too)
+    tree        1 when the verified nodes are a real tree, not a chain (tree-attention terms)
+
+    A static shape's work is fixed (`of`); a confidence-bounded shape's depends on the draft's
+    scores at each position, and `policy.pools` derives it from recorded beams.
+    """
+
+    speculates: float | np.ndarray
+    levels: float | np.ndarray
+    rows: float | np.ndarray
+    nodes: float | np.ndarray
+    tree: float | np.ndarray
+
+    @classmethod
+    def of(cls, shape: TreeShape | None, q_tokens: int | None = None) -> "StepWork":
+        """The nominal work of a shape (a bounded shape: its caps); None: a plain forward."""
+        if shape is None:
+            return cls(0, 0, 0, (q_tokens or 1) - 1, 0)
+        levels = max(shape.depth, 1)  # NO_DRAFTS still runs the root's pass
+        return cls(1, levels, 1 + (levels - 1) * shape.top_k, shape.total_tokens,
+                   int(shape.top_k > 1 and shape.total_tokens > shape.depth))
+
+
+# name -> basis value for (work w, batch b, context c); w's fields may be arrays
 TERMS = {
-    "step": lambda s, q, b, c: 1.0,  # weights read once per forward, whatever the batch
-    "speculation": lambda s, q, b, c: 0.0 if s is None else 1.0,  # draft setup, tree metadata
+    "step": lambda w, b, c: np.ones_like(np.asarray(w.nodes, dtype=float)),  # weights read once per forward
+    "speculation": lambda w, b, c: w.speculates,  # draft setup, tree metadata
     # one head call per level; the root's runs even for NO_DRAFTS (it extends the head's cache)
-    "draft_pass": lambda s, q, b, c: 0.0 if s is None else float(max(s.depth, 1)),
-    # rows the draft head computes: the root, then top_k frontier nodes per further level
-    "draft_rows": lambda s, q, b, c: 0.0 if s is None else float(b * (1 + max(s.depth - 1, 0) * s.top_k)),
-    "verify_tokens": lambda s, q, b, c: float(b * q),  # target forward over all sequences' tokens
-    "sequences": lambda s, q, b, c: float(b),  # per-sequence bookkeeping (sampling, metadata)
-    "attention": lambda s, q, b, c: float(b * q * c),  # token x context pairs in attention
+    "draft_pass": lambda w, b, c: w.levels,
+    "draft_rows": lambda w, b, c: b * w.rows,  # rows the draft head computes
+    "verify_tokens": lambda w, b, c: b * (w.nodes + 1),  # target forward over all sequences' tokens
+    "sequences": lambda w, b, c: b + 0 * w.nodes,  # per-sequence bookkeeping (sampling, metadata)
+    "attention": lambda w, b, c: b * (w.nodes + 1) * c,  # token x context pairs in attention
     # Where a backend has no tree attention of its own (vLLM's CPU one is causal only), the
     # rows of a non-chain tree are attended again through their masks and their KV compacted
     # after verification: a cost per step with trees (the plan, per layer), per tree request
     # and per tree row, that chains never pay.
-    "tree_step": lambda s, q, b, c: 1.0 if s is not None and s.top_k > 1 else 0.0,
-    "tree_requests": lambda s, q, b, c: float(b) if s is not None and s.top_k > 1 else 0.0,
-    "tree_rows": lambda s, q, b, c: float(b * q) if s is not None and s.top_k > 1 else 0.0,
+    "tree_step": lambda w, b, c: w.tree,
+    "tree_requests": lambda w, b, c: b * w.tree,
+    "tree_rows": lambda w, b, c: b * (w.nodes + 1) * w.tree,
 }
 
 
@@ -140,8 +170,13 @@ def parse_profile(raw: dict, where: str = "profile") -> CostProfile:
 
 def basis(terms: tuple[str, ...], shape: TreeShape | None, batch: int, context: int,
           q_tokens: int | None = None) -> np.ndarray:
-    q = q_tokens if q_tokens is not None else (shape.total_tokens + 1 if shape else 1)
-    return np.array([TERMS[t](shape, q, batch, context) for t in terms])
+    return work_basis(terms, StepWork.of(shape, q_tokens), batch, context)
+
+
+def work_basis(terms: tuple[str, ...], work: StepWork, batch: int, context: int) -> np.ndarray:
+    """[..., len(terms)]: the basis of every term for `work` (scalar or array fields)."""
+    cols = [np.asarray(TERMS[t](work, batch, context), dtype=float) for t in terms]
+    return np.stack(np.broadcast_arrays(*cols), axis=-1)
 
 
 @dataclass(frozen=True)
@@ -169,6 +204,11 @@ class CostModel:
 
     def action_costs(self, actions: list[TreeShape], batch: int = 1, context: int | None = None) -> np.ndarray:
         return np.array([self.request_seconds(a, batch, context) for a in actions])
+
+    def work_seconds(self, work: StepWork, batch: int = 1, context: int | None = None) -> np.ndarray:
+        """A request's share of a step (as `request_seconds`) for work of any array shape."""
+        ctx = self.default_context if context is None else context
+        return work_basis(self.terms, work, batch, ctx) @ self.coefficients / batch
 
     def describe(self) -> str:
         return ", ".join(f"{t}={c * 1e3:.3g} ms" for t, c in zip(self.terms, self.coefficients))

@@ -5,9 +5,10 @@ Observation  float32 [F + 2]: the trace features at the current position, then
 Action       Discrete(num_actions): index into the trace set's action set.
 Transition   the action is held for `hold` engine steps (persistence N; 1 = decide every step).
              Each step at position p gains g = min(A[p, a] + 1, P - p) tokens, costs the
-             request's share t[a] of a modelled step at this episode's batch load, and moves
-             to p + g. The episode ends at the end of the generation.
-Reward       Σ over the held steps of  g - ρ_B · t[a]
+             request's share t[p, a] of a modelled step at this episode's batch load (what
+             that action's tree does there: simulator.step_costs), and moves to p + g. The
+             episode ends at the end of the generation.
+Reward       Σ over the held steps of  g - ρ_B · t[p, a]
              ρ_B is a reference rate in tokens/s for the episode's batch load B (default: the
              best static shape's rate on the env's traces). Why this and not Re-SpS's g/t:
              - an episode always covers the same P tokens, so its return is P - ρ_B · (episode
@@ -31,7 +32,8 @@ import gymnasium as gym
 import numpy as np
 
 from vllm_respsp.policy.cost import CostModel
-from vllm_respsp.policy.simulator import EXTRA_FEATURES, best_static, extra_features, update_recent
+from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, extra_features, step_costs,
+                                          update_recent)
 from vllm_respsp.policy.traces import TraceSet
 
 
@@ -49,12 +51,14 @@ class TraceEnv(gym.Env):
         self.traces, self.hold, self.episode_steps = traces, hold, episode_steps
         self.batch_loads = tuple(int(b) for b in batch_loads)
         self.max_depth = max(a.depth for a in traces.actions)
-        self.costs = {b: cost.action_costs(traces.actions, b, context) for b in self.batch_loads}
+        self.costs = {b: [step_costs(traces, g, cost, b, context) for g in traces.generations]
+                      for b in self.batch_loads}
         self.reference_rates = reference_rates or {
             b: best_static(traces, cost, b, context)[1] for b in self.batch_loads}
         width = traces.feature_dim + len(EXTRA_FEATURES)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (width,), np.float32)
         self.action_space = gym.spaces.Discrete(traces.num_actions)
+        self._index = 0
         self._gen = self.traces.generations[0]
         self._pos, self._recent, self._batch, self._steps = 0, 0.0, self.batch_loads[0], 0
 
@@ -65,7 +69,8 @@ class TraceEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._gen = self.traces.generations[int(self.np_random.integers(len(self.traces.generations)))]
+        self._index = int(self.np_random.integers(len(self.traces.generations)))
+        self._gen = self.traces.generations[self._index]
         self._batch = (options or {}).get("batch") or int(self.np_random.choice(self.batch_loads))
         self._pos, self._recent, self._steps = 0, 0.0, 0
         if self.episode_steps:
@@ -74,15 +79,16 @@ class TraceEnv(gym.Env):
 
     def step(self, action):
         action = int(action)
-        P, costs, rho = self._gen.num_positions, self.costs[self._batch], self.reference_rates[self._batch]
+        P, rho = self._gen.num_positions, self.reference_rates[self._batch]
+        costs = self.costs[self._batch][self._index]
         reward = tokens = seconds = 0.0
         for _ in range(self.hold):
             if self._pos >= P:
                 break
             accepted = int(self._gen.accepted[self._pos, action])
             gain = min(accepted + 1, P - self._pos)
-            reward += gain - rho * costs[action]
-            tokens, seconds = tokens + gain, seconds + costs[action]
+            reward += gain - rho * costs[self._pos, action]
+            tokens, seconds = tokens + gain, seconds + costs[self._pos, action]
             self._pos += gain
             self._recent = update_recent(self._recent, accepted)
         self._steps += 1

@@ -29,21 +29,27 @@ from pathlib import Path
 import numpy as np
 
 from vllm_respsp.policy.check import outputs_path, run_checks, simulated_acceptance
+from vllm_respsp.policy.pools import DraftPool, pool_depths
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, save_traces
-from vllm_respsp.tree.shape import TreeShape
+from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
-# Recording drafts every action's tree for every request at every step, so its time grows with
-# the action set's draft rows. T16/D5/K4 and T32/D6/K8 are 58 of the 110 rows and were never the
-# best static shape at any load or profile in policy-20261129 (T1/D1/K1, T3/D1/K3, T4/D2/K2,
-# T8/D3/K4 were); they are left out.
-DEFAULT_ACTIONS = ("chain1", "chain2", "chain3", "chain4", "chain5", "chain6", "T3/D1/K3",
-                   "T4/D2/K2", "T6/D3/K2", "T8/D3/K4", "T12/D4/K4")
+# The table stored with a recording (any other shape its pools cover can be derived later,
+# `TraceSet.with_actions`): static chains and small trees, EAGLE-3's default tree, and
+# confidence-bounded chains and trees. The recorder grows one pool per width, as deep as the
+# deepest of these shapes of that width: (D8, K1), (D6, K2), (D5, K4), (D8, K10).
+BOUNDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_ACTIONS = (("chain1", "chain2", "chain3", "chain4", "chain5", "chain6", "chain8",
+                    "T3/D2/K2", "T4/D2/K2", "T6/D3/K2", "T8/D4/K2", "T12/D6/K2",
+                    "T8/D3/K4", "T12/D4/K4", "T16/D5/K4", str(EAGLE3_DEFAULT))
+                   + tuple(f"T8/D8/K1/p{p}" for p in BOUNDS)
+                   + tuple(f"T12/D6/K2/p{p}" for p in BOUNDS)
+                   + tuple(f"T16/D5/K4/p{p}" for p in BOUNDS))
 
 
-def accepted_lengths(trees, roots_at: np.ndarray, output: np.ndarray) -> np.ndarray:
-    """Accepted draft tokens of each recorded tree along `output`.
+def matched_nodes(trees, roots_at: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """bool [nodes]: each recorded node's whole path equals the output after its tree's root.
 
-    trees     (tokens, parents, depths, cu_nodes) of T trees, flattened
+    trees     (tokens, parents, depths, cu_nodes) of T trees, flattened, breadth-first each
     roots_at  [T] output index of each tree's root token
     """
     tokens, parents, depths, cu = (np.asarray(t) for t in trees)
@@ -56,25 +62,35 @@ def accepted_lengths(trees, roots_at: np.ndarray, output: np.ndarray) -> np.ndar
     for d in range(1, int(depths.max(initial=0)) + 1):  # nodes are breadth-first per tree
         level = depths == d
         matched[level] &= matched[global_parent[level]]
+    return matched
+
+
+def accepted_lengths(trees, roots_at: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """Accepted draft tokens of each recorded tree along `output` (its deepest matched node)."""
+    depths, cu = np.asarray(trees[2]), np.asarray(trees[3])
+    tree_of = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    matched = matched_nodes(trees, roots_at, output)
     best = np.zeros(len(cu) - 1, dtype=np.int64)
     np.maximum.at(best, tree_of[matched], depths[matched])
     return best
 
 
 def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, tuple[str, str]]):
-    """(features, accepted) per generation from the recorder's records and the final outputs."""
+    """(generations with their pools, pool shapes, feature names) from the recorder's records
+    and the final outputs; the generations hold no table yet (`TraceSet.with_actions`)."""
     steps: dict[str, dict[int, tuple]] = defaultdict(dict)
     prompts: dict[str, tuple] = {}
-    actions = names = None
+    pools = names = None
     for rec in records:
-        actions, names = rec["actions"], rec["feature_names"]
+        pools, names = [TreeShape.parse(p) for p in rec["pools"]], rec["feature_names"]
         prompts.update({r: tuple(p) for r, p in rec["prompts"].items()})
-        tokens, parents, depths, cu = rec["trees"]
-        A = len(actions)
+        tokens, parents, depths, scores, cu = rec["trees"]
+        n = len(pools)
         for i, req in enumerate(rec["req_ids"]):
-            lo, hi = cu[i * A], cu[(i + 1) * A]
-            tree = (tokens[lo:hi], parents[lo:hi], depths[lo:hi], cu[i * A:(i + 1) * A + 1] - lo)
+            lo, hi = cu[i * n], cu[(i + 1) * n]
+            tree = (tokens[lo:hi], parents[lo:hi], depths[lo:hi], scores[lo:hi], cu[i * n:(i + 1) * n + 1] - lo)
             steps[req][rec["root_positions"][i]] = (rec["root_tokens"][i], rec["features"][i], tree)
+    layout = np.concatenate([np.concatenate([[0], pool_depths(p)]) for p in pools]) if pools else None
     generations = {}
     for req, by_pos in steps.items():
         prompt = prompts[req]
@@ -85,13 +101,24 @@ def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, t
             raise RuntimeError(f"request {req}: the recorded roots are not the engine's output "
                                f"({len(roots)} roots for {len(output)} output tokens)")
         P = len(output) - 1  # the last token has no continuation to accept
-        accepted = np.zeros((P, len(actions)), dtype=np.int16)
         features = np.stack([by_pos[p][1] for p in positions[:P]]).astype(np.float32)
+        scores = np.empty((P, len(layout)), np.float32)
+        matched = np.empty((P, len(layout)), bool)
+        parent_of = np.empty((P, len(layout)), np.int16)
         for j, pos in enumerate(positions[:P]):
-            tree = by_pos[pos][2]
-            accepted[j] = accepted_lengths(tree, np.full(len(actions), j), output)
-        generations[prompt] = Generation(*prompt_ids[prompt], features, accepted)
-    return generations, [TreeShape.parse(a) for a in actions], names
+            tokens, parents, depths, node_scores, cu = by_pos[pos][2]
+            if not np.array_equal(depths, layout):
+                raise RuntimeError(f"request {req}, position {pos}: a recorded pool is not a full "
+                                   f"beam (depths {depths.tolist()})")
+            scores[j] = node_scores
+            matched[j] = matched_nodes((tokens, parents, depths, cu), np.full(len(pools), j), output)
+            parent_of[j] = parents - 1  # pool index: the root is dropped, its children get -1
+        cu = np.cumsum([0] + [p.capacity + 1 for p in pools])
+        gen_pools = [DraftPool(p, *(a[:, cu[k] + 1:cu[k + 1]] for a in (scores, matched, parent_of)))
+                     for k, p in enumerate(pools)]  # roots dropped: a pool is its draft nodes
+        generations[prompt] = Generation(*prompt_ids[prompt], features, np.zeros((P, 0), np.int16),
+                                         pools=gen_pools)
+    return generations, pools, names
 
 
 def main(argv=None) -> None:
@@ -102,7 +129,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=1024,
                         help="leave out longer prompts (ShareGPT has some beyond the context)")
-    parser.add_argument("--actions", nargs="+", default=list(DEFAULT_ACTIONS))
+    parser.add_argument("--actions", nargs="+", default=list(DEFAULT_ACTIONS),
+                        help="the table stored with the traces; one pool per width is recorded, as "
+                             "deep as the deepest of these shapes of that width")
     parser.add_argument("--head", default=None, help="EAGLE-3 head (default: the shipped head)")
     parser.add_argument("--model", default=None, help="target model (default: the testbed model)")
     parser.add_argument("--dtype", default="float32")
@@ -148,14 +177,15 @@ def main(argv=None) -> None:
     ids = {tuple(o.prompt_token_ids): (p.id, args.prompts) for o, p in zip(raw, prompts)}
     hidden = llm.llm_engine.model_config.get_hidden_size()
     del llm
-    generations, recorded_actions, names = assemble(read_records(str(records)), by_prompt, ids)
+    generations, _, names = assemble(read_records(str(records)), by_prompt, ids)
     records.unlink()
     head_hidden = json.loads((Path(head) / "config.json").read_text())["hidden_size"]
     dims = feature_dims(head_hidden)
-    traces = TraceSet(recorded_actions, [FeatureSpec(n, dims[n]) for n in names],
+    traces = TraceSet([], [FeatureSpec(n, dims[n]) for n in names],
                       [generations[tuple(o.prompt_token_ids)] for o in raw],
                       target={"name": Path(model).name, "hidden_size": hidden},
-                      head={"name": Path(head).name, "hidden_size": head_hidden}, temperature=0.0)
+                      head={"name": Path(head).name, "hidden_size": head_hidden},
+                      temperature=0.0).with_actions(actions)
     save_traces(traces, args.out)
     outputs_path(args.out).write_text(json.dumps({
         "model": model, "head": head, "engine": engine, "max_tokens": args.max_tokens,

@@ -2,8 +2,9 @@
 
 A request at position p that uses action a gains g = min(A[p, a] + 1, P - p) tokens (its
 accepted draft tokens plus the bonus token, clipped at the end of the recorded text), pays
-t[a] = its share of the step's modelled seconds at the batch load (cost.CostModel.request_seconds),
-and moves to p + g. Throughput = Σ g / Σ t over all generations: the modelled batch tokens/s
+t[p, a] = its share of the step's modelled seconds at the batch load for the work that action
+does there (cost.CostModel.work_seconds: a static shape's work is the same everywhere, a
+confidence-bounded shape's is whatever tree the draft's scores gave at p), and moves to p + g. Throughput = Σ g / Σ t over all generations: the modelled batch tokens/s
 when every request in the batch behaves like the simulated one.
 
 The oracle is exact, not greedy. Greedy per-step max g/t is myopic (it ignores where a step
@@ -22,7 +23,7 @@ from typing import Callable, Union
 import numpy as np
 
 from vllm_respsp.policy.cost import CostModel
-from vllm_respsp.policy.traces import TraceSet
+from vllm_respsp.policy.traces import Generation, TraceSet
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
 # Extra observation entries after the trace features; the same code builds them in the
@@ -48,6 +49,7 @@ class SimResult:
     seconds: float
     steps: int
     action_counts: np.ndarray  # [num_actions] steps taken with each action
+    drafted_steps: int = 0  # steps that verified at least one draft node (vLLM's "drafts")
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,15 +64,22 @@ class SimResult:
         return {str(actions[i]): int(c) for i, c in enumerate(self.action_counts) if c}
 
 
+def step_costs(traces: TraceSet, g: Generation, cost: CostModel, batch: int = 1,
+               context: int | None = None) -> np.ndarray:
+    """float [P, num_actions]: a request's seconds for each action at each position of `g`."""
+    return cost.work_seconds(g.action_work(traces.actions), batch, context)
+
+
 def simulate(traces: TraceSet, cost: CostModel, policy: Policy, batch: int = 1, hold: int = 1,
              context: int | None = None) -> SimResult:
     """Walk every generation with `policy`, which is asked again every `hold` steps."""
-    costs = cost.action_costs(traces.actions, batch, context)
     max_depth = max(a.depth for a in traces.actions)
     counts = np.zeros(traces.num_actions, dtype=np.int64)
     tokens = seconds = 0.0
-    steps = 0
+    steps = drafted = 0
     for g in traces.generations:
+        costs = step_costs(traces, g, cost, batch, context)
+        nodes = g.action_work(traces.actions).nodes
         P, pos, recent, held, action = g.num_positions, 0, 0.0, 0, 0
         while pos < P:
             if held == 0:
@@ -84,29 +93,31 @@ def simulate(traces: TraceSet, cost: CostModel, policy: Policy, batch: int = 1, 
             accepted = int(g.accepted[pos, action])
             gain = min(accepted + 1, P - pos)
             tokens += gain
-            seconds += costs[action]
+            seconds += costs[pos, action]
             counts[action] += 1
             steps += 1
+            drafted += int(nodes[pos, action] > 0)
             pos += gain
             recent = update_recent(recent, accepted)
-    return SimResult(tokens, seconds, steps, counts)
+    return SimResult(tokens, seconds, steps, counts, drafted)
 
 
 def static_results(traces: TraceSet, cost: CostModel, batch: int = 1,
                    context: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every fixed action at once: (tokens, seconds, steps) per action, walked in lockstep."""
-    costs = cost.action_costs(traces.actions, batch, context)
     n = traces.num_actions
     tokens, seconds, steps = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
     cols = np.arange(n)
     for g in traces.generations:
+        costs = step_costs(traces, g, cost, batch, context)
         P = g.num_positions
         pos = np.zeros(n, dtype=np.int64)
         while (live := pos < P).any():
-            gain = np.minimum(g.accepted[np.minimum(pos, P - 1), cols].astype(np.int64) + 1, P - pos)
+            at = np.minimum(pos, P - 1)
+            gain = np.minimum(g.accepted[at, cols].astype(np.int64) + 1, P - pos)
             gain = np.where(live, gain, 0)
             tokens += gain
-            seconds += np.where(live, costs, 0.0)
+            seconds += np.where(live, costs[at, cols], 0.0)
             steps += live
             pos += gain
     return tokens, seconds, steps
@@ -131,13 +142,14 @@ def no_speculation_rate(cost: CostModel, batch: int = 1, context: int | None = N
 
 
 def _best_path(accepted: np.ndarray, costs: np.ndarray, rate: float) -> tuple[float, float, np.ndarray]:
-    """Backward DP maximizing Σ(g - rate·t) over one generation; returns its tokens, seconds, counts."""
+    """Backward DP maximizing Σ(g - rate·t) over one generation (costs [P, A]); returns its
+    tokens, seconds, counts."""
     P, n = accepted.shape
     value = np.zeros(P + 1)
     choice = np.zeros(P, dtype=np.int64)
     for p in range(P - 1, -1, -1):
         gain = np.minimum(accepted[p].astype(np.int64) + 1, P - p)
-        q = gain - rate * costs + value[p + gain]
+        q = gain - rate * costs[p] + value[p + gain]
         choice[p] = int(np.argmax(q))
         value[p] = q[choice[p]]
     tokens = seconds = 0.0
@@ -146,7 +158,7 @@ def _best_path(accepted: np.ndarray, costs: np.ndarray, rate: float) -> tuple[fl
     while p < P:
         a = choice[p]
         gain = min(int(accepted[p, a]) + 1, P - p)
-        tokens, seconds = tokens + gain, seconds + costs[a]
+        tokens, seconds = tokens + gain, seconds + costs[p, a]
         counts[a] += 1
         p += gain
     return tokens, seconds, counts
@@ -155,11 +167,11 @@ def _best_path(accepted: np.ndarray, costs: np.ndarray, rate: float) -> tuple[fl
 def oracle(traces: TraceSet, cost: CostModel, batch: int = 1, context: int | None = None,
            tol: float = 1e-9, max_iter: int = 50) -> SimResult:
     """Exact best tokens/s over all per-position action choices (Dinkelbach; see module doc)."""
-    costs = cost.action_costs(traces.actions, batch, context)
+    costs = [step_costs(traces, g, cost, batch, context) for g in traces.generations]
     _, rate = best_static(traces, cost, batch, context)  # a feasible start: r only rises
     result = None
     for _ in range(max_iter):
-        parts = [_best_path(g.accepted, costs, rate) for g in traces.generations]
+        parts = [_best_path(g.accepted, c, rate) for g, c in zip(traces.generations, costs)]
         tokens = sum(p[0] for p in parts)
         seconds = sum(p[1] for p in parts)
         counts = np.sum([p[2] for p in parts], axis=0)

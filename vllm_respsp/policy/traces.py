@@ -6,25 +6,37 @@ shape), the number of draft tokens A[p, a] that action's tree would have had acc
 (design.md §6). Together with the state features the drafter sees at p, that table is an exact
 environment for shape policies.
 
+Recorded traces also carry draft pools (`pools.py`): every candidate of a few wide, deep
+beams at every position, from which the table of *any* shape they cover, confidence-bounded
+ones included, is derived (`with_actions`), together with each step's work (draft levels,
+rows, verified nodes), which for a bounded shape depends on the position. Tables without
+pools (synthetic traces) have their actions' nominal work.
+
 On disk a trace set is two files next to each other:
-    <stem>.safetensors   g{i}.features float32 [P_i, F], g{i}.accepted int16 [P_i, num_actions]
-    <stem>.json          format version, action set, feature spec, target/head ids, temperature,
-                         and per generation: prompt id, prompt set, number of positions
+    <stem>.safetensors   g{i}.features float32 [P_i, F], g{i}.accepted int16 [P_i, num_actions],
+                         g{i}.work int16 [P_i, num_actions, 5] (StepWork fields; optional),
+                         g{i}.pool{j}.scores float32 [P_i, N_j], .matched uint8, .parents int16
+                         (optional)
+    <stem>.json          format version, action set, pool shapes, feature spec, target/head ids,
+                         temperature, and per generation: prompt id, prompt set, number of positions
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from vllm_respsp.policy.cost import StepWork
+from vllm_respsp.policy.pools import DraftPool, PoolError, realize
 from vllm_respsp.tree.shape import NO_DRAFTS, ShapeError, TreeShape, validate_actions
 
-TRACE_FORMAT_VERSION = 1
+TRACE_FORMAT_VERSION = 2
+WORK_FIELDS = tuple(f.name for f in fields(StepWork))
 
 
 class TraceError(ValueError):
@@ -54,10 +66,20 @@ class Generation:
     prompt_set: str
     features: np.ndarray  # float32 [P, F]
     accepted: np.ndarray  # int16 [P, num_actions]
+    work: StepWork | None = None  # fields int [P, num_actions]; None: each action's nominal work
+    pools: list[DraftPool] = field(default_factory=list)
 
     @property
     def num_positions(self) -> int:
         return int(self.accepted.shape[0])
+
+    def action_work(self, actions: list[TreeShape]) -> StepWork:
+        """Work of every action at every position ([P, A] fields), nominal where not recorded."""
+        if self.work is not None:
+            return self.work
+        nominal = [StepWork.of(a) for a in actions]
+        return StepWork(*(np.broadcast_to(np.array([getattr(w, f) for w in nominal]),
+                                          self.accepted.shape) for f in WORK_FIELDS))
 
 
 @dataclass
@@ -106,7 +128,18 @@ class TraceSet:
                                  f"{g.features.dtype} and {g.accepted.dtype}")
             if g.accepted.size and (g.accepted.min() < 0 or (g.accepted > max_depth).any()):
                 raise TraceError(f"{tag}: accepted lengths must lie in 0..depth of their action")
+            if g.work is not None and any(np.shape(getattr(g.work, f)) != g.accepted.shape
+                                          for f in WORK_FIELDS):
+                raise TraceError(f"{tag}: work must be [positions, {self.num_actions}] per field")
+            if [p.shape for p in g.pools] != self.pool_shapes or any(
+                    p.scores.shape[0] != g.num_positions for p in g.pools):
+                raise TraceError(f"{tag}: pools must be {list(map(str, self.pool_shapes))}, "
+                                 f"one row per position")
         return self
+
+    @property
+    def pool_shapes(self) -> list[TreeShape]:
+        return [p.shape for p in self.generations[0].pools] if self.generations else []
 
     def with_no_drafts(self) -> "TraceSet":
         """These traces with NO_DRAFTS appended to the actions (unless they hold it already).
@@ -116,11 +149,40 @@ class TraceSet:
         """
         if NO_DRAFTS in self.actions:
             return self
-        generations = [Generation(g.prompt_id, g.prompt_set, g.features,
-                                  np.concatenate([g.accepted, np.zeros((g.num_positions, 1), np.int16)], 1))
-                       for g in self.generations]
-        return TraceSet(self.actions + [NO_DRAFTS], self.feature_spec, generations,
-                        self.target, self.head, self.temperature)
+        return self.with_actions(self.actions + [NO_DRAFTS])
+
+    def with_actions(self, actions: list[TreeShape]) -> "TraceSet":
+        """These traces with the table of `actions`: derived from the pools when recorded (any
+        shape they cover), else the existing columns (NO_DRAFTS: zeros by definition)."""
+        actions = list(actions)
+        generations = []
+        for g in self.generations:
+            cols, works = [], []
+            own = g.action_work(self.actions)
+            for a in actions:
+                if a in self.actions:
+                    i = self.actions.index(a)
+                    cols.append(g.accepted[:, i])
+                    works.append(StepWork(*(getattr(own, f)[:, i] for f in WORK_FIELDS)))
+                elif a == NO_DRAFTS:
+                    cols.append(np.zeros(g.num_positions, np.int16))
+                    works.append(StepWork(*(np.full(g.num_positions, getattr(StepWork.of(a), f))
+                                            for f in WORK_FIELDS)))
+                elif g.pools:
+                    try:
+                        accepted, work = realize(g.pools, a)
+                    except PoolError as e:
+                        raise TraceError(str(e)) from None
+                    cols.append(accepted)
+                    works.append(work)
+                else:
+                    raise TraceError(f"action {a}: not in these traces' actions "
+                                     f"{list(map(str, self.actions))} and no pools to derive it from")
+            work = StepWork(*(np.stack([getattr(w, f) for w in works], 1).astype(np.int16)
+                              for f in WORK_FIELDS)) if (g.work is not None or g.pools) else None
+            generations.append(Generation(g.prompt_id, g.prompt_set, g.features,
+                                          np.stack(cols, 1).astype(np.int16), work, g.pools))
+        return TraceSet(actions, self.feature_spec, generations, self.target, self.head, self.temperature)
 
     def split(self, eval_fraction: float, seed: int = 0) -> tuple["TraceSet", "TraceSet"]:
         """Split by whole generations (positions of one text are correlated)."""
@@ -147,10 +209,17 @@ def save_traces(traces: TraceSet, stem: str | Path) -> tuple[Path, Path]:
     for i, g in enumerate(traces.generations):
         tensors[f"g{i}.features"] = np.ascontiguousarray(g.features)
         tensors[f"g{i}.accepted"] = np.ascontiguousarray(g.accepted)
+        if g.work is not None:
+            tensors[f"g{i}.work"] = np.stack([getattr(g.work, f) for f in WORK_FIELDS], -1).astype(np.int16)
+        for j, pool in enumerate(g.pools):
+            tensors[f"g{i}.pool{j}.scores"] = np.ascontiguousarray(pool.scores, dtype=np.float32)
+            tensors[f"g{i}.pool{j}.matched"] = np.ascontiguousarray(pool.matched, dtype=np.uint8)
+            tensors[f"g{i}.pool{j}.parents"] = np.ascontiguousarray(pool.parents, dtype=np.int16)
     save_file(tensors, str(weights_path))
     meta = {
         "format": "respsp-traces", "version": TRACE_FORMAT_VERSION,
         "actions": [a.to_dict() for a in traces.actions],
+        "pools": [p.to_dict() for p in traces.pool_shapes],
         "feature_spec": [f.to_dict() for f in traces.feature_spec],
         "target": traces.target, "head": traces.head, "temperature": traces.temperature,
         "generations": [{"prompt_id": g.prompt_id, "prompt_set": g.prompt_set,
@@ -179,9 +248,10 @@ def load_traces(stem: str | Path) -> TraceSet:
             raise TraceError(f"{meta_path}: field {key!r} must be a list")
     try:
         actions = validate_actions(meta["actions"], "actions")
+        pool_shapes = [TreeShape.from_dict(p, f"pools[{j}]") for j, p in enumerate(meta.get("pools") or [])]
         spec = [FeatureSpec(str(f["name"]), int(f["dim"])) for f in meta["feature_spec"]]
     except (ShapeError, KeyError, TypeError, ValueError) as e:
-        raise TraceError(f"{meta_path}: bad actions or feature_spec ({e})") from None
+        raise TraceError(f"{meta_path}: bad actions, pools or feature_spec ({e})") from None
     try:
         tensors = load_file(str(weights_path))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -192,7 +262,14 @@ def load_traces(stem: str | Path) -> TraceSet:
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise TraceError(f"{weights_path}: tensors {missing} missing for generation {i}")
-        gen = Generation(str(g.get("prompt_id")), str(g.get("prompt_set")), *(tensors[k] for k in keys))
+        work = tensors.get(f"g{i}.work")
+        try:
+            pools = [DraftPool(shape, tensors[f"g{i}.pool{j}.scores"], tensors[f"g{i}.pool{j}.matched"].astype(bool),
+                               tensors[f"g{i}.pool{j}.parents"]) for j, shape in enumerate(pool_shapes)]
+        except (KeyError, PoolError) as e:
+            raise TraceError(f"{weights_path}: generation {i}: bad or missing pool tensors ({e})") from None
+        gen = Generation(str(g.get("prompt_id")), str(g.get("prompt_set")), *(tensors[k] for k in keys),
+                         None if work is None else StepWork(*np.moveaxis(work, -1, 0)), pools)
         if gen.num_positions != g.get("positions"):
             raise TraceError(f"{meta_path}: generation {i} says {g.get('positions')} positions, "
                              f"the tensors hold {gen.num_positions}")

@@ -35,8 +35,8 @@ from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import save_policy
 from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_default_index,
                                           extra_features, no_speculation_rate, oracle, simulate,
-                                          update_recent)
-from vllm_respsp.policy.traces import TraceSet, load_traces, synthetic_traces
+                                          step_costs, update_recent)
+from vllm_respsp.policy.traces import TraceError, TraceSet, load_traces, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain, resps_actions
 
 
@@ -63,16 +63,6 @@ def select_features(traces: TraceSet, names: list[str]) -> TraceSet:
     return dataclasses.replace(traces, feature_spec=[offsets[n][2] for n in names], generations=gens)
 
 
-def select_actions(traces: TraceSet, actions: list[TreeShape]) -> TraceSet:
-    """The same trace set with only these actions' columns, in the given order."""
-    missing = [str(a) for a in actions if a not in traces.actions]
-    if missing:
-        raise SystemExit(f"actions {missing}: not in the traces; they hold {list(map(str, traces.actions))}")
-    cols = [traces.actions.index(a) for a in actions]
-    gens = [dataclasses.replace(g, accepted=np.ascontiguousarray(g.accepted[:, cols])) for g in traces.generations]
-    return dataclasses.replace(traces, actions=list(actions), generations=gens)
-
-
 def make_net(traces: TraceSet, proj_dim: int, hidden: tuple[int, ...], activation: str,
              seed: int) -> PolicyNet:
     torch.manual_seed(seed)
@@ -93,10 +83,10 @@ def bandit_dataset(traces: TraceSet, cost: CostModel, batch_loads, rates: dict[i
     max_depth = max(a.depth for a in traces.actions)
     obs, targets = [], []
     for batch in batch_loads:
-        costs = cost.action_costs(traces.actions, batch)
         static, _ = best_static(traces, cost, batch)
         block = []
         for g in traces.generations:
+            costs = step_costs(traces, g, cost, batch)
             P = g.num_positions
             gains = np.minimum(g.accepted.astype(np.int64) + 1, (P - np.arange(P))[:, None])
             recent, next_visit = 0.0, 0
@@ -107,7 +97,7 @@ def bandit_dataset(traces: TraceSet, cost: CostModel, batch_loads, rates: dict[i
                     recent = update_recent(recent, int(g.accepted[p, static]))
                     next_visit = p + gains[p, static]
             obs.append(np.concatenate([g.features, extras], axis=1))
-            block.append(gains - rates[batch] * costs[None, :])
+            block.append(gains - rates[batch] * costs)
         # Standardize per batch load: at batch 64 the ρ·t term is tens of tokens, at batch 1
         # a few, and unscaled MSE would fit only the heavy loads. A shift and a positive scale
         # shared by all actions of a row leave the argmax unchanged.
@@ -238,8 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--features", nargs="*", default=None,
                     help="train on these feature blocks of the traces only (ablations)")
     ap.add_argument("--actions", nargs="+", default=None, metavar="SHAPE",
-                    help="train on these of the traces' actions only (e.g. chains where a backend "
-                         "has no tree attention and trees pay for their masks); default: all")
+                    help="train with these actions: any the traces hold, or any shape their pools "
+                         "cover, confidence-bounded ones included (e.g. chains only where a backend "
+                         "has no tree attention and trees pay for their masks); default: the traces'")
     ap.add_argument("--no-drafts", choices=["on", "off"], default="on",
                     help="add the action that drafts nothing (NO_DRAFTS) to the traces' action set")
     ap.add_argument("--profile", default="cpu-smollm2-135m", help="profile name or path")
@@ -269,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
         synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
     def prepare(t: TraceSet) -> TraceSet:
         t = select_features(t, args.features) if args.features is not None else t
-        t = select_actions(t, actions) if actions is not None else t
+        try:
+            t = t.with_actions(actions) if actions is not None else t
+        except TraceError as e:
+            raise SystemExit(f"--actions: {e}") from None
         return t.with_no_drafts() if args.no_drafts == "on" else t
 
     traces = prepare(traces)

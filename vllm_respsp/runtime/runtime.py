@@ -221,7 +221,7 @@ class RespspRuntime:
             if room <= 0:
                 continue
             if shape.total_tokens > room:
-                shape = TreeShape(room, min(shape.depth, room), shape.top_k)
+                shape = TreeShape(room, min(shape.depth, room), shape.top_k, shape.min_prob)
             decided.append((req_id, shape))
             if shape.drafts:  # NO_DRAFTS: this request verifies only its bonus token next step
                 chosen.append((req_id, index, root_token))

@@ -10,6 +10,11 @@ Per request b with shape (T_b, D_b, K_b):
                    log-prob; the best K_b of those K_b^2 become the next frontier
     rerank         the best T_b of all candidates (ties: shallower first). A child never
                    scores above its parent, so the kept set is a tree rooted at the root.
+A confidence-bounded shape (min_prob > 0, see shape.py) expands only the frontier nodes scoring
+at or above log(min_prob). Its candidates are then exactly the unbounded beam's candidates of
+level 1 and those whose parent reaches the bound (a pruned node's children score below the
+bound, so they never displace one of those from the beam), which lets `policy.pools` derive
+bounded trees from recordings of unbounded beams.
 The result is a `DraftTree`: nodes in breadth-first order (root first), so any prefix of a
 request's nodes is itself a tree.
 """
@@ -92,6 +97,8 @@ class TreeBuilder:
         self.root_tokens = root_tokens.long()
         self.top_k = torch.tensor([s.top_k for s in shapes], device=device)
         self.depth = torch.tensor([s.depth for s in shapes], device=device)
+        # float32, as policy.pools compares recorded float32 scores: both sides round alike
+        self.log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=device)
         self.k_max = int(self.top_k.max())
         self.tokens: list[torch.Tensor] = []
         self.parents: list[torch.Tensor] = []
@@ -124,8 +131,11 @@ class TreeBuilder:
         return Frontier(request[keep], ids, tokens[keep], 1)
 
     def growing(self, frontier: Frontier) -> Frontier | None:
-        """The frontier nodes whose requests want another level (None when no request does)."""
+        """The frontier nodes to expand: their requests want another level and they score at
+        or above their request's bound (None when no node is left)."""
         grows = self.depth[frontier.request] > frontier.depth
+        score = torch.cat(self.scores)[frontier.candidate]
+        grows &= score.float() >= self.log_min[frontier.request]
         if not bool(grows.any()):
             return None
         return Frontier(frontier.request[grows], frontier.candidate[grows], frontier.token[grows],

@@ -9,6 +9,15 @@ Conventions (EAGLE-3's tree, design.md §3):
 - `total_tokens` is how many draft nodes (the root excluded) are verified: the best by
   cumulative draft log-probability among all candidates.
 
+- `min_prob` (optional, 0 = off) makes the shape *confidence-bounded*: D becomes a cap. A
+  frontier node is expanded only if its cumulative draft probability (the product of the
+  draft's probabilities along its path, EAGLE-2's node score) is at least `min_prob`, so
+  drafting stops at the first level where no node reaches it; verification still keeps the
+  best `total_tokens` of the nodes drafted. The draft's own confidence, seen level by level
+  while the tree grows, sets the depth: information a shape chosen before drafting cannot
+  have. Why expansion only: a draft pass costs far more than verifying one more node (design.md
+  §5), so the last level drafted is worth verifying even below the bound.
+
 A beam can produce at most top_k + (depth - 1) * top_k**2 candidates; a shape asking for more
 nodes than that, or for a tree shallower than its chain (total < depth), is impossible.
 A chain of n tokens is (n, n, 1). `NO_DRAFTS` = (0, 0, 0) is the action that drafts nothing this
@@ -17,6 +26,7 @@ step: the request verifies only its bonus token. It is a policy action, not a st
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -31,6 +41,12 @@ class TreeShape:
     total_tokens: int
     depth: int
     top_k: int
+    min_prob: float = 0.0
+
+    @property
+    def log_min_prob(self) -> float:
+        """The node-score bound in log space (-inf when the shape is not confidence-bounded)."""
+        return math.log(self.min_prob) if self.min_prob > 0 else -math.inf
 
     @property
     def capacity(self) -> int:
@@ -65,6 +81,10 @@ class TreeShape:
             raise ShapeError(
                 f"{field}.total_tokens={self.total_tokens} exceeds the engine's per-request "
                 f"token budget; allowed: 1..{max_total_tokens}")
+        if (not isinstance(self.min_prob, (int, float)) or isinstance(self.min_prob, bool)
+                or not 0.0 <= self.min_prob < 1.0):
+            raise ShapeError(f"{field}.min_prob must be a number in [0, 1) (0: verify the best "
+                             f"total_tokens nodes whatever their score), got {self.min_prob!r}")
         return self
 
     @classmethod
@@ -72,30 +92,38 @@ class TreeShape:
         if not isinstance(data, dict):
             raise ShapeError(f"{field} must be an object with total_tokens, depth, top_k; got {data!r}")
         keys = {"total_tokens", "depth", "top_k"}
-        unknown = set(data) - keys
+        unknown = set(data) - keys - {"min_prob"}
         missing = keys - set(data)
         if unknown or missing:
-            raise ShapeError(f"{field} needs exactly the keys {sorted(keys)}; "
+            raise ShapeError(f"{field} needs the keys {sorted(keys)} (and optionally 'min_prob'); "
                              f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
-        return cls(data["total_tokens"], data["depth"], data["top_k"]).validate(field)
+        return cls(data["total_tokens"], data["depth"], data["top_k"],
+                   data.get("min_prob", 0.0)).validate(field)
 
     @classmethod
     def parse(cls, text: str) -> "TreeShape":
-        """"T16/D5/K4" (as str() writes it), "chain5", or "none" (NO_DRAFTS)."""
+        """"T16/D5/K4" (as str() writes it), "chain5", "none" (NO_DRAFTS); either of the first
+        two may end in "/p0.3" (min_prob)."""
         if text.strip() in ("none", str(NO_DRAFTS)):
             return NO_DRAFTS
-        m = re.fullmatch(r"chain(\d+)|T(\d+)/D(\d+)/K(\d+)", text.strip())
+        m = re.fullmatch(r"(?:chain(\d+)|T(\d+)/D(\d+)/K(\d+))(?:/p(\d*\.?\d+))?", text.strip())
         if not m:
-            raise ShapeError(f"shape {text!r}: expected chainN, T<total_tokens>/D<depth>/K<top_k> or none")
+            raise ShapeError(f"shape {text!r}: expected chainN, T<total_tokens>/D<depth>/K<top_k> "
+                             f"(either optionally ending in /p<min_prob>, e.g. T8/D8/K1/p0.3) or none")
+        min_prob = float(m[5]) if m[5] else 0.0
         if m[1]:
-            return chain(int(m[1]))
-        return cls(int(m[2]), int(m[3]), int(m[4]))
+            return cls(int(m[1]), int(m[1]), 1, min_prob)
+        return cls(int(m[2]), int(m[3]), int(m[4]), min_prob)
 
     def to_dict(self) -> dict:
-        return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
+        out = {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
+        if self.min_prob:
+            out["min_prob"] = self.min_prob
+        return out
 
     def __str__(self) -> str:
-        return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}"
+        bound = f"/p{self.min_prob:g}" if self.min_prob else ""
+        return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}{bound}"
 
 
 def chain(n: int) -> TreeShape:
