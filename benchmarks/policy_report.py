@@ -1,5 +1,7 @@
 """The policy report: learned policies vs the best static shape vs the per-step oracle, per
 held-out prompt set, batch load and cost profile (simulated on recorded traces, design.md §6).
+Also shown: no speculation, EAGLE-3's default tree, and (where the action set has
+confidence-bounded shapes) the best single bounded shape, each tuned on the training traces.
 
     python -m benchmarks.policy_report RUN_DIR [RUN_DIR ...] --out benchmarks/results/policy-<date>
 
@@ -14,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-BASELINES = ("no_speculation", "eagle3_default", "best_static", "oracle")
 
 
 def rows(report: dict):
@@ -27,6 +28,7 @@ def rows(report: dict):
                 yield {"profile": report["profile"], "set": set_name, "load": int(load), "policy": policy,
                        "no_speculation": row["no_speculation"], "eagle3_default": row.get("eagle3_default"),
                        "best_static": static, "best_static_action": row["best_static_action"],
+                       "best_bounded": row.get("best_bounded"), "best_bounded_action": row.get("best_bounded_action"),
                        "oracle": oracle, "tokens_per_s": got, "vs_best_static": got / static,
                        "gap_closed": (got - static) / gap if gap > 0 else float("nan"),
                        "acceptance_length": row.get(f"{policy}_acceptance_length")}
@@ -37,14 +39,16 @@ def markdown(all_rows: list[dict], sources: list[str]) -> str:
            "Best static shape tuned on the training traces separately for each load.",
            "", "Runs: " + ", ".join(f"`{s}`" for s in sources), "",
            "| profile | prompt set | load | policy | no spec | EAGLE-3 default | best static (shape) | "
-           "policy | oracle | policy / best static | gap closed | policy AL |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "best bounded (shape) | policy | oracle | policy / best static | gap closed | policy AL |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in all_rows:
-        e3 = f"{r['eagle3_default']:.1f}" if r["eagle3_default"] else "not in action set"
+        e3 = f"{r['eagle3_default']:.1f}" if r["eagle3_default"] else "not recorded"
+        bounded = f"{r['best_bounded']:.1f} ({r['best_bounded_action']})" if r["best_bounded"] else "-"
         al = f"{r['acceptance_length']:.2f}" if r["acceptance_length"] else "-"
         out.append(f"| {r['profile']} | {r['set']} | {r['load']} | {r['policy']} | {r['no_speculation']:.1f} | "
-                   f"{e3} | {r['best_static']:.1f} ({r['best_static_action']}) | {r['tokens_per_s']:.1f} | "
-                   f"{r['oracle']:.1f} | {r['vs_best_static']:.3f}x | {100 * r['gap_closed']:.0f}% | {al} |")
+                   f"{e3} | {r['best_static']:.1f} ({r['best_static_action']}) | {bounded} | "
+                   f"{r['tokens_per_s']:.1f} | {r['oracle']:.1f} | {r['vs_best_static']:.3f}x | "
+                   f"{100 * r['gap_closed']:.0f}% | {al} |")
     return "\n".join(out) + "\n"
 
 
@@ -60,7 +64,8 @@ def plot(all_rows: list[dict], path: Path) -> None:
         sel = [r for r in all_rows if (r["profile"], r["set"]) == (profile, set_name)]
         loads = sorted({r["load"] for r in sel})
         policies = sorted({r["policy"] for r in sel})
-        bars = ["best_static", *policies, "oracle"]
+        bars = ["no_speculation", "best_static"] + (["best_bounded"] if sel[0]["best_bounded"] else []) \
+            + [*policies, "oracle"]
         width = 0.8 / len(bars)
         for i, bar in enumerate(bars):
             values = []

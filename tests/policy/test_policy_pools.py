@@ -113,3 +113,19 @@ def test_a_shape_no_pool_covers_is_named(pools):
         realize(pools, chain(7).__class__(8, 7, 1))
     with pytest.raises(PoolError, match="width 3"):
         realize(pools, TreeShape(4, 2, 3))
+
+
+def test_traces_derive_any_covered_shape_and_the_drafted_scores_bound_feature(positions, pools):
+    from vllm_respsp.policy.train import DRAFTED_SCORES, select_features
+    from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet
+    from vllm_respsp.tree.shape import NO_DRAFTS
+
+    gen = Generation("p", "s", np.zeros((POSITIONS, 2), np.float32), np.zeros((POSITIONS, 0), np.int16),
+                     pools=pools)
+    traces = TraceSet([], [FeatureSpec("x", 2)], [gen]).with_actions(SHAPES[:3] + [NO_DRAFTS]).validate()
+    np.testing.assert_array_equal(traces.generations[0].accepted[:, 1], realize(pools, chain(4))[0])
+    assert (traces.generations[0].work.nodes[:, 3] == 0).all() and (traces.generations[0].work.levels[:, 3] == 1).all()
+    bound = select_features(traces, ["x", DRAFTED_SCORES])
+    assert bound.feature_dim == 2 + 6 + 4 + 3
+    best_depth2_k2 = np.exp(pools[1].scores[:, 2:6].max(-1))  # K2 pool: 2 nodes at depth 1, 4 at depth 2
+    np.testing.assert_allclose(bound.generations[0].features[:, 2 + 6 + 1], best_depth2_k2, rtol=1e-6)

@@ -1,20 +1,22 @@
-"""policy.profile's arithmetic: a decode step from a short and a long run. (Its engine runs,
-minutes per configuration, are `make policy`'s; the NO_DRAFTS policy it times them with is
-tested in test_policy_file.)"""
+"""policy.profile's arithmetic: decode steps from the engine's step clock. (Its engine runs,
+minutes per configuration, are `make policy`'s; the step clock itself runs in
+test_respsp_policy; the NO_DRAFTS policy it times them with is tested in test_policy_file.)"""
 
 import pytest
 
-from vllm_respsp.policy.profile import difference, fastest_step
+from vllm_respsp.policy.profile import decode_steps, max_tokens_per_request
+from vllm_respsp.tree.shape import chain
 
 
-def test_difference_cancels_what_both_runs_pay():
-    # 0.5 s of prefill and start-up in both, 40 ms a step: 7 and 39 steps
-    assert difference([0.5 + 7 * 0.04, 0.5 + 39 * 0.04], [7, 39]) == pytest.approx(0.04)
-
-
-def test_fastest_step_ignores_a_repetition_the_machine_slowed():
-    quiet = ([0.78, 2.06], [7, 39])
-    noisy_long = ([0.78, 3.50], [7, 39])  # another job took the cores during the long run
-    noisy_short = ([1.40, 2.06], [7, 39])
-    assert fastest_step([quiet, noisy_long, noisy_short]) == pytest.approx(0.04)
-    assert fastest_step([noisy_long, noisy_short]) == pytest.approx(0.04)  # each length's best
+def test_decode_steps_are_the_steps_running_every_request_with_few_tokens():
+    lines = "\n".join([
+        "10.000 4 900",  # prefill of 4 prompts
+        "10.300 4 8",    # decode: 4 requests x (1 + 1 draft)
+        "10.340 4 8",
+        "10.385 4 6",    # fewer drafts scheduled: still a decode step
+        "10.420 3 6",    # one request finished: not the batch being measured
+        "10.450 3 6",
+    ])
+    assert decode_steps(lines, 4, max_tokens_per_request(chain(1))) == pytest.approx([0.040, 0.045, 0.035])
+    assert decode_steps("", 4, 2) == [] and decode_steps("1.0 4 8", 4, 2) == []  # no next step: no time
+    assert max_tokens_per_request(None) == 1

@@ -3,7 +3,7 @@
 from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix
 from vllm_respsp.patches.registry import Patch, apply_all
 from vllm_respsp.patches.runner import (RunnerAttentionMetadata, RunnerPrepareInputs,
-                                        RunnerProposeDrafts, RunnerSample)
+                                        RunnerProposeDrafts, RunnerSample, RunnerStepClock)
 from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
 from vllm_respsp.patches.tree_attention import CpuTreeAttention
 
@@ -18,6 +18,8 @@ ALL_PATCHES: list[Patch] = [
     CpuTreeAttention(),
     RunnerSample(),
     RunnerProposeDrafts(),
+    # Measurement only: per-step wall times for `policy.profile` (VLLM_RESPSP_STEP_TIMES set).
+    RunnerStepClock(),
 ]
 
 

@@ -103,3 +103,36 @@ class RunnerProposeDrafts(Patch):
             return runtime.propose(scheduler_output, sampled_token_ids, aux_hidden_states)
 
         return propose_draft_token_ids
+
+
+STEP_TIMES_ENV = "VLLM_RESPSP_STEP_TIMES"
+
+
+class RunnerStepClock(Patch):
+    """With VLLM_RESPSP_STEP_TIMES=<file>, one line per model step: its start time, requests and
+    scheduled tokens. The time from one step's start to the next is one whole engine step
+    (schedule, forward, verification, drafting, output); `policy.profile` takes the median over
+    the decode steps of a run, which shrugs off a noisy machine's outliers."""
+
+    name = "runner_step_clock"
+    target = RUNNER + ".execute_model"
+
+    def applies(self) -> bool:
+        import os
+
+        return bool(os.environ.get(STEP_TIMES_ENV))
+
+    def replacement(self, original):
+        import os
+        import time
+
+        path = os.environ[STEP_TIMES_ENV]
+
+        def execute_model(runner, scheduler_output, *args, **kwargs):
+            reqs = len(scheduler_output.num_scheduled_tokens)
+            if reqs:
+                with open(path, "a") as f:
+                    f.write(f"{time.perf_counter():.6f} {reqs} {scheduler_output.total_num_scheduled_tokens}\n")
+            return original(runner, scheduler_output, *args, **kwargs)
+
+        return execute_model

