@@ -38,21 +38,24 @@ bench-serve-quick: venv
 draft-head: venv
 	$(PY) -m vllm_respsp.draft
 
-# The shape policy from scratch (~1.5 h on 2 cores): record trace tables in the engine (ShareGPT
-# train slice; MT-Bench and HumanEval held out), measure this CPU's cost profile (alone: other
-# jobs on the cores skew it), train the shipped policy (its report.json: simulated tokens/s on
-# the held-out sets), and check its acceptance length in the engine against the simulator's.
+# The shape policy from scratch (~1.5 h on 2 cores): record trace tables in the engine (one
+# draft pool per beam width: ShareGPT train slice; MT-Bench and HumanEval held out), measure
+# this CPU's cost profile (alone: other jobs on the cores skew it), train the shipped policy
+# (its report.json: simulated tokens/s on the held-out sets), and check its acceptance length in
+# the engine against the simulator's.
 TRACES ?= $(VLLM_RESPSP_CACHE)/traces
 POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
+# On this CPU trees pay for re-running attention through their masks: the policy picks among
+# chains, confidence-bounded chains and NO_DRAFTS.
+POLICY_ACTIONS := chain1 chain2 chain3 chain4 chain6 $(foreach p,0.1 0.2 0.3 0.4 0.5 0.6 0.7,T8/D8/K1/p$(p))
 policy: venv
-	$(PY) -m vllm_respsp.policy.record --prompts sharegpt-train --skip 4000 --num-prompts 96 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
+	$(PY) -m vllm_respsp.policy.record --prompts sharegpt-train --skip 4000 --num-prompts 400 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
 	$(PY) -m vllm_respsp.policy.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
-	$(PY) -m vllm_respsp.policy.record --prompts humaneval --num-prompts 40 --out $(TRACES)/humaneval
+	$(PY) -m vllm_respsp.policy.record --prompts humaneval --num-prompts 164 --out $(TRACES)/humaneval
 	$(PY) -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
-		--shapes chain1 chain2 chain3 chain4 chain6 T3/D1/K3 T4/D2/K2 T8/D3/K4 T12/D4/K4 none \
-		--batch-sizes 1 8 32 --reps 3 --tokens 8 48 --max-engines 4
+		--batch-sizes 1 8 32 --reps 3 --max-engines 5
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
-		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json \
+		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json --actions $(POLICY_ACTIONS) \
 		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
 	$(PY) -m vllm_respsp.policy.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
 

@@ -20,12 +20,14 @@ from pathlib import Path
 
 def rows(report: dict):
     policies = sorted(report["files"])
+    # a run on post-draft features is an upper bound, not a servable policy: say so in its name
+    tag = " (bound: sees the drafted trees)" if "drafted_scores" in report.get("features", []) else ""
     for set_name, by_load in report["tokens_per_s_on_eval"].items():
         for load, row in sorted(by_load.items(), key=lambda kv: int(kv[0])):
             for policy in policies:
                 static, oracle, got = row["best_static"], row["oracle"], row[policy]
                 gap = oracle - static
-                yield {"profile": report["profile"], "set": set_name, "load": int(load), "policy": policy,
+                yield {"profile": report["profile"], "set": set_name, "load": int(load), "policy": policy + tag,
                        "no_speculation": row["no_speculation"], "eagle3_default": row.get("eagle3_default"),
                        "best_static": static, "best_static_action": row["best_static_action"],
                        "best_bounded": row.get("best_bounded"), "best_bounded_action": row.get("best_bounded_action"),

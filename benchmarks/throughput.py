@@ -7,8 +7,10 @@ All configurations (no speculation, vLLM's EAGLE-3 chain for each length in --ch
 stay loaded in their own processes; each repetition runs every configuration on the same
 prompts, in a rotated order, so machine noise hits all of them alike. Reported per prompt set
 and batch size: median output tokens/s with min-max spread, time per output token, vLLM's
-acceptance length and per-position acceptance, and speedups against no speculation and
-against the best EAGLE-3 chain. Writes JSON (with every raw sample), a Markdown table and PNG
+acceptance length and per-position acceptance, speedups against no speculation and against
+the best EAGLE-3 chain, and how many outputs equal no speculation's token for token (all of
+them at temperature 0 in float32, `--dtype float32`; bfloat16 verification of several tokens
+can flip the target's near-ties). Writes JSON (with every raw sample), a Markdown table and PNG
 plots into --out.
 """
 
@@ -62,15 +64,17 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
         for worker in order:
             seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
                                             "accepted_per_pos": []}
+            token_ids = []
             for batch in batches(texts, batch_size):
                 r = worker.generate(batch, sampling)
                 seconds += r["seconds"]
                 tokens += r["output_tokens"]
+                token_ids += r["token_ids"]
                 for key in ("drafts", "draft_tokens", "accepted_tokens"):
                     spec[key] += r["spec"][key]
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
-                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec})
+                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids})
             progress.update(1)
     return samples
 
@@ -92,6 +96,14 @@ def summarize(samples: list[dict], batch_size: int) -> dict:
         "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
         "acceptance_per_pos": [a / drafts for a in per_pos] if drafts else [],
     }
+
+
+def add_identity(cell: dict[str, dict], samples: dict[str, list[dict]]) -> None:
+    """Outputs equal to no speculation's, token for token, in every repetition: 'n/N'."""
+    reference = samples["none"][0]["token_ids"]
+    for name, summary in cell.items():
+        same = [all(s["token_ids"][i] == reference[i] for s in samples[name]) for i in range(len(reference))]
+        summary["identical_to_none"] = f"{sum(same)}/{len(same)}"
 
 
 def add_speedups(cell: dict[str, dict]) -> None:
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's, bfloat16 "
+                                                      "for the testbed); float32 for token-exact outputs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -141,8 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
 
-    configs = engine_configs(head, args.chains, {"max_model_len": args.max_model_len}, args.respsp,
-                             args.policies, args.policy_shape)
+    engine = {"max_model_len": args.max_model_len, **({"dtype": args.dtype} if args.dtype else {})}
+    configs = engine_configs(head, args.chains, engine, args.respsp, args.policies, args.policy_shape)
     # SIGTERM / SIGHUP unwind like Ctrl-C, so the engine processes are closed below.
     import signal
 
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
                     samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress)
                     cell = {name: summarize(s, batch_size) for name, s in samples.items()}
                     add_speedups(cell)
+                    add_identity(cell, samples)
                     cells.append({"prompt_set": set_name, "batch_size": batch_size,
                                   "num_prompts": len(texts), "configs": cell})
                     raw[f"{set_name}/bs{batch_size}"] = samples

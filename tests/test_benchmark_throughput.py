@@ -21,8 +21,13 @@ def test_summaries_and_speedups():
     assert s["acceptance_per_pos"] == pytest.approx([0.8, 0.5, 0.2])
     cell = {"none": {"tokens_per_s": 10.0}, "eagle3-2": {"tokens_per_s": 15.0}, "eagle3-4": {"tokens_per_s": 20.0}}
     throughput.add_speedups(cell)
+    del cell["eagle3-4"]
     assert cell["eagle3-2"]["speedup_vs_none"] == 1.5 and cell["eagle3-2"]["speedup_vs_best_eagle3"] == 0.75
     assert throughput.batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    runs = {"none": [{"token_ids": [[1, 2], [3]]}] * 2,
+            "eagle3-2": [{"token_ids": [[1, 2], [3]]}, {"token_ids": [[1, 2], [4]]}]}  # rep 2 differs
+    throughput.add_identity(cell, runs)
+    assert cell["none"]["identical_to_none"] == "2/2" and cell["eagle3-2"]["identical_to_none"] == "1/2"
 
 
 def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
@@ -31,7 +36,8 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
                                  for t in ["w5 w6 w7", "w9 w3", "w40 w41 w42"]))
     out = throughput.main(["--model", str(fixture_models["tiny"]), "--head", str(fixture_models["tiny_head"]),
                            "--prompt-sets", str(prompts), "--batch-sizes", "1", "3", "--num-prompts", "3",
-                           "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2", "--max-model-len", "256", "--out", str(tmp_path / "run")])
+                           "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2", "--max-model-len", "256",
+                           "--dtype", "float32", "--out", str(tmp_path / "run")])
     result = json.loads((out / "throughput.json").read_text())
     assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2", "respsp-T4/D2/K2"]
     assert [(c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [(1, 3), (3, 3)]
@@ -40,6 +46,7 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
         assert cell["configs"]["eagle3-2"]["acceptance_length"] >= 1.0
         assert cell["configs"]["respsp-T4/D2/K2"]["acceptance_length"] >= 1.0
         assert cell["configs"]["respsp-T4/D2/K2"]["speedup_vs_best_eagle3"] > 0
+        assert {c["identical_to_none"] for c in cell["configs"].values()} == {"3/3"}  # float32: exact
     raw = result["raw"][f"{prompts}/bs1"]
     assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
     table = (out / "throughput.md").read_text()

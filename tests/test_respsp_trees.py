@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from conftest import run_engine
+from vllm_respsp.policy.profile import decode_steps
 
 CHAIN4 = {"total_tokens": 4, "depth": 4, "top_k": 1}
 SMALL_TREE = {"total_tokens": 12, "depth": 4, "top_k": 3}
 BIG_TREE = {"total_tokens": 64, "depth": 4, "top_k": 8}
 NO_DRAFTS = {"total_tokens": 0, "depth": 0, "top_k": 0}
-# policy "cycle" gives request with prompt p the shape actions[sum(p) % 4]
-PROMPTS = [[3], [4], [5], [6], [6, 7], [9, 30], [100, 8]]
+# expands only nodes the draft is sure of (the successor head's are, its siblings not): 3 per
+# level are drafted, so 12 nodes are verified of the 20 allowed
+BOUNDED_TREE = {"total_tokens": 20, "depth": 4, "top_k": 3, "min_prob": 0.3}
+# policy "cycle" gives request with prompt p the shape actions[sum(p) % 5]
+PROMPTS = [[3], [4], [5], [6], [7], [6, 7], [9, 30], [100, 8]]
 
 
 def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_path):
@@ -24,8 +28,11 @@ def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_p
                          {"temperature": 0.8, "max_tokens": 40, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "policy": "cycle", "actions": [CHAIN4, SMALL_TREE, BIG_TREE, NO_DRAFTS]}}
-    results = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
+                                  "policy": "cycle",
+                                  "actions": [CHAIN4, SMALL_TREE, BIG_TREE, NO_DRAFTS, BOUNDED_TREE]}}
+    clock = tmp_path / "steps"
+    run = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file), "VLLM_RESPSP_STEP_TIMES": str(clock)})
+    results = run["results"]
     expected = [[(p[-1] + 1 + i) % 128 for i in range(40)] for p in PROMPTS]
     for r in results:
         assert r["token_ids"] == expected
@@ -35,12 +42,18 @@ def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_p
         assert spec["accepted_tokens"] >= 0.9 * 4 * spec["drafts"]
         assert spec["acceptance_length"] > 4.5
     stats = json.loads(stats_file.read_text())
-    assert set(stats["shapes"]) == {"T4/D4/K1", "T12/D4/K3", "T64/D4/K8", "T0/D0/K0"}
+    assert set(stats["shapes"]) == {"T4/D4/K1", "T12/D4/K3", "T64/D4/K8", "T0/D0/K0", "T20/D4/K3/p0.3"}
     assert not stats["fallbacks"]
-    for shape, total in (("T4/D4/K1", 4), ("T12/D4/K3", 12), ("T64/D4/K8", 64)):
+    for shape, total in (("T4/D4/K1", 4), ("T12/D4/K3", 12), ("T64/D4/K8", 64), ("T20/D4/K3/p0.3", 12)):
         scheduled = {int(n): count for n, count in stats["scheduled_drafts"][shape].items()}
         # each request is verified with its own tree: never padded to the batch's largest
         assert max(scheduled) == total and max(scheduled, key=scheduled.get) == total
+    # the step clock (policy.profile's timer) saw the model steps of both runs, all requests in
+    # each decode step, never more tokens than the largest tree allows
+    assert "runner_step_clock" in run["applied_patches"]
+    steps = [line.split() for line in clock.read_text().splitlines()]
+    assert len(steps) > 2 * 40 / 5 and {int(s[1]) for s in steps} >= {len(PROMPTS)}
+    assert len(decode_steps(clock.read_text(), len(PROMPTS), 65)) > 10
 
 
 def marginals_p_value(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:

@@ -101,6 +101,8 @@ def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, t
             raise RuntimeError(f"request {req}: the recorded roots are not the engine's output "
                                f"({len(roots)} roots for {len(output)} output tokens)")
         P = len(output) - 1  # the last token has no continuation to accept
+        if P < 1:
+            continue  # a one-token answer: no step to draft for
         features = np.stack([by_pos[p][1] for p in positions[:P]]).astype(np.float32)
         scores = np.empty((P, len(layout)), np.float32)
         matched = np.empty((P, len(layout)), bool)
@@ -178,7 +180,15 @@ def main(argv=None) -> None:
     hidden = llm.llm_engine.model_config.get_hidden_size()
     del llm
     generations, _, names = assemble(read_records(str(records)), by_prompt, ids)
-    records.unlink()
+    kept = [tuple(o.prompt_token_ids) in generations for o in raw]
+    lost = [i for i, ok in enumerate(kept) if not ok and len(reference[i]) > 1]
+    if lost:
+        raise SystemExit(f"prompts {[prompts[i].id for i in lost]}: no recorded steps although they "
+                         f"generated tokens; the records stay in {records}")
+    if not all(kept):  # answers of a single token: nothing to draft for, nothing to check
+        print(f"leaving out {kept.count(False)} one-token answers")
+        prompts, texts, reference, raw = ([x for x, ok in zip(seq, kept) if ok]
+                                          for seq in (prompts, texts, reference, raw))
     head_hidden = json.loads((Path(head) / "config.json").read_text())["hidden_size"]
     dims = feature_dims(head_hidden)
     traces = TraceSet([], [FeatureSpec(n, dims[n]) for n in names],
@@ -187,6 +197,7 @@ def main(argv=None) -> None:
                       head={"name": Path(head).name, "hidden_size": head_hidden},
                       temperature=0.0).with_actions(actions)
     save_traces(traces, args.out)
+    records.unlink()
     outputs_path(args.out).write_text(json.dumps({
         "model": model, "head": head, "engine": engine, "max_tokens": args.max_tokens,
         "prompts": [{"id": p.id, "text": t, "output": o} for p, t, o in zip(prompts, texts, reference)]}))
