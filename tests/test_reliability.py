@@ -139,6 +139,25 @@ def test_eos_inside_a_tree_and_preemption_under_kv_pressure(fixture_models, tmp_
     assert "lost_draft_context" not in stats["fallbacks"]
 
 
+def test_prompts_starting_in_the_prefix_cache_still_draft(fixture_models, tmp_path):
+    """The second run of the same prompts finds their first blocks in vLLM's prefix cache, so a
+    request's first step starts past position 0 with no draft context: the head drafts from the
+    rest (respsp used to give such requests up as lost), outputs exact."""
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    prompts = [[(5 + i) % 100 + 3 for i in range(70)], [(40 + i) % 100 + 3 for i in range(90)]]
+    sampling = {"temperature": 0.0, "max_tokens": 20, "ignore_eos": True}
+    job = {"model": str(fixture_models["successor"]), "speculative_config": spec, "prompts": prompts,
+           "engine": {"dtype": "float32", "max_model_len": 256, "block_size": 32, "enable_prefix_caching": True},
+           "samplings": [sampling, sampling]}
+    stats = tmp_path / "stats.json"
+    first, second = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats)})["results"]
+    for result in (first, second):
+        assert result["token_ids"] == [successor_tokens(p, 20) for p in prompts]
+        assert result["spec"]["acceptance_length"] > 3.0  # the second run drafted as well
+    stats = json.loads(stats.read_text())
+    assert stats["prefix_cached_requests"] == 2 and not stats["fallbacks"]
+
+
 def test_prompts_at_the_length_limit(fixture_models):
     """A prompt that leaves 6 tokens of room: trees shrink to fit, the output is exact."""
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}

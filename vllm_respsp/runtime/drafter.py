@@ -26,12 +26,24 @@ from vllm_respsp.tree.shape import TreeShape
 
 
 class DraftContext:
-    """One request's draft-head keys/values at positions 0..length-1 (grown by doubling)."""
+    """One request's draft-head keys/values at positions first..end-1 (grown by doubling).
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+    `first` is 0 unless the request's first step started past its prompt's beginning: vLLM's
+    prefix cache had the target's KV for a shared prefix, and the head's states for it were
+    never computed (the target's aux states it needs are not cached). The head then drafts from
+    the rest of the context: weaker drafts for that request, never a wrong output.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, first: int = 0):
         self.k = torch.empty(64, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
-        self.length = 0
+        self.first = first
+        self.length = 0  # rows held
+
+    @property
+    def end(self) -> int:
+        """The position after the last one held: the next row's position."""
+        return self.first + self.length
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         end = self.length + k.shape[0]
@@ -66,18 +78,19 @@ class TreeDrafter:
             del self.contexts[req_id]
 
     def context_length(self, req_id: str) -> int:
+        """The position the request's draft context reaches (0: none held)."""
         ctx = self.contexts.get(req_id)
-        return ctx.length if ctx is not None else 0
+        return ctx.end if ctx is not None else 0
 
     def _context(self, req_id: str, start: int) -> DraftContext:
         ctx = self.contexts.get(req_id)
-        if ctx is None or start == 0:
+        if ctx is None or start < ctx.first or start == 0:  # new, or recomputed from the prompt
             ctx = DraftContext(self.head.num_kv_heads, self.head.head_dim, self.head.dtype,
-                               self.head.draft_to_target.device)
+                               self.head.draft_to_target.device, first=start)
             self.contexts[req_id] = ctx
-        if ctx.length < start:
-            raise KeyError(f"draft context of {req_id} has {ctx.length} positions, needs {start}")
-        ctx.length = start  # positions past `start` were drafts the target did not accept
+        if ctx.end < start:
+            raise KeyError(f"draft context of {req_id} reaches position {ctx.end}, needs {start}")
+        ctx.length = start - ctx.first  # positions past `start` were drafts the target did not accept
         return ctx
 
     @torch.inference_mode()
@@ -120,7 +133,7 @@ class TreeDrafter:
         """Grow one tree per request; tokens in the result are target-vocabulary ids."""
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
-        root_pos = torch.tensor([c.length for c in contexts])  # the root token's position
+        root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
         padded = self._padded(contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}

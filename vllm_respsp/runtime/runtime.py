@@ -69,6 +69,7 @@ class RespspRuntime:
         # shape -> {draft tokens the scheduler gave a request of that shape: steps}
         self.scheduled: dict[str, Counter[int]] = {}
         self.recomputed = 0
+        self.prefix_cached = 0
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -165,9 +166,12 @@ class RespspRuntime:
             start, row0, n_sched = int(num_computed[i]), int(qsl[i]), int(qsl[i + 1] - qsl[i])
             if req_id in self.broken or n_sched == 0:
                 continue
-            if start == 0 and drafter.context_length(req_id) > 0:
+            held = drafter.context_length(req_id)
+            if start == 0 and held > 0:
                 self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
-            if start > 0 and drafter.context_length(req_id) < start:
+            if start > 0 and held == 0:
+                self.prefix_cached += 1  # its prompt began in vLLM's prefix cache (DraftContext)
+            elif start > 0 and held < start:
                 self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
                 self._fallback("lost_draft_context")
                 continue
@@ -261,7 +265,7 @@ class RespspRuntime:
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
                 "tensor_parallel_rank": self.rank, "decisions_digest": self.decisions.hexdigest()[:16],
-                "recomputed_requests": self.recomputed,
+                "recomputed_requests": self.recomputed, "prefix_cached_requests": self.prefix_cached,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
                 "live_policy_holds": self.choose.live_holds,
