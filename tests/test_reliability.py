@@ -158,6 +158,23 @@ def test_prompts_starting_in_the_prefix_cache_still_draft(fixture_models, tmp_pa
     assert stats["prefix_cached_requests"] == 2 and not stats["fallbacks"]
 
 
+def test_a_kv_layout_tree_attention_cannot_read_drafts_chains(fixture_models, tmp_path):
+    """If the engine's CPU attention ISA stores the KV cache in a layout tree attention does not
+    read (simulated here), trees are drafted as chains of their depth: exact, counted, alive."""
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    prompts = [[5], [40, 41]]
+    job = {"model": str(fixture_models["successor"]), "speculative_config": spec, "prompts": prompts,
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "samplings": [{"temperature": 0.0, "max_tokens": 20, "ignore_eos": True}]}
+    stats = tmp_path / "stats.json"
+    result = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats),
+                                  "VLLM_RESPSP_FAULT": "unsupported_kv_layout"})["results"][0]
+    assert result["token_ids"] == [successor_tokens(p, 20) for p in prompts]
+    assert result["spec"]["acceptance_length"] > 3.5  # the chains of depth 4 are accepted whole
+    stats = json.loads(stats.read_text())
+    assert set(stats["shapes"]) == {"T4/D4/K1"} and stats["fallbacks"]["chain_for_unsupported_kv_layout"] > 0
+
+
 def test_prompts_at_the_length_limit(fixture_models):
     """A prompt that leaves 6 tokens of room: trees shrink to fit, the output is exact."""
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}

@@ -30,7 +30,8 @@ from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
 from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
 from vllm_respsp.tree import verify
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.cpu_paged_kv import SUPPORTED_ISAS
+from vllm_respsp.tree.shape import TreeShape
 
 logger = logging.getLogger("vllm_respsp")
 STATS_ENV = "VLLM_RESPSP_STATS_FILE"
@@ -70,6 +71,7 @@ class RespspRuntime:
         self.scheduled: dict[str, Counter[int]] = {}
         self.recomputed = 0
         self.prefix_cached = 0
+        self._trees_supported: bool | None = None
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -201,6 +203,8 @@ class RespspRuntime:
         upstream = self._upstream_reason(scheduler_output, req_ids)
         if upstream:
             self._fallback(f"chain_for_{upstream}")
+        elif not self.trees_supported:
+            upstream = "unsupported_kv_layout"
         asking = list(root_of)
         if not asking:
             return [[] for _ in req_ids]
@@ -219,8 +223,10 @@ class RespspRuntime:
         chosen, shapes, decided = [], [], []
         for req_id, shape in zip(asking, picked):
             index, root_token, root_pos = root_of[req_id]
-            if upstream and shape.drafts:
-                shape = chain(shape.depth)
+            if upstream and shape.drafts and shape.top_k > 1:
+                shape = TreeShape(shape.depth, shape.depth, 1, shape.min_prob)
+                if upstream == "unsupported_kv_layout":
+                    self._fallback("chain_for_unsupported_kv_layout")
             room = max_len - root_pos - 1
             if room <= 0:
                 continue
@@ -246,6 +252,22 @@ class RespspRuntime:
                                                  part.depths.tolist(), str(shapes[b]))
             self.decisions.update(f"{self.proposed[req_id].tokens}{self.proposed[req_id].parents}".encode())
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
+
+    @property
+    def trees_supported(self) -> bool:
+        """Whether tree attention can read this engine's KV cache layout (`cpu_paged_kv`); if
+        not (e.g. an ISA respsp does not know), every tree is drafted as a chain of its depth,
+        which vLLM's own causal attention verifies, and each is counted as a fallback."""
+        if self._trees_supported is None:
+            isas = _attention_isas(self.runner)
+            unknown = sorted(isas - set(SUPPORTED_ISAS))
+            if os.environ.get(FAULT_ENV) == "unsupported_kv_layout":
+                unknown = ["(fault injected)"]
+            if unknown:
+                logger.warning("respsp: tree attention cannot read the KV cache layout(s) %s (it reads "
+                               "%s); trees are drafted as chains", unknown, list(SUPPORTED_ISAS))
+            self._trees_supported = not unknown
+        return self._trees_supported
 
     def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
         if scheduler_output.has_structured_output_requests:
@@ -281,6 +303,15 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
+
+
+def _attention_isas(runner) -> set[str]:
+    """The KV layouts (CPU attention ISAs) of the target's attention layers."""
+    try:
+        layers = runner.vllm_config.compilation_config.static_forward_context.values()
+    except AttributeError:  # a runner built outside vLLM (unit tests)
+        return set()
+    return {layer.isa for layer in layers if isinstance(getattr(layer, "isa", None), str)}
 
 
 def _tensor_parallel_rank() -> int:

