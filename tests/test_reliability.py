@@ -42,7 +42,7 @@ CASES = [
     ({"shape": {"total_tokens": "8", "depth": 4, "top_k": 2}}, "shape.total_tokens must be a positive integer"),
     ({"shape": {"total_tokens": 8, "depth": 0, "top_k": 2}}, "shape.depth must be a positive integer"),
     ({"shape": {"total_tokens": 8, "depth": 4, "top_k": -1}}, "shape.top_k must be a positive integer"),
-    ({"shape": {"total_tokens": 8, "depth": 4}}, "shape needs exactly the keys"),
+    ({"shape": {"total_tokens": 8, "depth": 4}}, "shape needs the keys"),
     ({"shape": {"total_tokens": 99, "depth": 3, "top_k": 2}}, "more than a depth-3, top-2 beam"),
     ({"actions": []}, "actions must hold at least one shape"),
     ({"actions": [TREE, TREE]}, "actions holds duplicate shapes"),
