@@ -69,17 +69,21 @@ def plot(all_rows: list[dict], path: Path) -> None:
         bars = ["no_speculation", "best_static"] + (["best_bounded"] if sel[0]["best_bounded"] else []) \
             + [*policies, "oracle"]
         width = 0.8 / len(bars)
+        shown = []
         for i, bar in enumerate(bars):
             values = []
             for load in loads:
                 row = next(r for r in sel if r["load"] == load and (bar not in policies or r["policy"] == bar))
                 values.append((row["tokens_per_s"] if bar in policies else row[bar]) / row["best_static"])
             ax.bar([j + i * width for j in range(len(loads))], values, width, label=bar.replace("_", " "))
+            shown += values
         ax.axhline(1.0, color="grey", lw=0.8)
+        # the differences are a few percent: start the axis near the lowest bar, not at 0
+        ax.set_ylim(max(0.0, min(shown) - 0.05), max(shown) + 0.3)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(loads))], [f"load {b}" for b in loads])
         ax.set_ylabel("tokens/s relative to the best static shape")
         ax.set_title(f"{set_name} ({profile})")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
