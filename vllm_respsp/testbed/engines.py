@@ -28,8 +28,9 @@ class EngineConfig:
         if spec.get("method") == "eagle3":
             return f"EAGLE-3 chain of {spec['num_speculative_tokens']}"
         if spec.get("method") == "respsp" and "shape" in spec and spec.get("policy", "static") == "static":
-            s = spec["shape"]
-            return f"respsp T{s['total_tokens']}/D{s['depth']}/K{s['top_k']}"
+            from vllm_respsp.tree.shape import TreeShape
+
+            return f"respsp {TreeShape.from_dict(spec['shape'])}"
         if spec.get("method") == "respsp" and spec.get("policy") not in (None, "static", "cycle"):
             from pathlib import Path
 
