@@ -33,7 +33,10 @@ def rows(report: dict):
                        "best_bounded": row.get("best_bounded"), "best_bounded_action": row.get("best_bounded_action"),
                        "oracle": oracle, "tokens_per_s": got, "vs_best_static": got / static,
                        "gap_closed": (got - static) / gap if gap > 0 else float("nan"),
-                       "acceptance_length": row.get(f"{policy}_acceptance_length")}
+                       "acceptance_length": row.get(f"{policy}_acceptance_length"),
+                       "best_static_in_batch": row.get("best_static_in_batch"),
+                       "in_batch": row.get(f"{policy}_in_batch"),
+                       "in_batch_per_request": row.get(f"{policy}_in_batch_per_request")}
 
 
 def markdown(all_rows: list[dict], sources: list[str]) -> str:
@@ -51,6 +54,19 @@ def markdown(all_rows: list[dict], sources: list[str]) -> str:
                    f"{e3} | {r['best_static']:.1f} ({r['best_static_action']}) | {bounded} | "
                    f"{r['tokens_per_s']:.1f} | {r['oracle']:.1f} | {r['vs_best_static']:.3f}x | "
                    f"{100 * r['gap_closed']:.0f}% | {al} |")
+    batched = [r for r in all_rows if r["in_batch"] is not None]
+    if batched:
+        out += ["", "In mixed batches (`policy.batch_sim`: requests of different shapes share each step, "
+                "whose draft passes are those of its deepest tree). The policy as the engine runs it "
+                "(a bandit's choices coordinated on one number of passes per step) and, for a bandit, "
+                "each request's own argmax:", "",
+                "| profile | prompt set | load | policy | best static | policy, per request | policy, as served | "
+                "as served / best static |", "|---|---|---:|---|---:|---:|---:|---:|"]
+        for r in batched:
+            own = f"{r['in_batch_per_request']:.1f}" if r["in_batch_per_request"] else "-"
+            out.append(f"| {r['profile']} | {r['set']} | {r['load']} | {r['policy']} | "
+                       f"{r['best_static_in_batch']:.1f} ({r['best_static_action']}) | {own} | "
+                       f"{r['in_batch']:.1f} | {r['in_batch'] / r['best_static_in_batch']:.3f}x |")
     return "\n".join(out) + "\n"
 
 

@@ -87,6 +87,12 @@ TERMS = {
 }
 
 
+# Paid once per step, whatever the batch holds: the weights' read, the draft setup, one head
+# pass per level of the *deepest* tree, the tree plan. In a batch of different shapes these take
+# the batch's largest value; the other terms add up over its requests.
+SHARED_TERMS = frozenset({"step", "speculation", "draft_pass", "tree_step"})
+
+
 class ProfileError(ValueError):
     """A cost profile that cannot be used; the message names the file and the field."""
 
@@ -209,6 +215,16 @@ class CostModel:
         """A request's share of a step (as `request_seconds`) for work of any array shape."""
         ctx = self.default_context if context is None else context
         return work_basis(self.terms, work, batch, ctx) @ self.coefficients / batch
+
+    def batch_step_seconds(self, work: StepWork, context: int | None = None) -> float:
+        """One step of a batch whose requests do different work (fields: arrays [B]).
+
+        Shared terms (SHARED_TERMS) count the batch's largest value, the rest add up; for a
+        batch of one shape this equals step_seconds(shape, B)."""
+        ctx = self.default_context if context is None else context
+        cols = work_basis(self.terms, work, 1, ctx).reshape(-1, len(self.terms))
+        shared = np.array([t in SHARED_TERMS for t in self.terms])
+        return float(np.where(shared, cols.max(axis=0), cols.sum(axis=0)) @ self.coefficients)
 
     def describe(self) -> str:
         return ", ".join(f"{t}={c * 1e3:.3g} ms" for t, c in zip(self.terms, self.coefficients))

@@ -3,7 +3,8 @@ respsp config points at the JSON).
 
     <stem>.json          format, version, action set, feature spec + extras, target/head ids,
                          architecture, hold (action persistence), cost profile name + digest,
-                         training info, and the weights file's name and sha256
+                         training info, the weights file's name and sha256, and for a bandit
+                         the units of its scores (`coordination`, see policy/coordinate.py)
     <stem>.safetensors   PolicyNet's state dict
 
 Loading checks everything before the engine serves a request, and every error names the field:
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_respsp.policy.coordinate import Coordination
 from vllm_respsp.policy.features import ROOT_PROBS
 from vllm_respsp.policy.network import ACTIVATIONS, PolicyNet
 from vllm_respsp.policy.simulator import EXTRA_FEATURES
@@ -44,6 +46,7 @@ class PolicyFile:
     actions: list[TreeShape]
     feature_spec: list[FeatureSpec]
     hold: int
+    coordination: Coordination | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +56,7 @@ def _sha256(path: Path) -> str:
 def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
                 feature_spec: list[FeatureSpec], *, hold: int = 1, target: dict | None = None,
                 head: dict | None = None, cost_profile: dict | None = None,
-                training: dict | None = None) -> Path:
+                training: dict | None = None, coordination: Coordination | None = None) -> Path:
     """Write <stem>.safetensors and <stem>.json; return the JSON's path (the policy file)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,8 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
         "cost_profile": cost_profile or {}, "training": training or {},
         "weights": {"file": weights.name, "sha256": _sha256(weights)},
     }
+    if coordination is not None:
+        meta["coordination"] = coordination.to_dict()
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(meta, indent=1))
     return path
@@ -154,10 +159,16 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
             or not isinstance(arch.get("proj_dim"), int):
         _fail(path, "architecture", f"needs proj_dim, hidden (list) and activation in "
                                     f"{sorted(ACTIVATIONS)}; got {arch}")
+    coordination = None
+    if "coordination" in meta:
+        try:
+            coordination = Coordination.from_dict(meta["coordination"])
+        except ValueError as e:
+            _fail(path, "coordination", str(e))
     net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
                     tuple(arch["hidden"]), arch["activation"])
     net.load_state_dict(_load_weights(path, meta, net))
-    return PolicyFile(path, meta, net.eval(), actions, spec, hold)
+    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination)
 
 
 def _load_weights(path: Path, meta: dict, net: PolicyNet) -> dict:

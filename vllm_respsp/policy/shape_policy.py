@@ -3,7 +3,8 @@
     policy = ShapePolicy.from_file(config.policy, config, hidden_size=..., feature_dims=...)
     shapes = policy.choose(request_ids, features [B, F], recent_accept [B], batch_load)
 
-- Deterministic: argmax of the network's scores.
+- Deterministic: argmax of the network's scores; for a bandit whose file carries its score
+  units, the argmax under one shared number of draft passes for the batch (policy/coordinate.py).
 - Persistence: a request keeps its chosen action for `hold` steps (from the policy file); only
   requests whose hold ran out go through the network, still in one batched call.
 - Never raises at run time: an exception, a wrong feature width or a non-finite score sends the
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vllm_respsp.policy.coordinate import Coordination, action_levels, coordinated_choice
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import load_policy
 from vllm_respsp.tree.shape import TreeShape
@@ -31,7 +33,7 @@ FALLBACK = -1  # action index meaning "use the static fallback shape"
 
 class ShapePolicy(nn.Module):
     def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1,
-                 feature_spec: list | None = None):
+                 feature_spec: list | None = None, coordination: Coordination | None = None):
         super().__init__()
         self.feature_spec = list(feature_spec or [])  # the FeatureSpec blocks `features` must hold
         self.net = net.eval()
@@ -39,6 +41,8 @@ class ShapePolicy(nn.Module):
         self.fallback = fallback
         self.hold = hold
         self.max_depth = max(a.depth for a in actions)
+        self.coordination = coordination
+        self.levels = torch.tensor(action_levels(self.actions))
         self.fallback_count = 0
         self._held: dict[object, list[int]] = {}  # request id -> [action index, steps left]
         self._warned: set[str] = set()
@@ -50,7 +54,7 @@ class ShapePolicy(nn.Module):
 
         pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
         return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold,
-                   pf.feature_spec)
+                   pf.feature_spec, pf.coordination)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:
@@ -65,8 +69,11 @@ class ShapePolicy(nn.Module):
                 recent_accept.float().reshape(batch) / self.max_depth,
             ], dim=1)
             scores = self.net(torch.cat([features.float(), extras], dim=1))
-            chosen = scores.argmax(dim=-1)
             bad = ~torch.isfinite(scores).all(dim=-1)
+            if self.coordination is not None and not bad.any():
+                chosen = coordinated_choice(scores, self.levels, self.coordination, batch_load)
+            else:
+                chosen = scores.argmax(dim=-1)
             if bad.any():
                 chosen[bad] = FALLBACK
                 self.fallback_count += int(bad.sum())

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vllm_respsp.policy.batch_sim import policy_chooser, simulate_batch
+from vllm_respsp.policy.coordinate import Coordination
 from vllm_respsp.policy.cost import CostModel, load_cost_model
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import save_policy
@@ -37,6 +39,7 @@ from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_de
                                           extra_features, no_speculation_rate, oracle, simulate,
                                           step_costs, update_recent)
 from vllm_respsp.policy.pools import pool_depths
+from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.traces import FeatureSpec, TraceError, TraceSet, load_traces, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain, resps_actions
 
@@ -99,14 +102,15 @@ def make_net(traces: TraceSet, proj_dim: int, hidden: tuple[int, ...], activatio
 
 
 def bandit_dataset(traces: TraceSet, cost: CostModel, batch_loads, rates: dict[int, float]):
-    """(observations [N, F+E], targets [N, A]) over every position and batch load.
+    """(observations [N, F+E], targets [N, A], {load: (mean, std)}) over every position and
+    batch load; the targets of each load are standardized by its (mean, std).
 
     The recent-acceptance extra depends on the path; it is taken from a walk with the best
     static action (what an engine running the static fallback would have seen), carried
     forward over the positions that walk skips.
     """
     max_depth = max(a.depth for a in traces.actions)
-    obs, targets = [], []
+    obs, targets, scales = [], [], {}
     for batch in batch_loads:
         static, _ = best_static(traces, cost, batch)
         block = []
@@ -127,15 +131,16 @@ def bandit_dataset(traces: TraceSet, cost: CostModel, batch_loads, rates: dict[i
         # a few, and unscaled MSE would fit only the heavy loads. A shift and a positive scale
         # shared by all actions of a row leave the argmax unchanged.
         block = np.concatenate(block)
-        targets.append((block - block.mean()) / (block.std() + 1e-6))
+        scales[batch] = (float(block.mean()), float(block.std() + 1e-6))
+        targets.append((block - scales[batch][0]) / scales[batch][1])
     return (torch.as_tensor(np.concatenate(obs), dtype=torch.float32),
-            torch.as_tensor(np.concatenate(targets), dtype=torch.float32))
+            torch.as_tensor(np.concatenate(targets), dtype=torch.float32), scales)
 
 
 def train_bandit(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads,
                  rates: dict[int, float], epochs: int = 20, lr: float = 3e-3,
                  minibatch: int = 256, seed: int = 0) -> dict:
-    x, y = bandit_dataset(traces, cost, batch_loads, rates)
+    x, y, scales = bandit_dataset(traces, cost, batch_loads, rates)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     losses = []
@@ -151,7 +156,17 @@ def train_bandit(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads,
             total += loss.item() * len(idx)
         losses.append(total / len(x))
     net.eval()
-    return {"algo": "bandit", "epochs": epochs, "lr": lr, "rows": len(x), "final_mse": losses[-1]}
+    return {"algo": "bandit", "epochs": epochs, "lr": lr, "rows": len(x), "final_mse": losses[-1],
+            "target_scale": scales}
+
+
+def bandit_coordination(info: dict, rates: dict[int, float], cost: CostModel) -> Coordination:
+    """The units of a trained bandit's scores, for batch-coordinated choice in the engine."""
+    loads = sorted(info["target_scale"])
+    pass_seconds = dict(zip(cost.terms, cost.coefficients)).get("draft_pass", 0.0)
+    return Coordination(tuple(loads), tuple(info["target_scale"][b][0] for b in loads),
+                        tuple(info["target_scale"][b][1] for b in loads),
+                        tuple(rates[b] for b in loads), float(pass_seconds))
 
 
 def train_ppo(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads, hold: int,
@@ -224,10 +239,15 @@ def train_ppo(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads, ho
 
 
 def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, batch_loads,
-             policies: dict[str, tuple[PolicyNet, int]]) -> dict:
+             policies: dict[str, tuple[PolicyNet, int, Coordination | None]]) -> dict:
     """Per batch load, tokens/s on `traces_eval` of the baselines and each policy. Fixed
     actions are tuned on `traces_train` only: the best static shape (or NO_DRAFTS), and where
-    the action set has confidence-bounded shapes, the best one of those for every step."""
+    the action set has confidence-bounded shapes, the best one of those for every step.
+
+    Above load 1, also in mixed batches (batch_sim: the deepest tree sets a step's draft
+    passes): the best static shape and each policy as the engine runs it (`<name>_in_batch`),
+    and a bandit that chooses per request without coordination (`<name>_in_batch_per_request`).
+    """
     out = {}
     bounded = any(a.min_prob for a in traces_train.actions)
     for batch in batch_loads:
@@ -243,10 +263,21 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
         default = eagle3_default_rate(traces_eval, cost, batch)
         if default is not None:
             row["eagle3_default"] = default
-        for name, (net, hold) in policies.items():
+        if batch > 1:
+            row["best_static_in_batch"] = simulate_batch(traces_eval, cost, static, batch).tokens_per_s
+        for name, (net, hold, coordination) in policies.items():
             res = simulate(traces_eval, cost, net.act, batch, hold)
             row[name] = res.tokens_per_s
             row[f"{name}_acceptance_length"] = res.acceptance_length
+            if batch > 1:
+                engine = ShapePolicy(net, traces_eval.actions, traces_eval.actions[static], hold,
+                                     coordination=coordination)
+                row[f"{name}_in_batch"] = simulate_batch(traces_eval, cost, policy_chooser(engine),
+                                                         batch).tokens_per_s
+                if coordination is not None:
+                    engine.coordination = None
+                    row[f"{name}_in_batch_per_request"] = simulate_batch(
+                        traces_eval, cost, policy_chooser(engine), batch).tokens_per_s
         out[str(batch)] = row
     return out
 
@@ -327,17 +358,20 @@ def main(argv: list[str] | None = None) -> dict:
                 info = train_bandit(net, train_set, cost, args.batch_loads, own,
                                     args.bandit_epochs, seed=args.seed)
                 info["reward_rates"] = own
+            coordination = bandit_coordination(info, info.get("reward_rates", rates), cost)
             hold = 1  # a bandit decides every step
         else:
             info, _ = train_ppo(net, train_set, cost, args.batch_loads, args.hold, rates,
                              args.ppo_steps, seed=args.seed)
+            coordination = None  # an actor's logits are not values: nothing to add up
             hold = args.hold
         info.update(seed=args.seed, batch_loads=args.batch_loads, reference_rates=rates,
                     traces=args.traces or "synthetic",
                     train_generations=len(train_set.generations))
         files[algo] = str(save_policy(out / algo, net, traces.actions, traces.feature_spec,
-                                      hold=hold, training=info, **common))
-        policies[algo] = (net, hold)
+                                      hold=hold, training=info, coordination=coordination,
+                                      **common))
+        policies[algo] = (net, hold, coordination)
     report = {"profile": cost.profile_name, "cost_model": cost.describe(), "files": files,
               "features": [f.name for f in traces.feature_spec],
               "tokens_per_s_on_eval": {name: evaluate(train_set, eval_set, cost, args.batch_loads, policies)
