@@ -13,7 +13,7 @@ from vllm_respsp.policy.policy_file import PolicyFileError, load_policy
 from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.simulator import simulate
 from vllm_respsp.policy.traces import save_traces, synthetic_traces
-from vllm_respsp.policy.train import main
+from vllm_respsp.policy.train import main, select_features
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(3), TreeShape(8, 3, 4)]
@@ -139,3 +139,6 @@ def test_shape_policy_coordinates_a_batch_and_the_batch_simulator_runs_it(tmp_pa
     result = simulate_batch(traces.with_no_drafts(), cost, policy_chooser(policy), batch=4)
     assert result.tokens >= sum(g.num_positions for g in traces.generations)
     assert policy.fallback_count == 0
+    wrong_width = select_features(traces, [])  # no feature blocks: the network cannot run
+    with pytest.raises(ValueError, match="fell back"):
+        simulate_batch(wrong_width, cost, policy_chooser(policy), batch=4)

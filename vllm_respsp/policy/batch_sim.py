@@ -34,9 +34,17 @@ Chooser = Callable[[np.ndarray, np.ndarray, int], np.ndarray]  # (features, rece
 
 
 def policy_chooser(shape_policy) -> Chooser:
-    """The in-engine ShapePolicy's own batched forward (coordination included) as a chooser."""
+    """The in-engine ShapePolicy's own batched forward (coordination included) as a chooser.
+
+    The engine turns a failed call into its static fallback shape; a simulation must not
+    (the index would read as an action), so a fallback here is an error."""
     def choose(features: np.ndarray, recent: np.ndarray, load: int) -> np.ndarray:
-        return shape_policy.forward(torch.as_tensor(features), torch.as_tensor(recent), load).numpy()
+        before = shape_policy.fallback_count
+        actions = shape_policy.forward(torch.as_tensor(features), torch.as_tensor(recent), load).numpy()
+        if shape_policy.fallback_count != before or (actions < 0).any():
+            raise ValueError("the policy fell back to its static shape in simulation; do the traces "
+                             "hold the features it was trained on (policy.train --features)?")
+        return actions
     return choose
 
 
