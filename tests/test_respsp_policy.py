@@ -11,6 +11,7 @@ from conftest import run_engine
 from test_respsp_trees import BIG_TREE, CHAIN4, PROMPTS, SMALL_TREE
 from test_reliability import engine_config
 from vllm_respsp.config import RespspConfigError
+from vllm_respsp.policy.coordinate import Coordination
 from vllm_respsp.policy.features import DEFAULT_FEATURES, feature_spec
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import save_policy
@@ -21,6 +22,10 @@ ACTIONS = [TreeShape.from_dict(a) for a in (CHAIN4, SMALL_TREE, BIG_TREE)]
 STATIC = {"total_tokens": 8, "depth": 4, "top_k": 2}
 
 
+# score units as a bandit's file carries them: the engine coordinates each step's depth
+COORDINATION = Coordination((1, 8), (0.0, 0.0), (1.0, 1.0), (100.0, 100.0), 0.005)
+
+
 def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: int = 0):
     """An untrained but well-formed policy file: its picks vary with the features."""
     torch.manual_seed(seed)
@@ -28,7 +33,8 @@ def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: 
     net = PolicyNet(sum(f.dim for f in spec), len(EXTRA_FEATURES), len(actions), proj_dim=8, hidden=(16,))
     with torch.no_grad():
         net.head.weight.mul_(20)  # spread the scores so that the argmax moves between actions
-    return save_policy(stem, net, actions, spec, hold=hold, target={"hidden_size": hidden_size})
+    return save_policy(stem, net, actions, spec, hold=hold, target={"hidden_size": hidden_size},
+                       coordination=COORDINATION)
 
 
 @pytest.fixture(scope="module")

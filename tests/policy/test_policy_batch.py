@@ -68,7 +68,7 @@ def scores_for(values, coordination, load):
 def test_coordination_prices_the_passes_once_per_step():
     actions = [chain(1), chain(4)]
     levels = torch.tensor(action_levels(actions))
-    # one pass is worth 1 token at the trained load 4 (rate 100 tok/s * 0.01 s)
+    # one pass is worth 1 token at load 4 (rate 100 tok/s * 0.01 s)
     co = Coordination((4,), (0.5,), (2.0,), (100.0,), 0.01)
     # values as the bandit learned them: each request was charged levels / 4 of a pass
     own = np.array([[1.0, 1.2], [1.0, 1.2], [1.0, 1.2], [1.0, 3.0]])
@@ -83,6 +83,9 @@ def test_coordination_prices_the_passes_once_per_step():
     assert coordinated_choice(scores_for(learned, co, 4), levels, co, 4).tolist() == [1, 1, 1, 1]
     # alone, a request keeps its own argmax
     assert coordinated_choice(scores[3:], levels, co, 1).tolist() == [1]
+    # all wanting the same depth: nothing to settle, whatever a pass costs
+    same = scores_for(own[:3] - np.array(action_levels(actions)) / 4, co, 4)
+    assert coordinated_choice(same, levels, co, 4).tolist() == same.argmax(-1).tolist()
 
 
 def test_coordination_field_is_validated(tmp_path):
@@ -109,10 +112,11 @@ def test_coordination_is_the_best_joint_choice(seed):
     rng = np.random.default_rng(seed)
     actions = [NO_DRAFTS, chain(1), chain(2), chain(4), TreeShape(6, 3, 2)]
     levels = np.array(action_levels(actions))
-    co = Coordination((1, 8), (0.0, 0.3), (1.0, 1.5), (50.0, 300.0), 0.002)  # 0.6 token a pass at 8
+    # a batch of 6, four of them choosing now (the others hold): units of the nearest load, 8
+    co = Coordination((1, 8), (0.0, 0.3), (1.0, 1.5), (50.0, 300.0), 0.002)  # 0.6 token a pass
     own = rng.normal(1.0, 0.6, (4, len(actions)))
-    learned = own - 0.6 * levels / 8
-    picked = coordinated_choice(scores_for(learned, co, 8), torch.tensor(levels), co, 6).numpy()
+    learned = own - 0.6 * levels / 6  # the share of passes the network charged at load 6
+    picked = coordinated_choice(scores_for(learned, co, 6), torch.tensor(levels), co, 6).numpy()
     best = max(sum(own[i, a] for i, a in enumerate(joint)) - 0.6 * levels[list(joint)].max()
                for joint in itertools.product(range(len(actions)), repeat=4))
     got = own[np.arange(4), picked].sum() - 0.6 * levels[picked].max()

@@ -7,16 +7,18 @@ the share it would pay in a batch where every request chose alike. Chosen indepe
 request's deep chain makes the other load - 1 requests wait for its passes, and that cost is
 invisible to each of them.
 
-A bandit's scores are values, not logits: after undoing the per-load standardization of its
-training targets, score[i, a] ≈ g_i(a) - ρ · t_i(a) (tokens gained minus the reference rate
-times the request's share of the step's seconds). Adding back the share of draft passes the
-network charged gives each request's value without them; the step's value when at most L
-levels run is then
+A bandit's scores are values, not logits: after undoing the standardization of its training
+targets (per trained load; the nearest one is used), score[i, a] ≈ g_i(a) - ρ · t_i(a) (tokens
+gained minus the reference rate times the request's share of the step's seconds, for the load
+the network is told). Adding back the share of draft passes that charged gives each request's
+value without them; the step's value when at most L levels run is then
 
     V(L) = Σ_i max_{a : levels(a) <= L} [score_i(a) + ρ c_pass levels(a) / load] - ρ c_pass L
 
-and the batch takes the L with the highest V (a few candidates; one vectorized pass). At a
-load of 1 this is the plain argmax. A PPO actor's scores are logits, so its files carry no
+and the batch takes the L with the highest V (a few candidates; one vectorized pass). A batch
+whose requests all want the same depth keeps their choices (the shares add up to the passes);
+mixed wishes are settled by what the extra passes cost everyone. At a load of 1 this is the
+plain argmax. A PPO actor's scores are logits, so its files carry no
 `coordination` block and their choice stays per request.
 """
 
@@ -95,11 +97,10 @@ def coordinated_choice(scores: torch.Tensor, levels: torch.Tensor, coordination:
     if scores.shape[0] <= 1:
         return scores.argmax(dim=-1)
     i = coordination.nearest(load)
-    trained_load = coordination.loads[i]
     price = coordination.rate[i] * coordination.pass_seconds  # tokens one pass is worth
     levels = levels.to(scores.device)
     values = scores.float() * coordination.target_std[i] + coordination.target_mean[i] \
-        + price * levels.float() / trained_load
+        + price * levels.float() / load
     caps = torch.unique(levels)  # candidate L, ascending
     allowed = levels[None, :] <= caps[:, None]  # [L, A]
     masked = values[None].masked_fill(~allowed[:, None, :], float("-inf"))  # [L, B, A]
