@@ -15,7 +15,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_respsp", "vllm_respsp.*", "triton_kernels", "triton_kernels.*"]),
+    # The kernels live in triton_kernels/ but install as `vllm_respsp_triton`: a top-level
+    # `triton_kernels` would shadow OpenAI's package of that name, which vLLM imports first for
+    # its MXFP4 MoE kernels (gpt-oss), and break them.
+    packages=find_packages(include=["vllm_respsp", "vllm_respsp.*"]) + ["vllm_respsp_triton"],
+    package_dir={"vllm_respsp_triton": "triton_kernels"},
     include_package_data=True,
     package_data={"vllm_respsp": ["assets/**/*", "policy/profiles/*.json"]},
     install_requires=["safetensors>=0.4", "tqdm>=4.66"],

@@ -38,6 +38,8 @@ import time
 
 if "--cpu" in sys.argv:  # must precede the triton import (see _dispatch)
     os.environ["TRITON_INTERPRET"] = "1"
+# The source folder itself (installed, it is `vllm_respsp_triton`): this script also runs
+# from a bare checkout, on a GPU machine with nothing installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402

@@ -10,6 +10,8 @@ import sys
 import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+# The source folder itself (installed, it is `vllm_respsp_triton`): this script also runs
+# from a bare checkout, on a GPU machine with nothing installed.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import triton  # noqa: E402

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1":
     raise pytest.UsageError("tests/kernels needs TRITON_INTERPRET=1 (or unset)")
-_dispatch = sys.modules.get("triton_kernels._dispatch")
+_dispatch = sys.modules.get("vllm_respsp_triton._dispatch")
 if _dispatch is not None and not _dispatch.INTERPRET:
     raise pytest.UsageError(
         "triton_kernels was imported before TRITON_INTERPRET=1 was set; "

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from triton_kernels import MAX_TREE_NODES, accept_greedy, accept_greedy_ref, build_tree_metadata_ref
+from vllm_respsp_triton import MAX_TREE_NODES, accept_greedy, accept_greedy_ref, build_tree_metadata_ref
 
 from .kernel_trees import big_tree, chain_tree, eagle_tree, greedy_walk, pack, sample_batch
 

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from triton_kernels import compact_kv, compact_kv_ref, compaction_slots
+from vllm_respsp_triton import compact_kv, compact_kv_ref, compaction_slots
 
 BLOCK = 16
 

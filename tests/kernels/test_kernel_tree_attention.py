@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from triton_kernels import MAX_TREE_NODES, build_tree_metadata_ref, tree_attention, tree_attention_ref
-from triton_kernels.tree_attention import _tree_attention_triton
+from vllm_respsp_triton import MAX_TREE_NODES, build_tree_metadata_ref, tree_attention, tree_attention_ref
+from vllm_respsp_triton.tree_attention import _tree_attention_triton
 
 from .kernel_trees import ancestors, big_tree, chain_tree, eagle_tree, pack, random_tree
 

@@ -5,14 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triton_kernels import (
+from vllm_respsp_triton import (
     MAX_TREE_NODES,
     build_tree_metadata,
     build_tree_metadata_ref,
     num_words,
     unpack_ancestor_bits,
 )
-from triton_kernels.tree_metadata import _build_tree_metadata_triton
+from vllm_respsp_triton.tree_metadata import _build_tree_metadata_triton
 
 from .kernel_trees import (
     ancestors,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from triton_kernels import build_tree_metadata, compaction_slots
+from vllm_respsp_triton import build_tree_metadata, compaction_slots
 from vllm_respsp.tree.cpu_paged_kv import compact_kv_cpu, kv_views, tree_attention_cpu
 
 ops = pytest.importorskip("vllm._custom_ops")
@@ -65,7 +65,7 @@ def test_chain_tree_attention_equals_vllm_causal_attention(isa, block_size, dtyp
 @pytest.mark.parametrize("isa,block_size,dtype", CASES)
 def test_batched_tree_attention_matches_the_per_request_reference(isa, block_size, dtype):
     """Several requests, random trees and prefixes (one at the longest length), GQA."""
-    from triton_kernels import tree_attention_ref
+    from vllm_respsp_triton import tree_attention_ref
 
     gen = torch.Generator().manual_seed(2)
     prefixes, sizes = [21, 0, 40], [9, 5, 7]

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triton_kernels import build_tree_metadata, unpack_ancestor_bits
+from vllm_respsp_triton import build_tree_metadata, unpack_ancestor_bits
 from vllm_respsp.tree import verify
 from vllm_respsp.tree.build import build_trees
 from vllm_respsp.tree.shape import TreeShape

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels import compaction_slots
-from triton_kernels.tree_metadata import node_requests
+from vllm_respsp_triton import compaction_slots
+from vllm_respsp_triton.tree_metadata import node_requests
 from vllm_respsp.runtime.step_trees import StepTrees
 from vllm_respsp.tree.build import DraftTree
 from vllm_respsp.tree.verify import accept_greedy, accept_sampled

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from triton_kernels import build_tree_metadata
+from vllm_respsp_triton import build_tree_metadata
 
 
 @dataclass

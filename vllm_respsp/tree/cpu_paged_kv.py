@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from triton_kernels import unpack_ancestor_bits
+from vllm_respsp_triton import unpack_ancestor_bits
 
 SUPPORTED_ISAS = ("vec", "vec16", "amx")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from triton_kernels import accept_greedy as accept_greedy_kernel
-from triton_kernels import build_tree_metadata
+from vllm_respsp_triton import accept_greedy as accept_greedy_kernel
+from vllm_respsp_triton import build_tree_metadata
 from vllm_respsp.tree.build import DraftTree
 
 
