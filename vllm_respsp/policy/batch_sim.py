@@ -63,13 +63,12 @@ def simulate_batch(traces: TraceSet, cost: CostModel, chooser: Union[int, Choose
     while finished < finish_after:
         while len(slots) < batch:
             slots.append([next(following), 0, 0.0])
-        load = batch
         if callable(chooser):
             features = np.stack([gens[g].features[p] for g, p, _ in slots]).astype(np.float32)
             recent = np.array([r for _, _, r in slots], dtype=np.float32)
-            actions = np.asarray(chooser(features, recent, load), dtype=np.int64).reshape(load)
+            actions = np.asarray(chooser(features, recent, batch), dtype=np.int64).reshape(batch)
         else:
-            actions = np.full(load, int(chooser), dtype=np.int64)
+            actions = np.full(batch, int(chooser), dtype=np.int64)
         work = StepWork(*(np.array([getattr(works[g], f)[p, a] for (g, p, _), a in zip(slots, actions)],
                                    dtype=float) for f in WORK_FIELDS))
         seconds += cost.batch_step_seconds(work, context)

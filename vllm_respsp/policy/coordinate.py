@@ -18,8 +18,9 @@ value without them; the step's value when at most L levels run is then
 and the batch takes the L with the highest V (a few candidates; one vectorized pass). A batch
 whose requests all want the same depth keeps their choices (the shares add up to the passes);
 mixed wishes are settled by what the extra passes cost everyone. At a load of 1 this is the
-plain argmax. A PPO actor's scores are logits, so its files carry no
-`coordination` block and their choice stays per request.
+plain argmax. A confidence-bounded shape counts its depth cap: how deep it grows is known only
+after drafting. A PPO actor's scores are logits, so its files carry no `coordination` block and
+their choice stays per request.
 """
 
 from __future__ import annotations
