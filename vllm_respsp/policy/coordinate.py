@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_respsp.policy.cost import StepWork
 from vllm_respsp.tree.shape import TreeShape
 
 
 def action_levels(actions: list[TreeShape]) -> list[int]:
-    """Draft-head passes each action runs (NO_DRAFTS: the root's pass still runs)."""
-    return [max(a.depth, 1) for a in actions]
+    """Draft-head passes each action runs, as the cost model counts them (`StepWork.levels`)."""
+    return [int(StepWork.of(a).levels) for a in actions]
 
 
 @dataclass(frozen=True)

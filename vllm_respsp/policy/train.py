@@ -160,12 +160,13 @@ def train_bandit(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads,
             "target_scale": scales}
 
 
-def bandit_coordination(info: dict, rates: dict[int, float], cost: CostModel) -> Coordination:
-    """The units of a trained bandit's scores, for batch-coordinated choice in the engine."""
-    loads = sorted(info["target_scale"])
+def bandit_coordination(scales: dict[int, tuple[float, float]], rates: dict[int, float],
+                        cost: CostModel) -> Coordination:
+    """The units of a trained bandit's scores ({load: (mean, std)} of its targets, from
+    `train_bandit`), for batch-coordinated choice in the engine."""
+    loads = sorted(scales)
     pass_seconds = dict(zip(cost.terms, cost.coefficients)).get("draft_pass", 0.0)
-    return Coordination(tuple(loads), tuple(info["target_scale"][b][0] for b in loads),
-                        tuple(info["target_scale"][b][1] for b in loads),
+    return Coordination(tuple(loads), tuple(scales[b][0] for b in loads), tuple(scales[b][1] for b in loads),
                         tuple(rates[b] for b in loads), float(pass_seconds))
 
 
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
                 info = train_bandit(net, train_set, cost, args.batch_loads, own,
                                     args.bandit_epochs, seed=args.seed)
                 info["reward_rates"] = own
-            coordination = bandit_coordination(info, info.get("reward_rates", rates), cost)
+            # the scales go into the policy file's coordination block, not twice into `training`
+            coordination = bandit_coordination(info.pop("target_scale"), info.get("reward_rates", rates), cost)
             hold = 1  # a bandit decides every step
         else:
             info, _ = train_ppo(net, train_set, cost, args.batch_loads, args.hold, rates,

@@ -11,6 +11,7 @@ request: the drafts are empty and the failure is counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verif
 from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
 from vllm_respsp.tree import verify
 from vllm_respsp.tree.cpu_paged_kv import SUPPORTED_ISAS
-from vllm_respsp.tree.shape import TreeShape
+from vllm_respsp.tree.shape import TreeShape, chain
 
 logger = logging.getLogger("vllm_respsp")
 STATS_ENV = "VLLM_RESPSP_STATS_FILE"
@@ -71,7 +72,6 @@ class RespspRuntime:
         self.scheduled: dict[str, Counter[int]] = {}
         self.recomputed = 0
         self.prefix_cached = 0
-        self._trees_supported: bool | None = None
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -224,7 +224,7 @@ class RespspRuntime:
         for req_id, shape in zip(asking, picked):
             index, root_token, root_pos = root_of[req_id]
             if upstream and shape.drafts and shape.top_k > 1:
-                shape = TreeShape(shape.depth, shape.depth, 1, shape.min_prob)
+                shape = chain(shape.depth, shape.min_prob)
                 if upstream == "unsupported_kv_layout":
                     self._fallback("chain_for_unsupported_kv_layout")
             room = max_len - root_pos - 1
@@ -253,21 +253,18 @@ class RespspRuntime:
             self.decisions.update(f"{self.proposed[req_id].tokens}{self.proposed[req_id].parents}".encode())
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
 
-    @property
+    @functools.cached_property
     def trees_supported(self) -> bool:
         """Whether tree attention can read this engine's KV cache layout (`cpu_paged_kv`); if
         not (e.g. an ISA respsp does not know), every tree is drafted as a chain of its depth,
         which vLLM's own causal attention verifies, and each is counted as a fallback."""
-        if self._trees_supported is None:
-            isas = _attention_isas(self.runner)
-            unknown = sorted(isas - set(SUPPORTED_ISAS))
-            if os.environ.get(FAULT_ENV) == "unsupported_kv_layout":
-                unknown = ["(fault injected)"]
-            if unknown:
-                logger.warning("respsp: tree attention cannot read the KV cache layout(s) %s (it reads "
-                               "%s); trees are drafted as chains", unknown, list(SUPPORTED_ISAS))
-            self._trees_supported = not unknown
-        return self._trees_supported
+        unknown = sorted(_attention_isas(self.runner) - set(SUPPORTED_ISAS))
+        if os.environ.get(FAULT_ENV) == "unsupported_kv_layout":
+            unknown = ["(fault injected)"]
+        if unknown:
+            logger.warning("respsp: tree attention cannot read the KV cache layout(s) %s (it reads "
+                           "%s); trees are drafted as chains", unknown, list(SUPPORTED_ISAS))
+        return not unknown
 
     def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
         if scheduler_output.has_structured_output_requests:

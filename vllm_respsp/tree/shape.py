@@ -126,8 +126,8 @@ class TreeShape:
         return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}{bound}"
 
 
-def chain(n: int) -> TreeShape:
-    return TreeShape(n, n, 1)
+def chain(n: int, min_prob: float = 0.0) -> TreeShape:
+    return TreeShape(n, n, 1, min_prob)
 
 
 # Verify only the bonus token. The drafter's root pass still runs (it keeps the head's cache
