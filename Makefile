@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_RESPSP_CACHE ?= $(HOME)/.cache/vllm_respsp
 
-.PHONY: venv demo test test-kernels bench bench-quick policy bench-serve bench-serve-quick draft-head clean-venv
+.PHONY: venv demo test lint test-kernels bench bench-quick policy bench-serve bench-serve-quick draft-head clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -17,6 +17,9 @@ demo: venv
 test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
 	$(PY) -m pytest tests -q --ignore=tests/kernels
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-kernels: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
@@ -49,15 +52,15 @@ POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
 # chains, confidence-bounded chains and NO_DRAFTS.
 POLICY_ACTIONS := chain1 chain2 chain3 chain4 chain6 $(foreach p,0.1 0.2 0.3 0.4 0.5 0.6 0.7,T8/D8/K1/p$(p))
 policy: venv
-	$(PY) -m vllm_respsp.policy.record --prompts sharegpt-train --skip 4000 --num-prompts 400 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
-	$(PY) -m vllm_respsp.policy.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
-	$(PY) -m vllm_respsp.policy.record --prompts humaneval --num-prompts 164 --out $(TRACES)/humaneval
-	$(PY) -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
+	$(PY) -m vllm_respsp.engine_tools.record --prompts sharegpt-train --skip 4000 --num-prompts 400 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
+	$(PY) -m vllm_respsp.engine_tools.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
+	$(PY) -m vllm_respsp.engine_tools.record --prompts humaneval --num-prompts 164 --out $(TRACES)/humaneval
+	$(PY) -m vllm_respsp.engine_tools.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
 		--batch-sizes 1 8 32 --reps 3 --max-engines 5
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json --actions $(POLICY_ACTIONS) \
 		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
-	$(PY) -m vllm_respsp.policy.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
+	$(PY) -m vllm_respsp.engine_tools.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,11 +15,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # The kernels live in triton_kernels/ but install as `vllm_respsp_triton`: a top-level
-    # `triton_kernels` would shadow OpenAI's package of that name, which vLLM imports first for
-    # its MXFP4 MoE kernels (gpt-oss), and break them.
-    packages=find_packages(include=["vllm_respsp", "vllm_respsp.*"]) + ["vllm_respsp_triton"],
-    package_dir={"vllm_respsp_triton": "triton_kernels"},
+    # The kernels are `vllm_respsp_triton`, never a top-level `triton_kernels`: that name is
+    # OpenAI's package, which vLLM imports for its MXFP4 MoE kernels (gpt-oss); a folder of that
+    # name in the working directory shadowed it for every `python -m` run from the repository.
+    packages=find_packages(include=["vllm_respsp", "vllm_respsp.*", "vllm_respsp_triton"]),
     include_package_data=True,
     package_data={"vllm_respsp": ["assets/**/*", "policy/profiles/*.json"]},
     install_requires=["safetensors>=0.4", "tqdm>=4.66"],

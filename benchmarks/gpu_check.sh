@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of triton_kernels: every kernel against its PyTorch
+# One-shot GPU check of vllm_respsp_triton: every kernel against its PyTorch
 # reference on the GPU, then timings (tree attention grid at the Llama-8B
 # shape, per-step metadata + acceptance + compaction overhead).
 #

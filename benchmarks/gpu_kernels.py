@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import triton_kernels as tk  # noqa: E402
+import vllm_respsp_triton as tk  # noqa: E402
 
 LLAMA_8B = dict(num_q_heads=32, num_kv_heads=8, head_size=128, layers=32, hidden=4096, ffn=14336)
 TREE_NODES = 64

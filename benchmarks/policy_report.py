@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 
-
 def rows(report: dict):
     policies = sorted(report["files"])
     # a run on post-draft features is an upper bound, not a servable policy: say so in its name

@@ -210,7 +210,8 @@ def markdown_table(result: dict) -> str:
             failed = f" ({s['failed']} failed)" if s["failed"] else ""
             lines.append(
                 f"| {Path(cell['prompt_set']).name} | {cell['load']} | {describe[name]}{failed} | "
-                f"{s['output_tokens_per_s']:.1f} ({s['output_tokens_per_s_min']:.1f}-{s['output_tokens_per_s_max']:.1f}) | "
+                f"{s['output_tokens_per_s']:.1f} "
+                f"({s['output_tokens_per_s_min']:.1f}-{s['output_tokens_per_s_max']:.1f}) | "
                 f"{s['requests_per_s']:.2f} | {_fmt_pcts(s['ttft_ms'])} | {_fmt_pcts(s['tpot_ms'])} | "
                 f"{_fmt_pcts(s['itl_ms'])} | {s['acceptance_length']:.2f} | {vs_none} | {vs_chain} |")
     return "\n".join(lines) + "\n"
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = args.model or str(testbed_model_path())
     head = args.head or shipped_head_if_present()
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("benchmarks/results") / f"serving-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     # Servers inherit this process's environment: the CPU defaults measured fastest here.
@@ -394,7 +395,8 @@ def main(argv: list[str] | None = None) -> Path:
                                           dtype=args.dtype)
                     try:
                         warm_up(server.base, model)
-                        server_starts.append({"config": config.name, "rep": rep, "port": int(server.base.rsplit(":", 1)[1]),
+                        port = int(server.base.rsplit(":", 1)[1])
+                        server_starts.append({"config": config.name, "rep": rep, "port": port,
                                               "seconds": time.perf_counter() - t0})
                         progress.update(1)
                         for set_name, (texts, lens) in prompt_sets.items():

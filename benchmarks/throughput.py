@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = args.model or str(testbed_model_path())
     head = args.head or shipped_head_if_present()
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
 

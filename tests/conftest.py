@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+HOOKS = Path(__file__).resolve().parent / "engine_hooks"
 # The environment before any test builds a vLLM config in this process: vLLM's CPU platform
 # edits os.environ (LD_PRELOAD, thread settings) and engines started later must not inherit it.
-BASE_ENV = dict(os.environ)
+# Every process a test starts gets the test-only engine hooks (faults, TRITON_ATTN on CPU; off
+# unless the test's environment asks for one: engine_hooks/sitecustomize.py).
+BASE_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)}
+ENGINE_ENV = {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +51,22 @@ def _job_file(job: dict) -> str:
     return f.name
 
 
-def run_engine(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    """Run `vllm_respsp.testbed.engine_run` on `job` in a fresh process; return its JSON."""
-    full_env = {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_respsp.testbed.engine_run", "@" + _job_file(job)],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+def run_job(command: list[str], job: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    """The one engine harness: run `command @job.json` in a fresh process (the engine's own
+    environment plus `env`) and return the JSON it prints after "RESULT "."""
+    proc = subprocess.run([*command, "@" + _job_file(job)], cwd=REPO, env={**ENGINE_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_engine(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    """`vllm_respsp.testbed.engine_run` on `job` (model, prompts, samplings, ...)."""
+    return run_job([sys.executable, "-m", "vllm_respsp.testbed.engine_run"], job, env, timeout)
+
+
+def run_requests(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    """tests/request_job.py on `job` (phases of requests, each with its own sampling)."""
+    return run_job([sys.executable, "tests/request_job.py"], job, env, timeout)

@@ -11,24 +11,11 @@ prefix token (ties at logit 0) into a dead end.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
-
-from conftest import BASE_ENV, REPO, _job_file
+from conftest import run_requests
 
 TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
-
-
-def run_requests(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    proc = subprocess.run([sys.executable, "tests/request_job.py", "@" + _job_file(job)], cwd=REPO,
-                          env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"engine run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def greedy(prompt, max_tokens, **extra):

@@ -36,7 +36,8 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
                                  for t in ["w5 w6 w7", "w9 w3", "w40 w41 w42"]))
     out = throughput.main(["--model", str(fixture_models["tiny"]), "--head", str(fixture_models["tiny_head"]),
                            "--prompt-sets", str(prompts), "--batch-sizes", "1", "3", "--num-prompts", "3",
-                           "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2", "--max-model-len", "256",
+                           "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2",
+                           "--max-model-len", "256",
                            "--dtype", "float32", "--out", str(tmp_path / "run")])
     result = json.loads((out / "throughput.json").read_text())
     assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2", "respsp-T4/D2/K2"]

@@ -8,7 +8,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import BASE_ENV
+from conftest import ENGINE_ENV
 
 # The console script pip installed into the environment running the tests (it need not be on PATH).
 CLI = Path(sys.executable).parent / "respsp-vllm"
@@ -21,7 +21,7 @@ def respsp_server(model: str, spec: dict, tmp_path, env: dict | None = None):
     from vllm_respsp.testbed.server import openai_server
 
     with openai_server(model, spec, log_path=tmp_path / "server.log", startup_timeout=240,
-                       env={**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+                       env={**ENGINE_ENV, **(env or {})},
                        max_model_len=256, dtype="float32", seed=None) as server:
         yield server
 

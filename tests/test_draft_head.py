@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_engine
+
 from vllm_respsp.draft import shipped_head_path
-from vllm_respsp.testbed.fixtures import random_eagle3_head
 from vllm_respsp.testbed import model as testbed_model
+from vllm_respsp.testbed.fixtures import random_eagle3_head
 
 SAMPLING = {"temperature": 0.0, "max_tokens": 48}
 # fp32: in bf16, verifying 6 tokens at once changes the target's rounding and near-tie greedy

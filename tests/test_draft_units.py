@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -190,3 +191,58 @@ def test_ttt_loss_mixes_soft_labels_and_needs_them_when_asked():
     assert head.fc.weight.grad is not None
     with pytest.raises(ValueError, match="soft_label_weight"):
         ttt_loss(head, collate([draft_data.FeatureSequence(ids, seq.aux, 3)]), 1, 0.8, soft_weight=1.0)
+
+
+def test_reply_plans_are_frozen_and_shards_checked_against_them(tmp_path, monkeypatch):
+    """A plan is made once, reused as written, refused when the config it depends on changed;
+    a shard that does not hold its plan slice is refused."""
+    from vllm_respsp.draft import replies
+    from vllm_respsp.testbed import prompts as prompt_sets
+
+    fake = [prompt_sets.Prompt(f"x/{i}", "w " * (i % 40 + 1)) for i in range(50)]
+    monkeypatch.setitem(prompt_sets.PROMPT_SETS, "fake-set", lambda: list(fake))
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return messages[0]["content"]
+
+    cfg = replies.ReplyConfig(max_prompt_tokens=30, prompts_per_shard=8)
+    plan = replies.load_or_make_plan(tmp_path / "fake-set", "fake-set", Tok(), cfg)
+    assert all(8 <= len(next(p for p in fake if p.id == pid).text.split()) <= 30 for pid in plan)
+    assert sorted(plan) != plan and len(plan) == len(set(plan))  # a seeded shuffle of what fits
+    fake.reverse()  # the source changes order: the written plan still wins
+    assert replies.load_or_make_plan(tmp_path / "fake-set", "fake-set", Tok(), cfg) == plan
+    with pytest.raises(ValueError, match="planned with"):
+        replies.load_or_make_plan(tmp_path / "fake-set", "fake-set", Tok(), replies.ReplyConfig(max_prompt_tokens=31))
+    slices = replies.plan_slices(plan, cfg, limit=20)
+    assert [len(s) for s in slices] == [8, 8, 4]
+    shard = replies.shard_file(tmp_path / "fake-set", 1)
+    replies.write_gz_json(shard, [{"id": pid, "prompt_ids": [1], "reply_ids": [2]} for pid in slices[1]])
+    replies.check_shard(shard, slices[1])
+    with pytest.raises(ValueError, match="does not hold its plan slice"):
+        replies.check_shard(shard, slices[0])
+    with pytest.raises(ValueError, match="benchmark or held-out"):
+        replies.check_source("mt-bench")
+
+
+def test_sources_interleave_in_proportion():
+    from vllm_respsp.draft.replies import interleaved
+
+    shards = [("a", i, 4) for i in range(4)] + [("b", i, 2) for i in range(2)]
+    order = [shards[i] for i in interleaved(shards, ["a", "b"])]
+    assert [s[0] for s in order] == ["a", "b", "a", "a", "b", "a"]
+    # every prefix of the order mixes the sources like the whole: the data fractions do too
+    assert order[:3] == [("a", 0, 4), ("b", 0, 2), ("a", 1, 4)]
+
+
+def test_data_fractions_keep_the_held_out_slice_fixed():
+    from vllm_respsp.draft.train import TrainConfig, split_sequences
+
+    seqs = list(range(100))
+    train_all, held = split_sequences(seqs, TrainConfig(heldout_sequences=10))
+    train_eighth, held_eighth = split_sequences(seqs, TrainConfig(heldout_sequences=10, data_fraction=0.125))
+    assert held == held_eighth == list(range(10))
+    assert train_all == list(range(10, 100)) and train_eighth == train_all[:11]

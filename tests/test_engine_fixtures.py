@@ -7,7 +7,6 @@
 """
 
 import pytest
-
 from conftest import run_engine
 
 SUCCESSOR_PROMPTS = [[5, 9, 30], [100, 7], [3] * 12, [60]]

@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import BASE_ENV, REPO
 
 FRONTEND = r"""
@@ -79,7 +78,7 @@ def test_server_metrics_count_each_drafter_failure(fixture_models, tmp_path):
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]),
             "shape": {"total_tokens": 8, "depth": 4, "top_k": 2}}
     stats = tmp_path / "stats.json"
-    env = {"VLLM_RESPSP_FAULT": "drafter_raises", "VLLM_RESPSP_STATS_FILE": str(stats)}
+    env = {"RESPSP_TEST_FAULT": "drafter_raises", "VLLM_RESPSP_STATS_FILE": str(stats)}
     with respsp_server(model, spec, tmp_path, env) as server:
         # an empty prompt is refused by the front end, as without speculation; serving goes on
         with pytest.raises(urllib.error.HTTPError) as refused:

@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_engine
+
 from vllm_respsp.config import RespspConfigError
 
 TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
@@ -106,7 +106,7 @@ def test_special_requests_and_a_failing_drafter_keep_exact_outputs(fixture_model
     fallbacks = json.loads(stats.read_text())["fallbacks"]
     assert {"chain_for_logprobs", "chain_for_penalties", "chain_for_seed"} <= set(fallbacks)
 
-    failing = run_engine(base, env={"VLLM_RESPSP_STATS_FILE": str(stats), "VLLM_RESPSP_FAULT": "drafter_raises"})
+    failing = run_engine(base, env={"VLLM_RESPSP_STATS_FILE": str(stats), "RESPSP_TEST_FAULT": "drafter_raises"})
     for sampling, result in zip(samplings, failing["results"]):
         assert result["token_ids"] == [successor_tokens(p, sampling["max_tokens"]) for p in prompts], sampling
         assert result["spec"]["accepted_tokens"] == 0
@@ -168,11 +168,11 @@ def test_a_kv_layout_tree_attention_cannot_read_drafts_chains(fixture_models, tm
            "samplings": [{"temperature": 0.0, "max_tokens": 20, "ignore_eos": True}]}
     stats = tmp_path / "stats.json"
     result = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats),
-                                  "VLLM_RESPSP_FAULT": "unsupported_kv_layout"})["results"][0]
+                                  "RESPSP_TEST_FAULT": "no_tree_backend"})["results"][0]
     assert result["token_ids"] == [successor_tokens(p, 20) for p in prompts]
     assert result["spec"]["acceptance_length"] > 3.5  # the chains of depth 4 are accepted whole
     stats = json.loads(stats.read_text())
-    assert set(stats["shapes"]) == {"T4/D4/K1"} and stats["fallbacks"]["chain_for_unsupported_kv_layout"] > 0
+    assert set(stats["shapes"]) == {"T4/D4/K1"} and stats["fallbacks"]["chain_for_unsupported_attention_backend"] > 0
 
 
 def test_prompts_at_the_length_limit(fixture_models):

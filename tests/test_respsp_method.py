@@ -1,8 +1,8 @@
 """`method: "respsp"` through real vLLM: accepted, validated at start-up, and lossless."""
 
 import pytest
-
 from conftest import run_engine
+
 from vllm_respsp.config import RespspConfigError
 
 CHAIN4 = {"total_tokens": 4, "depth": 4, "top_k": 1}

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_engine
-from test_respsp_trees import BIG_TREE, CHAIN4, PROMPTS, SMALL_TREE
 from test_reliability import engine_config
+from test_respsp_trees import BIG_TREE, CHAIN4, PROMPTS, SMALL_TREE
+
 from vllm_respsp.config import RespspConfigError
 from vllm_respsp.policy.coordinate import Coordination
 from vllm_respsp.policy.features import DEFAULT_FEATURES, feature_spec
@@ -76,7 +76,7 @@ def test_a_failing_policy_falls_back_to_the_static_shape(fixture_models, policy_
     stats_file = tmp_path / "stats.json"
     samplings = [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}]
     results = run_engine(job(fixture_models, policy_file, samplings),
-                         env={"VLLM_RESPSP_STATS_FILE": str(stats_file), "VLLM_RESPSP_FAULT": fault})
+                         env={"VLLM_RESPSP_STATS_FILE": str(stats_file), "RESPSP_TEST_FAULT": fault})
     assert results["results"][0]["token_ids"] == expected(24)
     stats = json.loads(stats_file.read_text())
     assert set(stats["shapes"]) == {"T8/D4/K2"}  # the config's static shape, every step
@@ -113,7 +113,8 @@ def bad_policies(tmp_path_factory):
     ("no_weights", {}, "weights.file"),
     ("bad_json", {}, "not valid JSON"),
     ("zero_hold", {}, "'hold': must be a positive integer"),
-    ("good", {"actions": [CHAIN4]}, "'actions': the policy chooses among 3 shapes but the respsp config's actions differ"),
+    ("good", {"actions": [CHAIN4]},
+     "'actions': the policy chooses among 3 shapes but the respsp config's actions differ"),
 ])
 def test_bad_policy_files_fail_at_start_up_naming_the_field(fixture_models, bad_policies, which, change, message):
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": STATIC,

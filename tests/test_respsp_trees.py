@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_engine
-from vllm_respsp.policy.profile import decode_steps
+
+from vllm_respsp.engine_tools.profile import decode_steps
 
 CHAIN4 = {"total_tokens": 4, "depth": 4, "top_k": 1}
 SMALL_TREE = {"total_tokens": 12, "depth": 4, "top_k": 3}
@@ -48,7 +48,7 @@ def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_p
         scheduled = {int(n): count for n, count in stats["scheduled_drafts"][shape].items()}
         # each request is verified with its own tree: never padded to the batch's largest
         assert max(scheduled) == total and max(scheduled, key=scheduled.get) == total
-    # the step clock (policy.profile's timer) saw the model steps of both runs, all requests in
+    # the step clock (engine_tools.profile's timer) saw the model steps of both runs, all requests in
     # each decode step, never more tokens than the largest tree allows
     assert "runner_step_clock" in run["applied_patches"]
     steps = [line.split() for line in clock.read_text().splitlines()]
@@ -119,5 +119,24 @@ def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_
 def test_the_distribution_test_catches_a_biased_tree_sampler(soft_pair, no_spec_samples):
     """The same engine and test with a sampler that forgets to remove rejected tokens."""
     spec = {"method": "respsp", "model": str(soft_pair[1]), "shape": TINY_TREE}
-    samples, _ = sample_first_tokens(soft_pair[0], spec, env={"VLLM_RESPSP_FAULT": "keep_rejected"})
+    samples, _ = sample_first_tokens(soft_pair[0], spec, env={"RESPSP_TEST_FAULT": "keep_rejected"})
     assert marginals_p_value(samples, no_spec_samples, 128) < 0.01
+
+
+def test_the_right_path_through_later_siblings_is_accepted_and_compacted(fixture_models, tmp_path):
+    """A head whose top draft is always wrong and whose second is right: chains accept nothing,
+    trees of top-k 2 accept whole paths that run through the second child at every level, so
+    verification walks later siblings and compaction moves every accepted node."""
+    job = {"model": str(fixture_models["successor"]), "prompts": PROMPTS[:4],
+           "samplings": [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}],
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "speculative_config": {"method": "respsp", "model": str(fixture_models["decoy_head"]),
+                                  "policy": "cycle", "actions": [{"total_tokens": 3, "depth": 3, "top_k": 1},
+                                                                 {"total_tokens": 6, "depth": 3, "top_k": 2}]}}
+    stats_file = tmp_path / "stats.json"
+    result = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"][0]
+    assert result["token_ids"] == [[(p[-1] + 1 + i) % 128 for i in range(24)] for p in PROMPTS[:4]]
+    # prompts [4] and [6] draft the chain (never accepted), [3] and [5] the tree (paths of 3)
+    per_pos = result["spec"]["accepted_per_pos"]
+    assert per_pos[0] > 0 and per_pos[2] > 0.8 * per_pos[0]
+    assert set(json.loads(stats_file.read_text())["shapes"]) == {"T3/D3/K1", "T6/D3/K2"}

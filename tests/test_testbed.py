@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_engine
+
 from vllm_respsp.testbed import model as testbed_model
 from vllm_respsp.testbed import prompts as P
 
 EXPECTED_COUNTS = {"mt-bench": 80, "humaneval": 164, "gsm8k": 8, "sharegpt": 17395,
-                   "sharegpt-train": 17014, "sharegpt-heldout": 381}
+                   "sharegpt-train": 17014, "sharegpt-heldout": 381, "openai-evals": 11044, "compute-eval": 566}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))

@@ -1,11 +1,11 @@
-"""Trace recording in the real engine (runtime.recorder + policy.record): the recorded roots are
+"""Trace recording in the real engine (runtime.recorder + engine_tools.record): the recorded roots are
 the engine's output, and each action's tree is walked along it to its accepted length."""
 
 import numpy as np
-
 from conftest import run_engine
+
+from vllm_respsp.engine_tools.record import accepted_lengths, assemble
 from vllm_respsp.policy.pools import pool_shape
-from vllm_respsp.policy.record import accepted_lengths, assemble
 from vllm_respsp.policy.traces import FeatureSpec, TraceSet
 from vllm_respsp.runtime.recorder import read_records
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape

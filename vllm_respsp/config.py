@@ -15,11 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_respsp.tree.shape import ShapeError, TreeShape, validate_actions
+from vllm_respsp.tree.shape import DEFAULT_SHAPE, ShapeError, TreeShape, validate_actions
 
 METHOD = "respsp"
-# A modest tree: on the 2-core CPU testbed a step's cost grows quickly with verified tokens.
-DEFAULT_SHAPE = TreeShape(16, 5, 4)
 RESPSP_KEYS = {"method", "model", "shape", "policy", "actions"}
 # "static": every request uses `shape`. "cycle": each request gets one of `actions`, fixed for
 # the request and chosen by its prompt, so one batch mixes shapes (tests, demos, A/B runs).

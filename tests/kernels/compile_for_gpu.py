@@ -18,10 +18,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from triton_kernels.accept import _accept_greedy_kernel  # noqa: E402
-from triton_kernels.compact_kv import _compact_kv_kernel  # noqa: E402
-from triton_kernels.tree_attention import _tree_attention_kernel  # noqa: E402
-from triton_kernels.tree_metadata import _tree_metadata_kernel  # noqa: E402
+from vllm_respsp_triton.accept import _accept_greedy_kernel  # noqa: E402
+from vllm_respsp_triton.compact_kv import _compact_kv_kernel  # noqa: E402
+from vllm_respsp_triton.tree_attention import _tree_attention_kernel  # noqa: E402
+from vllm_respsp_triton.tree_metadata import _tree_metadata_kernel  # noqa: E402
 
 
 def signature(fn, types, constexprs):

@@ -1,7 +1,7 @@
 """Kernel tests run the Triton kernels through the CPU interpreter.
 
 ``triton.jit`` decides at decoration time whether a kernel is interpreted, so
-TRITON_INTERPRET=1 must be set before ``triton_kernels`` is imported.  This
+TRITON_INTERPRET=1 must be set before ``vllm_respsp_triton`` is imported.  This
 conftest sets it; if the package was imported earlier in this process without
 it, the run stops rather than silently testing only the references.
 """
@@ -18,6 +18,6 @@ if os.environ["TRITON_INTERPRET"] != "1":
 _dispatch = sys.modules.get("vllm_respsp_triton._dispatch")
 if _dispatch is not None and not _dispatch.INTERPRET:
     raise pytest.UsageError(
-        "triton_kernels was imported before TRITON_INTERPRET=1 was set; "
+        "vllm_respsp_triton was imported before TRITON_INTERPRET=1 was set; "
         "run tests/kernels in its own pytest process"
     )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_respsp.policy.check import policy_view, simulated_acceptance
+from vllm_respsp.engine_tools.check import policy_view, simulated_acceptance
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import load_policy, save_policy
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, synthetic_traces

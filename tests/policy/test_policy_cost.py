@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from vllm_respsp.policy.cost import (ProfileError, fit, load_cost_model, load_profile,
-                                     parse_profile)
+from vllm_respsp.policy.cost import ProfileError, fit, load_cost_model, load_profile, parse_profile
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 TRUE = {"step": 0.020, "speculation": 0.006, "draft_pass": 0.003, "draft_rows": 0.0002,

@@ -1,6 +1,5 @@
 """The gymnasium env: passes gymnasium's checker; its return is exactly P - ρ·(episode seconds)."""
 
-import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 

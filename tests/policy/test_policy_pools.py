@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_respsp.engine_tools.record import accepted_lengths, matched_nodes
 from vllm_respsp.policy.pools import DraftPool, PoolError, pool_depths, pool_shape, realize
-from vllm_respsp.policy.record import accepted_lengths, matched_nodes
 from vllm_respsp.tree.build import build_trees
 from vllm_respsp.tree.shape import TreeShape, chain
 
@@ -116,8 +116,8 @@ def test_a_shape_no_pool_covers_is_named(pools):
 
 
 def test_traces_derive_any_covered_shape_and_the_drafted_scores_bound_feature(positions, pools):
-    from vllm_respsp.policy.train import DRAFTED_SCORES, select_features
     from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet
+    from vllm_respsp.policy.train import DRAFTED_SCORES, select_features
     from vllm_respsp.tree.shape import NO_DRAFTS
 
     gen = Generation("p", "s", np.zeros((POSITIONS, 2), np.float32), np.zeros((POSITIONS, 0), np.int16),

@@ -1,10 +1,10 @@
-"""policy.profile's arithmetic: decode steps from the engine's step clock. (Its engine runs,
+"""engine_tools.profile's arithmetic: decode steps from the engine's step clock. (Its engine runs,
 minutes per configuration, are `make policy`'s; the step clock itself runs in
 test_respsp_policy; the NO_DRAFTS policy it times them with is tested in test_policy_file.)"""
 
 import pytest
 
-from vllm_respsp.policy.profile import decode_steps, max_tokens_per_request
+from vllm_respsp.engine_tools.profile import decode_steps, max_tokens_per_request
 from vllm_respsp.tree.shape import chain
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vllm_respsp.policy.cost import CostModel, load_cost_model
-from vllm_respsp.policy.simulator import (best_static, oracle, simulate, static_results, summary)
+from vllm_respsp.policy.simulator import best_static, oracle, simulate, static_results, summary
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, NO_DRAFTS, TreeShape, chain
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vllm_respsp.policy.traces import (TraceError, load_traces, save_traces, synthetic_traces)
+from vllm_respsp.policy.traces import TraceError, load_traces, save_traces, synthetic_traces
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(3), TreeShape(8, 3, 4), TreeShape(16, 5, 4), TreeShape(32, 6, 8)]

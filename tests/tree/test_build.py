@@ -133,3 +133,13 @@ def test_confidence_bounded_shapes_keep_the_unbounded_trees_nodes_above_the_boun
 def test_a_bound_above_every_node_leaves_level_one():
     tree = batched_tree([TreeShape(8, 4, 2, 0.999), chain(2)], [4, 5], seed=0)
     assert tree.cu_nodes.tolist() == [0, 3, 6]
+
+
+def test_eagle3_default_tree_has_eagle3s_sixty_tokens():
+    """EAGLE-3's default total_token=60 counts the root (the bonus token); T here does not:
+    the default tree verifies 60 tokens, root included, over 8 draft levels of top-10."""
+    from vllm_respsp.tree.shape import EAGLE3_DEFAULT
+
+    tree = batched_tree([EAGLE3_DEFAULT], [7], seed=0, calls=[])
+    assert EAGLE3_DEFAULT == TreeShape(59, 8, 10)
+    assert tree.request(0).tokens.numel() == 60 and max(len(p) for p in tree.paths(0)) <= 8

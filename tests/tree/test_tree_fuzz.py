@@ -4,10 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_respsp_triton import build_tree_metadata, unpack_ancestor_bits
 from vllm_respsp.tree import verify
 from vllm_respsp.tree.build import build_trees
 from vllm_respsp.tree.shape import TreeShape
+from vllm_respsp_triton import build_tree_metadata, unpack_ancestor_bits
 
 VOCAB = 12
 
@@ -107,7 +107,7 @@ def test_step_layout_positions_and_compaction_preserve_the_accepted_path(batch, 
     rows in between), RoPE positions = prefix + depth, and after compaction the slot right
     after each root holds the accepted path's tokens in order."""
     from vllm_respsp.runtime.sampler import compaction_moves
-    from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
+    from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
     tree, _ = random_batch(*batch)
     g = torch.Generator().manual_seed(target_seed)

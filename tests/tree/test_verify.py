@@ -7,6 +7,9 @@ from vllm_respsp.tree import verify
 from vllm_respsp.tree.build import build_trees
 from vllm_respsp.tree.shape import TreeShape, chain
 
+# Children's log-probs for the hand-built tree: one row per frontier node.
+LOGP = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]))
+
 V = 4
 SHAPES = [chain(1), chain(3), TreeShape(6, 3, 2), TreeShape(4, 1, 4), TreeShape(9, 3, 3)]
 
@@ -85,7 +88,7 @@ def test_greedy_walk_by_hand():
     # root 0 -> children a(tok 1), b(tok 2); a -> c(tok 3); b -> d(tok 1)
     tree = build_trees([TreeShape(4, 2, 2)], torch.tensor([0]),
                        torch.log(torch.tensor([[0.1, 0.5, 0.4, 0.0]])),
-                       lambda f, b: torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]))[:f.token.numel()])
+                       lambda f, b: LOGP[:f.token.numel()])
     paths = tree.paths(0)
     node_of = {p: i for i, p in enumerate(paths)}
     argmax = torch.zeros(tree.tokens.numel(), dtype=torch.long)

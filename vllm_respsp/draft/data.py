@@ -1,66 +1,53 @@
-"""Training data for the EAGLE-3 head: target replies to ShareGPT prompts, and the target's
-hidden states on them.
+"""Training data for the EAGLE-3 head: the target's greedy replies (replies.py) and the
+target's hidden states on them (this module).
 
-Two stages, each writing numbered shards under the work dir (default
-$VLLM_RESPSP_CACHE/draft-work); a shard is written to a temporary name and renamed when
-complete, so a re-run skips finished shards and redoes an interrupted one.
+`extract_features` runs one HF transformers forward per sequence (prompt + reply) and records
+the residual stream entering the aux layers (what vLLM hands the head: `aux_hidden_states`),
+for every position, in bf16. Prompt positions are kept because the head attends over them at
+inference too (vLLM's draft prefill runs over the whole context); the loss only uses reply
+positions (`reply_start`). With `soft_topk` > 0 the whole target runs and its `soft_topk` most
+likely next tokens at every position are kept with their log-probabilities (soft labels for
+distillation; off by default, see DataConfig).
 
-1. `generate_replies`: the target (through vLLM) answers `num_prompts` ShareGPT-train prompts,
-   greedily, up to `max_new_tokens`. Greedy, because the head is evaluated (and mostly used)
-   under greedy verification, where a draft token is accepted exactly when it equals the
-   target's argmax: with greedy replies the next token of the sequence IS that argmax, so the
-   training label is free and exact (no target logits to store). Only prompts from
-   "sharegpt-train" are used (MT-Bench, HumanEval, GSM8K and the held-out ShareGPT slice never).
-   Prompts whose chat-rendered length exceeds `max_prompt_tokens` are skipped, to bound the
-   cost of stage 2.
-2. `extract_features`: one HF transformers forward per sequence (prompt + reply) records the
-   residual stream entering the aux layers (what vLLM hands the head: `aux_hidden_states`),
-   for every position, in bf16. Prompt positions are kept because the head attends over them
-   at inference too (vLLM's draft prefill runs over the whole context); the loss only uses
-   reply positions (`reply_start`). With `soft_topk` > 0 the whole target runs and its
-   `soft_topk` most likely next tokens at every position are kept with their log-probabilities
-   (soft labels for distillation; off by default, see DataConfig).
-
-Features shard format (safetensors): `input_ids` int32 [N], `aux` bf16 [N, 3 * hidden]
-(layers concatenated in `aux_layers` order, as vLLM's fc input), `seq_starts` int64 [S + 1]
-(offsets of each sequence in the packed arrays), `reply_starts` int64 [S] (offset of the first
-reply token inside its sequence), and, when `soft_topk` > 0, `soft_ids` int32 [N, k] and
-`soft_logp` fp16 [N, k] (the target's top-k distribution of the token after each position).
+Features are recomputed from the committed replies (about 1,100 tokens/s on two cores), never
+committed: at 3 x 576 bf16 values per token they are ~3.5 kB a token, gigabytes in all. One
+features shard per reply shard, `features/<source>/shard-XXXXX.pt` (torch.save, loaded with
+mmap so that the whole set need not fit in memory), written under a temporary name and renamed:
+a re-run skips finished shards and redoes an interrupted one. A shard holds `input_ids` int32
+[N], `aux` bf16 [N, 3 * hidden] (layers concatenated in `aux_layers` order, as vLLM's fc input),
+`seq_starts` int64 [S + 1], `reply_starts` int64 [S] (offset of the first reply token inside its
+sequence), and, when `soft_topk` > 0, `soft_ids` int32 [N, k] and `soft_logp` fp16 [N, k].
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_respsp.testbed.model import cache_dir
+from vllm_respsp import envs
+from vllm_respsp.draft.replies import ReplyConfig, read_gz_json, reply_shards
 
 
 @dataclass
 class DataConfig:
-    num_prompts: int = 3072
-    prompts_per_shard: int = 128
-    max_prompt_tokens: int = 256
-    max_new_tokens: int = 256
+    # Prompt sources and how many of each source's planned prompts to use (None: all). Order is
+    # the order replies are generated in when several sources miss shards (round robin).
+    sources: dict[str, int | None] = field(default_factory=lambda: {
+        "sharegpt-train": None, "openai-evals": 4096, "compute-eval": None})
+    replies: ReplyConfig = field(default_factory=ReplyConfig)
     aux_layers: tuple[int, int, int] = (2, 15, 27)
     # Soft labels cost ~35% more feature time (the whole target runs) and, in two seeded A/Bs
     # (step-0 training on 4 shards, 1 and 3 epochs), matched the greedy labels within 0.005
     # held-out accuracy, so they are off by default (train.TrainConfig.soft_label_weight).
     soft_topk: int = 0  # 0: no soft labels (the target then runs only up to the last aux layer)
-    seed: int = 0
 
 
 def default_work_dir() -> Path:
-    return Path(os.environ.get("VLLM_RESPSP_DRAFT_WORK") or cache_dir() / "draft-work")
+    return envs.draft_work_dir()
 
 
 def shard_path(folder: Path, index: int, suffix: str) -> Path:
@@ -76,55 +63,6 @@ def write_atomically(path: Path, write) -> None:
 
 def pending_shards(folder: Path, num_shards: int, suffix: str) -> list[int]:
     return [i for i in range(num_shards) if not shard_path(folder, i, suffix).exists()]
-
-
-def select_prompts(tokenizer, cfg: DataConfig) -> list[tuple[str, list[int]]]:
-    """(id, prompt token ids) for the first `num_prompts` short-enough train prompts, in a
-    seeded shuffle of ShareGPT-train (never the held-out slice nor any benchmark)."""
-    from vllm_respsp.testbed.prompts import load_prompts, render
-
-    prompts = load_prompts("sharegpt-train")
-    random.Random(cfg.seed).shuffle(prompts)
-    chosen = []
-    for prompt in prompts:
-        # Render one at a time: tokenizing all 17k prompts would cost minutes.
-        ids = tokenizer(render([prompt], tokenizer)[0], add_special_tokens=False)["input_ids"]
-        if 8 <= len(ids) <= cfg.max_prompt_tokens:
-            chosen.append((prompt.id, ids))
-        if len(chosen) == cfg.num_prompts:
-            break
-    return chosen
-
-
-def generate_replies(work: Path, cfg: DataConfig, model_path: Path) -> Path:
-    """Stage 1: replies/shard-XXXXX.json = [{id, prompt_ids, reply_ids}, ...]."""
-    from transformers import AutoTokenizer
-
-    out = work / "replies"
-    out.mkdir(parents=True, exist_ok=True)
-    num_shards = (cfg.num_prompts + cfg.prompts_per_shard - 1) // cfg.prompts_per_shard
-    todo = pending_shards(out, num_shards, ".json")
-    if not todo:
-        return out
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    prompts = select_prompts(tokenizer, cfg)
-
-    from vllm_respsp.testbed.engine_run import generate, make_llm, prepare_cpu_env
-
-    prepare_cpu_env(kv_cache_gib=4)
-    llm = make_llm(str(model_path), max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-                   max_num_seqs=cfg.prompts_per_shard)
-    sampling = {"temperature": 0.0, "max_tokens": cfg.max_new_tokens}
-    for index in tqdm(todo, desc="replies (shards)"):
-        batch = prompts[index * cfg.prompts_per_shard:(index + 1) * cfg.prompts_per_shard]
-        start = time.perf_counter()
-        result = generate(llm, [ids for _, ids in batch], sampling)
-        rows = [{"id": pid, "prompt_ids": ids, "reply_ids": reply}
-                for (pid, ids), reply in zip(batch, result.token_ids)]
-        write_atomically(shard_path(out, index, ".json"), lambda p: p.write_text(json.dumps(rows)))
-        tqdm.write(f"shard {index}: {result.output_tokens} tokens in {time.perf_counter() - start:.0f} s")
-    del llm  # shuts the engine core down before the feature stage loads the model again
-    return out
 
 
 class AuxRecorder:
@@ -162,42 +100,67 @@ def top_next_tokens(model, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return top.to(torch.int32), logp.to(torch.float16)
 
 
-def extract_features(work: Path, cfg: DataConfig, model_path: Path) -> Path:
-    """Stage 2: features/shard-XXXXX.safetensors (format in the module doc)."""
-    replies, out = work / "replies", work / "features"
-    out.mkdir(parents=True, exist_ok=True)
-    num_shards = len(sorted(replies.glob("shard-*.json")))
-    todo = pending_shards(out, num_shards, ".safetensors")
-    if not todo:
-        return out
-    model = load_truncated_target(model_path, None if cfg.soft_topk else max(cfg.aux_layers))
-    recorder = AuxRecorder(model, cfg.aux_layers)
-    for index in tqdm(todo, desc="features (shards)"):
-        rows = json.loads(shard_path(replies, index, ".json").read_text())
-        ids_list, aux_list, starts, reply_starts, soft_ids, soft_logp = [], [], [0], [], [], []
-        for row in tqdm(rows, desc=f"shard {index}", leave=False):
-            ids = torch.tensor(row["prompt_ids"] + row["reply_ids"])
-            with torch.inference_mode():  # the pre-hooks record the aux states
-                if cfg.soft_topk:
-                    top, logp = top_next_tokens(model, ids, cfg.soft_topk)
-                    soft_ids.append(top)
-                    soft_logp.append(logp)
-                else:
-                    model.model(input_ids=ids[None])
-            aux_list.append(torch.cat([recorder.states[k][0] for k in cfg.aux_layers], dim=-1))
-            ids_list.append(ids.to(torch.int32))
-            starts.append(starts[-1] + len(ids))
-            reply_starts.append(len(row["prompt_ids"]))
-        tensors = {"input_ids": torch.cat(ids_list), "aux": torch.cat(aux_list).to(torch.bfloat16),
-                   "seq_starts": torch.tensor(starts), "reply_starts": torch.tensor(reply_starts)}
+def sequence_features(model, recorder: AuxRecorder, ids: torch.Tensor, cfg: DataConfig) -> dict:
+    with torch.inference_mode():  # the pre-hooks record the aux states
         if cfg.soft_topk:
-            tensors |= {"soft_ids": torch.cat(soft_ids), "soft_logp": torch.cat(soft_logp)}
-        write_atomically(shard_path(out, index, ".safetensors"), lambda p: save_file(tensors, str(p)))
+            top, logp = top_next_tokens(model, ids, cfg.soft_topk)
+        else:
+            model.model(input_ids=ids[None])
+    out = {"aux": torch.cat([recorder.states[k][0] for k in cfg.aux_layers], dim=-1).to(torch.bfloat16)}
+    if cfg.soft_topk:
+        out |= {"soft_ids": top, "soft_logp": logp}
     return out
 
 
-def load_feature_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
-    return [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors"))]
+def features_shard(model, recorder: AuxRecorder, rows: list[dict], cfg: DataConfig, bar) -> dict:
+    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "aux": [], "soft_ids": [], "soft_logp": []}
+    starts, reply_starts = [0], []
+    for row in rows:
+        ids = torch.tensor(row["prompt_ids"] + row["reply_ids"])
+        for name, value in sequence_features(model, recorder, ids, cfg).items():
+            parts[name].append(value)
+        parts["input_ids"].append(ids.to(torch.int32))
+        starts.append(starts[-1] + len(ids))
+        reply_starts.append(len(row["prompt_ids"]))
+        bar.update(len(ids))
+    tensors = {name: torch.cat(values) for name, values in parts.items() if values}
+    return tensors | {"seq_starts": torch.tensor(starts), "reply_starts": torch.tensor(reply_starts)}
+
+
+def features_dir(work: Path) -> Path:
+    return work / "features"
+
+
+def extract_features(work: Path, cfg: DataConfig, model_path: Path, replies: Path) -> Path:
+    """Stage 2: a features shard for every finished reply shard (format in the module doc).
+    Progress in tokens, with an ETA over every shard still to do."""
+    out = features_dir(work)
+    todo = [(source, index, path) for source, index, path in reply_shards(replies, cfg.sources, cfg.replies)
+            if not shard_path(out / source, index, ".pt").exists()]
+    if not todo:
+        return out
+    rows_of = {(source, index): read_gz_json(path) for source, index, path in todo}
+    total = sum(len(r["prompt_ids"]) + len(r["reply_ids"]) for rows in rows_of.values() for r in rows)
+    model = load_truncated_target(model_path, None if cfg.soft_topk else max(cfg.aux_layers))
+    recorder = AuxRecorder(model, cfg.aux_layers)
+    bar = tqdm(total=total, desc=f"features ({len(todo)} shards)", unit="tok", unit_scale=True)
+    for source, index, _ in todo:
+        tensors = features_shard(model, recorder, rows_of[(source, index)], cfg, bar)
+        (out / source).mkdir(parents=True, exist_ok=True)
+        write_atomically(shard_path(out / source, index, ".pt"), lambda p, t=tensors: torch.save(t, p))
+    bar.close()
+    return out
+
+
+def load_feature_shards(folder: Path, cfg: DataConfig, replies: Path) -> list[dict[str, torch.Tensor]]:
+    """The features of every reply shard the config asks for, memory-mapped, in order."""
+    shards = []
+    for source, index, _ in reply_shards(replies, cfg.sources, cfg.replies):
+        path = shard_path(folder / source, index, ".pt")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the features stage first")
+        shards.append(torch.load(path, mmap=True, weights_only=True))
+    return shards
 
 
 class FeatureSequence(NamedTuple):
@@ -222,10 +185,10 @@ def iter_sequences(shards: list[dict[str, torch.Tensor]]):
                                   shard["soft_logp"][a:b] if soft else None)
 
 
-def reply_token_counts(replies: Path, vocab_size: int) -> torch.Tensor:
-    """How often each target token occurs in the regenerated replies (for the draft vocab)."""
+def reply_token_counts(replies: Path, cfg: DataConfig, vocab_size: int) -> torch.Tensor:
+    """How often each target token occurs in the replies (for the draft vocab)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for path in sorted(replies.glob("shard-*.json")):
-        for row in json.loads(path.read_text()):
+    for _, _, path in reply_shards(replies, cfg.sources, cfg.replies):
+        for row in read_gz_json(path):
             counts += torch.bincount(torch.tensor(row["reply_ids"], dtype=torch.long), minlength=vocab_size)
     return counts

@@ -47,7 +47,7 @@ class HeadConfig:
     fc_norm: bool = True
 
     @classmethod
-    def from_target(cls, target_cfg: dict, draft_vocab_size: int, aux_layers) -> "HeadConfig":
+    def from_target(cls, target_cfg: dict, draft_vocab_size: int, aux_layers) -> HeadConfig:
         rope = target_cfg.get("rope_parameters") or {}
         return cls(
             hidden_size=target_cfg["hidden_size"],

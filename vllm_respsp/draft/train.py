@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_respsp.draft.data import FeatureSequence, iter_sequences, load_feature_shards
+from vllm_respsp.draft.data import FeatureSequence
 from vllm_respsp.draft.model import Eagle3Head, HeadConfig
 
 
@@ -47,7 +47,11 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    heldout_sequences: int = 48   # last sequences of the data, kept out for the offline estimate
+    # The first sequences of the data (the first ShareGPT reply shard) are held out: the same
+    # slice for every data fraction and however much data is added later.
+    heldout_sequences: int = 128
+    # Train on this leading share of the other sequences (the scaling curve: 1/8 .. 1).
+    data_fraction: float = 1.0
     checkpoint_every: int = 200
     # Held-out per-step accuracy every this many steps, in the log and on the progress bar. In
     # a single pass over the data (epochs=1) this is also the data-scaling curve: every
@@ -248,7 +252,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(features: Path, target_path: Path, out_dir: Path, cfg: TrainConfig,
+def split_sequences(sequences: list[FeatureSequence], cfg: TrainConfig):
+    """(training sequences, held-out sequences): the held-out slice first, then the leading
+    `data_fraction` of the rest."""
+    heldout, rest = sequences[:cfg.heldout_sequences], sequences[cfg.heldout_sequences:]
+    return rest[:max(1, round(cfg.data_fraction * len(rest)))], heldout
+
+
+def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cfg: TrainConfig,
           draft_to_target: torch.Tensor, aux_layers) -> Eagle3Head:
     from vllm_respsp.draft.model import target_embedding
 
@@ -264,8 +275,7 @@ def train(features: Path, target_path: Path, out_dir: Path, cfg: TrainConfig,
         with safe_open(str(target_path / "model.safetensors"), "pt") as f, torch.no_grad():
             head.norm.weight.copy_(f.get_tensor("model.norm.weight").float())
 
-    sequences = list(iter_sequences(load_feature_shards(features)))
-    train_seqs, heldout_seqs = sequences[:-cfg.heldout_sequences], sequences[-cfg.heldout_sequences:]
+    train_seqs, heldout_seqs = split_sequences(sequences, cfg)
     batches_per_epoch = len(make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, random.Random(0)))
     total_steps = cfg.epochs * batches_per_epoch
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,27 +1,20 @@
-"""Every change vllm_respsp makes to vLLM, in one list. See `registry.py` for the mechanics."""
+"""vllm_respsp's changes to vLLM (the list: `all.py`; the mechanics: `registry.py`).
 
-from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix
-from vllm_respsp.patches.registry import Patch, apply_all
-from vllm_respsp.patches.runner import (RunnerAttentionMetadata, RunnerPrepareInputs,
-                                        RunnerProposeDrafts, RunnerSample, RunnerStepClock)
-from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
-from vllm_respsp.patches.tree_attention import CpuTreeAttention
+This package's root imports nothing of vLLM: the version check (`version.py`) runs first, and
+the patch modules, which import vLLM internals that another vLLM may have moved, are imported
+only when the installed vLLM is supported.
+"""
 
-ALL_PATCHES: list[Patch] = [
-    # Bug fix for the installed vLLM (applies only where a probe finds the bug).
-    CpuExpandKernelFix(),
-    # Accepts `method: "respsp"`; every other speculative config passes through unchanged.
-    RespspSpeculativeConfigPatch(),
-    # The tree runtime; each does nothing unless the runner's config is respsp.
-    RunnerPrepareInputs(),
-    RunnerAttentionMetadata(),
-    CpuTreeAttention(),
-    RunnerSample(),
-    RunnerProposeDrafts(),
-    # Measurement only: per-step wall times for `policy.profile` (VLLM_RESPSP_STEP_TIMES set).
-    RunnerStepClock(),
-]
+from __future__ import annotations
 
 
 def apply_patches() -> list[str]:
-    return apply_all(ALL_PATCHES)
+    """Every patch that applies here; on a vLLM respsp does not support, only the refusal."""
+    from vllm_respsp.patches.registry import apply_all
+    from vllm_respsp.patches.version import RefuseRespsp, check_version
+
+    if not check_version():
+        return apply_all([RefuseRespsp()])
+    from vllm_respsp.patches.all import apply_patches as apply_every_patch
+
+    return apply_every_patch()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from vllm_respsp import envs
 
 logger = logging.getLogger("vllm_respsp")
 
-DISABLE_ENV = "VLLM_RESPSP_DISABLE_PATCHES"
+DISABLE_ENV = envs.DISABLE_PATCHES
 
 
 def resolve(target: str) -> tuple[Any, str]:
@@ -41,7 +43,8 @@ class Patch:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        Patch.known_names.add(cls.name)
+        if "name" in vars(cls):  # abstract intermediate classes name no patch
+            Patch.known_names.add(cls.name)
 
     def applies(self) -> bool:
         """Whether this process needs the patch (platform, version, presence of the bug)."""
@@ -81,7 +84,7 @@ class Patch:
 
 
 def disabled_names() -> set[str]:
-    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    return envs.disabled_patches()
 
 
 def apply_all(patches: list[Patch]) -> list[str]:

@@ -7,6 +7,7 @@ process are untouched.
 
 from __future__ import annotations
 
+from vllm_respsp import envs
 from vllm_respsp.patches.registry import Patch
 
 RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
@@ -105,28 +106,22 @@ class RunnerProposeDrafts(Patch):
         return propose_draft_token_ids
 
 
-STEP_TIMES_ENV = "VLLM_RESPSP_STEP_TIMES"
-
-
 class RunnerStepClock(Patch):
     """With VLLM_RESPSP_STEP_TIMES=<file>, one line per model step: its start time, requests and
     scheduled tokens. The time from one step's start to the next is one whole engine step
-    (schedule, forward, verification, drafting, output); `policy.profile` takes the median over
+    (schedule, forward, verification, drafting, output); `engine_tools.profile` takes the median over
     the decode steps of a run, which shrugs off a noisy machine's outliers."""
 
     name = "runner_step_clock"
     target = RUNNER + ".execute_model"
 
     def applies(self) -> bool:
-        import os
-
-        return bool(os.environ.get(STEP_TIMES_ENV))
+        return envs.step_times_file() is not None
 
     def replacement(self, original):
-        import os
         import time
 
-        path = os.environ[STEP_TIMES_ENV]
+        path = envs.step_times_file()
 
         def execute_model(runner, scheduler_output, *args, **kwargs):
             reqs = len(scheduler_output.num_scheduled_tokens)

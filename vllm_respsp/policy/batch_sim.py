@@ -21,7 +21,7 @@ This walk measures it:
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Union
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def policy_chooser(shape_policy) -> Chooser:
     return choose
 
 
-def simulate_batch(traces: TraceSet, cost: CostModel, chooser: Union[int, Chooser], batch: int,
+def simulate_batch(traces: TraceSet, cost: CostModel, chooser: int | Chooser, batch: int,
                    context: int | None = None) -> SimResult:
     """tokens/s of `chooser` when `batch` requests at a time share every step (module doc)."""
     gens = traces.generations

@@ -62,7 +62,7 @@ class Coordination:
                 "pass_seconds": self.pass_seconds}
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Coordination":
+    def from_dict(cls, raw: dict) -> Coordination:
         """Raises ValueError naming the sub-field."""
         if not isinstance(raw, dict):
             raise ValueError("must be an object with loads, target_mean, target_std, rate, pass_seconds")

@@ -58,7 +58,7 @@ class StepWork:
     tree: float | np.ndarray
 
     @classmethod
-    def of(cls, shape: TreeShape | None, q_tokens: int | None = None) -> "StepWork":
+    def of(cls, shape: TreeShape | None, q_tokens: int | None = None) -> StepWork:
         """The nominal work of a shape (a bounded shape: its caps); None: a plain forward."""
         if shape is None:
             return cls(0, 0, 0, (q_tokens or 1) - 1, 0)

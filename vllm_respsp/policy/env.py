@@ -32,8 +32,7 @@ import gymnasium as gym
 import numpy as np
 
 from vllm_respsp.policy.cost import CostModel
-from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, extra_features, step_costs,
-                                          update_recent)
+from vllm_respsp.policy.simulator import EXTRA_FEATURES, best_static, extra_features, step_costs, update_recent
 from vllm_respsp.policy.traces import TraceSet
 
 

@@ -36,7 +36,7 @@ class RootStates:
     hidden: torch.Tensor
     logprobs: torch.Tensor
 
-    def __getitem__(self, index) -> "RootStates":
+    def __getitem__(self, index) -> RootStates:
         return RootStates(self.fused[index], self.hidden[index], self.logprobs[index])
 
 

@@ -83,7 +83,7 @@ def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> 
     """A policy file that picks `shape` for every request at every step.
 
     NO_DRAFTS cannot be a static shape (config.py: that is no speculation, which skips the
-    head), so the runtime reaches it only through a policy; `policy.profile` times it with
+    head), so the runtime reaches it only through a policy; `engine_tools.profile` times it with
     this one. Zero weights and a one-hot head bias make the argmax constant.
     """
     actions = [fallback] if shape == fallback else [fallback, shape]
@@ -109,6 +109,26 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
     feature_dims  {feature name: width} the engine will feed, e.g. {"eagle3_fused": 3 * 4096}
     """
     path = Path(path)
+    meta = _read_meta(path)
+    actions = _check_actions(path, meta, config)
+    spec = _check_features(path, meta, hidden_size, feature_dims)
+    hold = meta.get("hold")
+    if not isinstance(hold, int) or hold < 1:
+        _fail(path, "hold", f"must be a positive integer, got {hold!r}")
+    arch = _check_architecture(path, meta, spec, actions)
+    coordination = None
+    if "coordination" in meta:
+        try:
+            coordination = Coordination.from_dict(meta["coordination"])
+        except ValueError as e:
+            _fail(path, "coordination", str(e))
+    net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
+                    tuple(arch["hidden"]), arch["activation"])
+    net.load_state_dict(_load_weights(path, meta, net))
+    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination)
+
+
+def _read_meta(path: Path) -> dict:
     if not path.is_file():
         raise PolicyFileError(f"policy file {path}: no such file")
     try:
@@ -120,6 +140,10 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
     if meta.get("version") != POLICY_FORMAT_VERSION:
         _fail(path, "version", f"unknown version {meta.get('version')!r}; this code reads "
                                f"version {POLICY_FORMAT_VERSION}")
+    return meta
+
+
+def _check_actions(path: Path, meta: dict, config) -> list[TreeShape]:
     try:
         actions = validate_actions(meta.get("actions") or [], "actions")
     except ShapeError as e:
@@ -130,6 +154,11 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
         _fail(path, "actions", f"the policy chooses among {len(actions)} shapes but the respsp "
                                f"config's actions differ (in the policy only: {missing}; in the "
                                f"config only: {extra}); use the policy's action set or retrain")
+    return actions
+
+
+def _check_features(path: Path, meta: dict, hidden_size: int | None,
+                    feature_dims: dict[str, int] | None) -> list[FeatureSpec]:
     try:
         spec = [FeatureSpec(str(f["name"]), int(f["dim"])) for f in meta["feature_spec"]]
     except (KeyError, TypeError, ValueError):
@@ -145,9 +174,10 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
         if want is not None and want != f.dim:
             _fail(path, f"feature_spec.{f.name}", f"trained for width {f.dim}, the engine "
                                                   f"provides width {want}")
-    hold = meta.get("hold")
-    if not isinstance(hold, int) or hold < 1:
-        _fail(path, "hold", f"must be a positive integer, got {hold!r}")
+    return spec
+
+
+def _check_architecture(path: Path, meta: dict, spec: list[FeatureSpec], actions) -> dict:
     arch = meta.get("architecture") or {}
     expect = {"feature_dim": feature_width(spec), "extra_dim": len(EXTRA_FEATURES),
               "num_actions": len(actions)}
@@ -159,16 +189,7 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
             or not isinstance(arch.get("proj_dim"), int):
         _fail(path, "architecture", f"needs proj_dim, hidden (list) and activation in "
                                     f"{sorted(ACTIVATIONS)}; got {arch}")
-    coordination = None
-    if "coordination" in meta:
-        try:
-            coordination = Coordination.from_dict(meta["coordination"])
-        except ValueError as e:
-            _fail(path, "coordination", str(e))
-    net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
-                    tuple(arch["hidden"]), arch["activation"])
-    net.load_state_dict(_load_weights(path, meta, net))
-    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination)
+    return arch
 
 
 def _load_weights(path: Path, meta: dict, net: PolicyNet) -> dict:

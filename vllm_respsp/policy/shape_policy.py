@@ -25,7 +25,7 @@ from torch import nn
 from vllm_respsp.policy.coordinate import Coordination, action_levels, coordinated_choice
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import load_policy
-from vllm_respsp.tree.shape import TreeShape
+from vllm_respsp.tree.shape import DEFAULT_SHAPE, TreeShape
 
 logger = logging.getLogger(__name__)
 FALLBACK = -1  # action index meaning "use the static fallback shape"
@@ -49,9 +49,7 @@ class ShapePolicy(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, config=None, *, hidden_size: int | None = None,
-                  feature_dims: dict[str, int] | None = None) -> "ShapePolicy":
-        from vllm_respsp.config import DEFAULT_SHAPE
-
+                  feature_dims: dict[str, int] | None = None) -> ShapePolicy:
         pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
         return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold,
                    pf.feature_spec, pf.coordination)

@@ -1,11 +1,12 @@
 """Exact trace simulator (design.md §6) and the baselines a learned policy is measured against.
 
 A request at position p that uses action a gains g = min(A[p, a] + 1, P - p) tokens (its
-accepted draft tokens plus the bonus token, clipped at the end of the recorded text), pays
-t[p, a] = its share of the step's modelled seconds at the batch load for the work that action
-does there (cost.CostModel.work_seconds: a static shape's work is the same everywhere, a
-confidence-bounded shape's is whatever tree the draft's scores gave at p), and moves to p + g. Throughput = Σ g / Σ t over all generations: the modelled batch tokens/s
-when every request in the batch behaves like the simulated one.
+accepted draft tokens plus the bonus token, clipped at the end of the recorded text), pays t[p,
+a] = its share of the step's modelled seconds at the batch load for the work that action does
+there (cost.CostModel.work_seconds: a static shape's work is the same everywhere, a confidence-
+bounded shape's is whatever tree the draft's scores gave at p), and moves to p + g. Throughput
+= Σ g / Σ t over all generations: the modelled batch tokens/s when every request in the batch
+behaves like the simulated one.
 
 The oracle is exact, not greedy. Greedy per-step max g/t is myopic (it ignores where a step
 lands) and so is neither optimal nor a bound. Maximizing a ratio Σg/Σt over paths is solved by
@@ -17,8 +18,8 @@ traces. It is the upper bound for every policy, held actions included.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def update_recent(recent_accept: float, accepted: int) -> float:
     return RECENT_DECAY * recent_accept + (1 - RECENT_DECAY) * accepted
 
 
-Policy = Union[int, Callable[[np.ndarray], int]]  # a fixed action, or observation -> action
+Policy = int | Callable[[np.ndarray], int]  # a fixed action, or observation -> action
 
 
 @dataclass

@@ -99,7 +99,7 @@ class TraceSet:
     def feature_dim(self) -> int:
         return feature_width(self.feature_spec)
 
-    def validate(self, where: str = "trace set") -> "TraceSet":
+    def validate(self, where: str = "trace set") -> TraceSet:
         try:
             validate_actions(self.actions, "actions")
         except ShapeError as e:
@@ -141,7 +141,7 @@ class TraceSet:
     def pool_shapes(self) -> list[TreeShape]:
         return [p.shape for p in self.generations[0].pools] if self.generations else []
 
-    def with_no_drafts(self) -> "TraceSet":
+    def with_no_drafts(self) -> TraceSet:
         """These traces with NO_DRAFTS appended to the actions (unless they hold it already).
 
         A request that drafts nothing accepts nothing, so its column is zeros by definition and
@@ -151,7 +151,7 @@ class TraceSet:
             return self
         return self.with_actions(self.actions + [NO_DRAFTS])
 
-    def with_actions(self, actions: list[TreeShape]) -> "TraceSet":
+    def with_actions(self, actions: list[TreeShape]) -> TraceSet:
         """These traces with the table of `actions`: derived from the pools when recorded (any
         shape they cover), else the existing columns (NO_DRAFTS: zeros by definition)."""
         actions = list(actions)
@@ -184,7 +184,7 @@ class TraceSet:
                                           np.stack(cols, 1).astype(np.int16), work, g.pools))
         return TraceSet(actions, self.feature_spec, generations, self.target, self.head, self.temperature)
 
-    def split(self, eval_fraction: float, seed: int = 0) -> tuple["TraceSet", "TraceSet"]:
+    def split(self, eval_fraction: float, seed: int = 0) -> tuple[TraceSet, TraceSet]:
         """Split by whole generations (positions of one text are correlated)."""
         order = np.random.default_rng(seed).permutation(len(self.generations))
         n_eval = max(1, int(round(eval_fraction * len(order)))) if len(order) > 1 else 0

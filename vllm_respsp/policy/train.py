@@ -35,11 +35,19 @@ from vllm_respsp.policy.coordinate import Coordination
 from vllm_respsp.policy.cost import CostModel, load_cost_model
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import save_policy
-from vllm_respsp.policy.simulator import (EXTRA_FEATURES, best_static, eagle3_default_rate,
-                                          extra_features, no_speculation_rate, oracle, simulate,
-                                          step_costs, update_recent)
 from vllm_respsp.policy.pools import pool_depths
 from vllm_respsp.policy.shape_policy import ShapePolicy
+from vllm_respsp.policy.simulator import (
+    EXTRA_FEATURES,
+    best_static,
+    eagle3_default_rate,
+    extra_features,
+    no_speculation_rate,
+    oracle,
+    simulate,
+    step_costs,
+    update_recent,
+)
 from vllm_respsp.policy.traces import FeatureSpec, TraceError, TraceSet, load_traces, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape, chain, resps_actions
 

@@ -24,26 +24,12 @@ from vllm_respsp.policy.simulator import update_recent
 from vllm_respsp.tree.shape import TreeShape
 
 logger = logging.getLogger("vllm_respsp")
-# Fault injection for the tests of the policy's safety net (see runtime.FAULT_ENV).
-POLICY_FAULTS = ("policy_nan", "policy_raises")
-
-
-def _inject(policy: ShapePolicy, fault: str) -> None:
-    net_forward = policy.net.forward
-
-    def broken(obs):
-        if fault == "policy_raises":
-            raise RuntimeError(f"VLLM_RESPSP_FAULT={fault}")
-        return torch.full_like(net_forward(obs), float("nan"))
-
-    policy.net.forward = broken
 
 
 class ShapeChooser:
-    def __init__(self, config: RespspConfig, fault: str | None = None):
+    def __init__(self, config: RespspConfig):
         self.config = config
         self.actions = list(config.actions) or [config.shape]
-        self.fault = fault if fault in POLICY_FAULTS else None
         self.policy: ShapePolicy | None = None  # loaded on first use: needs the head's width
         self.load_failed = False
         self.by_request: dict[str, TreeShape] = {}  # "cycle": chosen once per request
@@ -102,8 +88,6 @@ class ShapeChooser:
                                  self.config.shape)
                 self.load_failed = True
                 return [self.config.shape] * len(req_ids), len(req_ids)
-            if self.fault:
-                _inject(self.policy, self.fault)
         before = self.policy.fallback_count
         try:
             features = policy_features(self.policy.feature_spec, roots)

@@ -9,8 +9,8 @@ keys, which vLLM's paged draft attention cannot express. So a draft step here is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

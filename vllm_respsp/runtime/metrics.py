@@ -27,9 +27,10 @@ import os
 import tempfile
 import threading
 
+from vllm_respsp import envs
+
 logger = logging.getLogger("vllm_respsp")
 
-DIR_ENV = "VLLM_RESPSP_METRICS_DIR"
 FALLBACKS = ("vllm:respsp_fallbacks", "kind",
              "Times a respsp safety net fired (drafting failed, chains for vLLM's sampler, ...)")
 SHAPES = ("vllm:respsp_tree_shapes", "shape", "Draft trees proposed by respsp, per tree shape")
@@ -43,7 +44,7 @@ _values: dict[str, float] = {}
 
 def metrics_dir() -> str | None:
     """Where this process's counters go: vLLM's multiprocess directory if set, else ours."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(DIR_ENV)
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or envs.metrics_dir()
 
 
 def setup_frontend() -> str:
@@ -54,10 +55,11 @@ def setup_frontend() -> str:
     with _lock:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return os.environ["PROMETHEUS_MULTIPROC_DIR"]  # vLLM's registry collects the directory
-        path = os.environ.get(DIR_ENV)
+        path = envs.metrics_dir()
         if not path or not os.path.isdir(path):
             _private_dir = tempfile.TemporaryDirectory(prefix="respsp-metrics-")
-            path = os.environ[DIR_ENV] = _private_dir.name
+            path = _private_dir.name
+            envs.set_metrics_dir(path)
         if _collector is None or _collector._path != path:
             from prometheus_client import REGISTRY
             from prometheus_client.multiprocess import MultiProcessCollector

@@ -11,7 +11,7 @@ deepest shape of that width (`policy.pools`), and appends one record per step to
      "feature_names": [...], "pools": [pool shape strings],
      "trees": (tokens, parents, depths, scores, cu_nodes) for R x pools trees, request-major}
 
-Only after generation are the target's tokens after each root known; `policy.record` walks the
+Only after generation are the target's tokens after each root known; `engine_tools.record` walks the
 recorded pools along them, and every shape of those widths, bounded or not, is derived from
 them. The drafting code is the serving code, so the features and trees are those a policy meets
 at serving time.
@@ -27,7 +27,6 @@ from vllm_respsp.policy.features import RootStates, feature_spec, policy_feature
 from vllm_respsp.policy.pools import pool_shape
 from vllm_respsp.tree.shape import TreeShape
 
-RECORD_ENV = "VLLM_RESPSP_RECORD"
 RECORDED_FEATURES = ("draft_root_hidden", "eagle3_fused", "draft_root_probs")
 
 

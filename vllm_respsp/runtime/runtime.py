@@ -1,12 +1,14 @@
 """One respsp runtime per vLLM model runner: the state that lives between engine steps.
 
 Step order inside vLLM's runner, and what respsp does at each point:
-  _prepare_inputs      `on_prepare_inputs`: rebuild the step's trees, rewrite RoPE positions
-  model forward        tree rows attend through their ancestor masks (patches.tree_attention)
+  _prepare_inputs      `on_prepare_inputs`: index the step's requests once, lay out the trees,
+                       rewrite RoPE positions
+  model forward        tree rows attend through their ancestor masks (the tree-attention backend)
   _sample              `sample`: tree verification + KV compaction (chains: vLLM's sampler)
   propose drafts       `propose`: extend the draft caches, choose shapes, grow the trees
 Anything that goes wrong in `propose` costs one step of speculation for the batch, never a
-request: the drafts are empty and the failure is counted.
+request: the drafts are empty and the failure is counted. The runtime knows no attention layout
+and no platform: `vllm_respsp.backends` does.
 """
 
 from __future__ import annotations
@@ -16,53 +18,77 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections import Counter
-from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from vllm_respsp.config import RespspConfig, parse
+from vllm_respsp import envs
+from vllm_respsp.backends import SUPPORTED, TreeAttentionBackend, for_vllm_backend
+from vllm_respsp.config import RespspConfig
 from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
-from vllm_respsp.runtime.recorder import RECORD_ENV, TraceRecorder
 from vllm_respsp.runtime.head import HeadAdapter
+from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
-from vllm_respsp.runtime.step_trees import ProposedTree, StepTrees
-from vllm_respsp.tree import verify
-from vllm_respsp.tree.cpu_paged_kv import SUPPORTED_ISAS
+from vllm_respsp.step_clock import SECONDS, timed
 from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
-STATS_ENV = "VLLM_RESPSP_STATS_FILE"
-# Fault injection for the tests that prove the safety nets and the statistical checks work:
-# "keep_rejected" makes the tree sampler biased (rejected drafts stay in the residual),
-# "drafter_raises" makes every draft step fail.
-FAULT_ENV = "VLLM_RESPSP_FAULT"
-SECONDS: Counter[str] = Counter()  # wall time per respsp phase in this process
 
 
-@contextmanager
-def timed(phase: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        SECONDS[phase] += time.perf_counter() - start
+@dataclass
+class StepIndex:
+    """The step's ragged request index, read from the runner once (before the forward) and
+    passed to every later phase of the step."""
+
+    req_ids: list[str]
+    query_start: np.ndarray  # int [R + 1] first token row of each request
+    num_computed: np.ndarray  # int [R] tokens computed before this step
+
+    @classmethod
+    def of(cls, runner) -> StepIndex:
+        batch = runner.input_batch
+        n = batch.num_reqs
+        return cls(list(batch.req_ids), runner.query_start_loc.np[:n + 1].copy(),
+                   batch.num_computed_tokens_cpu[:n].copy())
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start[-1])
+
+    def scheduled(self, i: int) -> int:
+        return int(self.query_start[i + 1] - self.query_start[i])
+
+
+@dataclass
+class RootRequest:
+    """A request whose next tree can be drafted: its row among the extended contexts, the
+    root token (last verified token) and the root's position."""
+
+    req_id: str
+    context_row: int
+    token: int
+    position: int
 
 
 class RespspRuntime:
     def __init__(self, runner, config: RespspConfig):
-        if os.environ.get(FAULT_ENV) == "keep_rejected":  # the biased sampler of the statistical test
-            verify.remove_rejected = lambda p, rows, tokens: None
         self.runner = runner
         self.config = config
-        self.choose = ShapeChooser(config, fault=os.environ.get(FAULT_ENV))
-        self.recorder = TraceRecorder(os.environ[RECORD_ENV], config.shapes) \
-            if os.environ.get(RECORD_ENV) else None
+        self.choose = ShapeChooser(config)
+        record = envs.record_dir()
+        self.recorder = TraceRecorder(record, config.shapes) if record else None
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
+        self.index: StepIndex | None = None
         self.step_trees: StepTrees | None = None
         self.accepted: dict[int, list[int]] = {}
         self.broken: set[str] = set()
@@ -84,20 +110,48 @@ class RespspRuntime:
             self._drafter = TreeDrafter(HeadAdapter(self.runner.drafter.model))
         return self._drafter
 
+    # -- the attention backend ----------------------------------------------------------
+    @functools.cached_property
+    def attention_layers(self) -> list:
+        try:
+            context = self.runner.vllm_config.compilation_config.static_forward_context
+        except AttributeError:  # a runner built outside vLLM (unit tests)
+            return []
+        return [layer for layer in context.values() if hasattr(layer, "attn_backend") and hasattr(layer, "impl")]
+
+    @functools.cached_property
+    def backend(self) -> TreeAttentionBackend | None:
+        """The tree-attention backend for this engine's attention layers, or None (then every
+        tree is drafted as a chain of its depth, which vLLM's causal attention verifies, and
+        each is counted as a fallback)."""
+        names = sorted({layer.attn_backend.get_name() for layer in self.attention_layers})
+        backend = for_vllm_backend(names[0]) if len(names) == 1 else None
+        reason = None
+        if backend is None:
+            reason = f"attention backend(s) {names} (respsp has tree backends for {list(SUPPORTED)})"
+        else:
+            reason = backend.layout_error(self.attention_layers)
+        if reason:
+            logger.warning("respsp: tree attention cannot run on %s; trees are drafted as chains", reason)
+            return None
+        return backend
+
+    @property
+    def trees_supported(self) -> bool:
+        return self.backend is not None
+
     # -- before the forward -------------------------------------------------------------
     def on_prepare_inputs(self, scheduler_output) -> None:
         runner = self.runner
-        num_reqs = runner.input_batch.num_reqs
+        self.index = index = StepIndex.of(runner)
         self.accepted = {}
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         try:
-            self.step_trees = StepTrees.build(
-                runner.input_batch.req_ids, scheduler_output.scheduled_spec_decode_tokens,
-                self.proposed, runner.query_start_loc.np[:num_reqs + 1],
-                runner.input_batch.num_computed_tokens_cpu[:num_reqs],
-                runner.input_batch.block_table[0].slot_mapping.gpu)
+            self.step_trees = StepTrees.build(index.req_ids, spec_tokens, self.proposed, index.query_start,
+                                              index.num_computed, runner.input_batch.block_table[0].slot_mapping.gpu)
             if self.step_trees is not None:
                 self.step_trees.rewrite_positions(runner.positions)
-            for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            for req_id, drafts in spec_tokens.items():
                 tree = self.proposed.get(req_id)
                 if tree is not None:
                     self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
@@ -118,153 +172,171 @@ class RespspRuntime:
         trees = self.tree_attention_batch()
         if trees is None or spec_decode_metadata is None:
             return None
-        runner = self.runner
         with timed("verify"):
             out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
-                                         runner.input_batch.num_reqs)
+                                         self.index.num_reqs)
         with timed("compact_kv"):
             src, dst = compaction_moves(trees, accepted)
             if src.numel():
-                from vllm_respsp.patches.tree_attention import compact_kv_caches
-
-                compact_kv_caches(runner, src, dst)
+                self.backend.compact(self.attention_layers, src, dst)
         self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
         return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
 
     # -- drafting -----------------------------------------------------------------------
     def propose(self, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
-        runner = self.runner
-        req_ids = list(runner.input_batch.req_ids)
+        index = self.index or StepIndex.of(self.runner)
         try:
             with timed("draft"):
-                drafts = self._propose(scheduler_output, req_ids, sampled_token_ids, aux_hidden_states)
+                drafts = self._propose(scheduler_output, index, sampled_token_ids, aux_hidden_states)
         except Exception:
             logger.exception("respsp: drafting failed; this step proposes no drafts")
             self._fallback("drafter_error")
             self.proposed = {}
-            drafts = [[] for _ in req_ids]
+            drafts = [[] for _ in index.req_ids]
         self.steps += 1
         self._write_stats()
         return drafts
 
-    def _propose(self, scheduler_output, req_ids, sampled_token_ids, aux_hidden_states):
-        if os.environ.get(FAULT_ENV) == "drafter_raises":
-            raise RuntimeError(f"{FAULT_ENV}=drafter_raises")
-        runner = self.runner
-        drafter = self.drafter
-        live = set(runner.requests)
-        drafter.forget(live)
+    def _propose(self, scheduler_output, index: StepIndex, sampled_token_ids, aux_hidden_states):
+        """Extend every request's draft context with its newly verified tokens, then choose a
+        shape for each request that can draft and grow all trees in one batched pass."""
+        self._forget_finished()
+        new_rows, roots = self._verified_rows(scheduler_output, index, sampled_token_ids.cpu())
+        self.proposed = {}
+        if not new_rows:
+            return [[] for _ in index.req_ids]
+        aux = torch.cat([h[:index.num_tokens] for h in aux_hidden_states], dim=-1)
+        root_states = self.drafter.extend(aux, new_rows)
+        if not roots:
+            return [[] for _ in index.req_ids]
+        roots_at = root_states[torch.tensor([r.context_row for r in roots])]
+        if self.recorder is not None:  # record every action's tree, draft nothing
+            self._record(roots, roots_at)
+            return [[] for _ in index.req_ids]
+        shapes = self._shapes(scheduler_output, index, roots, roots_at)
+        self._grow(roots, shapes, root_states)
+        return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in index.req_ids]
+
+    def _forget_finished(self) -> None:
+        live = set(self.runner.requests)
+        self.drafter.forget(live)
         self.choose.forget(live)
+        if self.recorder is not None:
+            self.recorder.forget(live)
         self.broken &= live
-        num_reqs = len(req_ids)
-        qsl = runner.query_start_loc.np[:num_reqs + 1]
-        num_computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
-        discard = runner.discard_request_mask.np[:num_reqs]
-        input_ids = runner.input_ids.cpu
-        sampled = sampled_token_ids.cpu()
-        drafting = set((self.step_trees.batch_index.tolist() if self.step_trees is not None else []))
-        new_rows, root_of = [], {}
-        for i, req_id in enumerate(req_ids):
-            start, row0, n_sched = int(num_computed[i]), int(qsl[i]), int(qsl[i + 1] - qsl[i])
-            if req_id in self.broken or n_sched == 0:
-                continue
-            held = drafter.context_length(req_id)
-            if start == 0 and held > 0:
-                self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
-            if start > 0 and held == 0:
-                self.prefix_cached += 1  # its prompt began in vLLM's prefix cache (DraftContext)
-            elif start > 0 and held < start:
-                self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
-                self._fallback("lost_draft_context")
+
+    def _verified_rows(self, scheduler_output, index: StepIndex, sampled: torch.Tensor):
+        """(NewRows per request to append to its draft context, the requests that can draft)."""
+        runner = self.runner
+        discard = runner.discard_request_mask.np[:index.num_reqs]
+        drafting = set(self.step_trees.batch_index.tolist()) if self.step_trees is not None else set()
+        new_rows: list[NewRows] = []
+        roots: list[RootRequest] = []
+        for i, req_id in enumerate(index.req_ids):
+            start, n_sched = int(index.num_computed[i]), index.scheduled(i)
+            if req_id in self.broken or n_sched == 0 or not self._context_in_step(req_id, start):
                 continue
             valid = sampled[i][sampled[i] >= 0]
             if scheduler_output.scheduled_spec_decode_tokens.get(req_id) and len(valid):
                 self.choose.observe(req_id, len(valid) - 1)
-            if i in drafting:
-                nodes = self.accepted.get(i, list(range(len(valid))))
-                rows = torch.tensor(nodes) + row0
-                next_tokens = valid[:len(nodes)].long()
-            else:
-                rows = torch.arange(row0, row0 + n_sched)
-                if discard[i] or len(valid) == 0:
-                    last = int(runner.input_batch.token_ids_cpu[i, start + n_sched])
-                else:
-                    last = int(valid[0])
-                next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
+            rows, next_tokens = self._rows_of(i, index, valid, i in drafting, bool(discard[i]))
             if not discard[i] and len(valid):
-                root_of[req_id] = (len(new_rows), int(valid[-1]), start + len(rows))
+                roots.append(RootRequest(req_id, len(new_rows), int(valid[-1]), start + len(rows)))
             new_rows.append(NewRows(req_id, start, rows, next_tokens))
-        self.proposed = {}
-        if not new_rows:
-            return [[] for _ in req_ids]
-        aux = torch.cat([h[:int(qsl[num_reqs])] for h in aux_hidden_states], dim=-1)
-        roots = drafter.extend(aux, new_rows)
+        return new_rows, roots
 
-        upstream = self._upstream_reason(scheduler_output, req_ids)
-        if upstream:
-            self._fallback(f"chain_for_{upstream}")
-        elif not self.trees_supported:
-            upstream = "unsupported_kv_layout"
-        asking = list(root_of)
-        if not asking:
-            return [[] for _ in req_ids]
-        if self.recorder is not None:  # record every action's tree, draft nothing
-            self.recorder.forget(live)
-            self.recorder.record(drafter, asking, [runner.requests[r].prompt_token_ids for r in asking],
-                                 [root_of[r][1] for r in asking], [root_of[r][2] for r in asking],
-                                 roots[torch.tensor([root_of[r][0] for r in asking])])
-            return [[] for _ in req_ids]
+    def _context_in_step(self, req_id: str, start: int) -> bool:
+        """Whether the request's draft context reaches this step's first position (counting
+        the requests whose context restarts)."""
+        held = self.drafter.context_length(req_id)
+        if start == 0 and held > 0:
+            self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
+        if start > 0 and held == 0:
+            self.prefix_cached += 1  # its prompt began in vLLM's prefix cache (DraftContext)
+        elif start > 0 and held < start:
+            self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
+            self._fallback("lost_draft_context")
+            return False
+        return True
+
+    def _rows_of(self, i: int, index: StepIndex, valid: torch.Tensor, drafted: bool, discarded: bool):
+        """(aux rows, next tokens) of request i's newly verified positions: the accepted path of
+        its tree, or every scheduled row (prefill chunks, chains)."""
+        row0 = int(index.query_start[i])
+        if drafted:
+            nodes = self.accepted.get(i, list(range(len(valid))))
+            return torch.tensor(nodes) + row0, valid[:len(nodes)].long()
+        n_sched = index.scheduled(i)
+        if discarded or len(valid) == 0:
+            last = int(self.runner.input_batch.token_ids_cpu[i, int(index.num_computed[i]) + n_sched])
+        else:
+            last = int(valid[0])
+        input_ids = self.runner.input_ids.cpu
+        next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
+        return torch.arange(row0, row0 + n_sched), next_tokens
+
+    def _record(self, roots: list[RootRequest], roots_at) -> None:
+        requests = self.runner.requests
+        self.recorder.record(self.drafter, [r.req_id for r in roots],
+                             [requests[r.req_id].prompt_token_ids for r in roots],
+                             [r.token for r in roots], [r.position for r in roots], roots_at)
+
+    def _shapes(self, scheduler_output, index: StepIndex, roots: list[RootRequest], roots_at) -> list[TreeShape]:
+        """The shape each root request drafts this step (NO_DRAFTS included), after the
+        restrictions that apply: chains where a tree cannot be verified, the room left."""
+        requests = self.runner.requests
         with timed("choose_shapes"):
-            picked, failed = self.choose(asking, [runner.requests[r].prompt_token_ids for r in asking],
-                                         roots[torch.tensor([root_of[r][0] for r in asking])], num_reqs)
+            picked, failed = self.choose([r.req_id for r in roots],
+                                         [requests[r.req_id].prompt_token_ids for r in roots],
+                                         roots_at, index.num_reqs)
         if failed:
             self._fallback("policy_error", failed)
-        max_len = runner.max_model_len
-        chosen, shapes, decided = [], [], []
-        for req_id, shape in zip(asking, picked):
-            index, root_token, root_pos = root_of[req_id]
-            if upstream and shape.drafts and shape.top_k > 1:
-                shape = chain(shape.depth, shape.min_prob)
-                if upstream == "unsupported_kv_layout":
-                    self._fallback("chain_for_unsupported_kv_layout")
-            room = max_len - root_pos - 1
-            if room <= 0:
-                continue
-            if shape.total_tokens > room:
-                shape = TreeShape(room, min(shape.depth, room), shape.top_k, shape.min_prob)
-            decided.append((req_id, shape))
-            if shape.drafts:  # NO_DRAFTS: this request verifies only its bonus token next step
-                chosen.append((req_id, index, root_token))
-                shapes.append(shape)
-        for req_id, shape in decided:
-            self.decisions.update(f"{self.steps}:{req_id}:{shape};".encode())
-        for shape, count in Counter(str(shape) for _, shape in decided).items():
+        chains_only = self._chains_only(scheduler_output, index)
+        shapes = [self._fit(shape, root, chains_only) for shape, root in zip(picked, roots)]
+        for root, shape in zip(roots, shapes):
+            self.decisions.update(f"{self.steps}:{root.req_id}:{shape};".encode())
+        for shape, count in Counter(str(s) for s in shapes if s is not None).items():
             self.shape_counts[shape] += count
             metrics.record_shape(shape, count)
-        if not chosen:
-            return [[] for _ in req_ids]
-        index = torch.tensor([c[1] for c in chosen])
-        tree = drafter.draft([c[0] for c in chosen], shapes, torch.tensor([c[2] for c in chosen]),
-                             roots.hidden[index], roots.logprobs[index])
-        for b, (req_id, _, _) in enumerate(chosen):
-            part = tree.request(b)
-            self.proposed[req_id] = ProposedTree(part.tokens.tolist(), part.parents.tolist(),
-                                                 part.depths.tolist(), str(shapes[b]))
-            self.decisions.update(f"{self.proposed[req_id].tokens}{self.proposed[req_id].parents}".encode())
-        return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in req_ids]
+        return shapes
 
-    @functools.cached_property
-    def trees_supported(self) -> bool:
-        """Whether tree attention can read this engine's KV cache layout (`cpu_paged_kv`); if
-        not (e.g. an ISA respsp does not know), every tree is drafted as a chain of its depth,
-        which vLLM's own causal attention verifies, and each is counted as a fallback."""
-        unknown = sorted(_attention_isas(self.runner) - set(SUPPORTED_ISAS))
-        if os.environ.get(FAULT_ENV) == "unsupported_kv_layout":
-            unknown = ["(fault injected)"]
-        if unknown:
-            logger.warning("respsp: tree attention cannot read the KV cache layout(s) %s (it reads "
-                           "%s); trees are drafted as chains", unknown, list(SUPPORTED_ISAS))
-        return not unknown
+    def _chains_only(self, scheduler_output, index: StepIndex) -> str | None:
+        """Why this step's trees must be chains (counted once per step), or None."""
+        upstream = self._upstream_reason(scheduler_output, index.req_ids)
+        if upstream:
+            self._fallback(f"chain_for_{upstream}")
+            return upstream
+        return None if self.trees_supported else "unsupported_attention_backend"
+
+    def _fit(self, shape: TreeShape, root: RootRequest, chains_only: str | None) -> TreeShape | None:
+        """The shape cut to what may run: a chain of its depth when trees cannot be verified,
+        at most the room left before max_model_len; None when there is no room at all."""
+        if chains_only and shape.drafts and shape.top_k > 1:
+            shape = chain(shape.depth, shape.min_prob)
+            if chains_only == "unsupported_attention_backend":
+                self._fallback("chain_for_unsupported_attention_backend")
+        room = self.runner.max_model_len - root.position - 1
+        if room <= 0:
+            return None
+        if shape.total_tokens > room:
+            shape = TreeShape(room, min(shape.depth, room), shape.top_k, shape.min_prob)
+        return shape
+
+    def _grow(self, roots: list[RootRequest], shapes: list[TreeShape | None], root_states) -> None:
+        """Draft every tree of the step in one batched pass (NO_DRAFTS requests verify only
+        their bonus token next step) and keep them as this step's proposals."""
+        chosen = [(root, shape) for root, shape in zip(roots, shapes) if shape is not None and shape.drafts]
+        if not chosen:
+            return
+        rows = torch.tensor([root.context_row for root, _ in chosen])
+        tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
+                                  torch.tensor([root.token for root, _ in chosen]),
+                                  root_states.hidden[rows], root_states.logprobs[rows])
+        for b, (root, shape) in enumerate(chosen):
+            part = tree.request(b)
+            proposed = ProposedTree(part.tokens.tolist(), part.parents.tolist(), part.depths.tolist(), str(shape))
+            self.proposed[root.req_id] = proposed
+            self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
 
     def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
         if scheduler_output.has_structured_output_requests:
@@ -288,27 +360,19 @@ class RespspRuntime:
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
                 "live_policy_holds": self.choose.live_holds,
+                "tree_backend": type(self.backend).__name__ if self.backend is not None else None,
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}
 
     def _write_stats(self) -> None:
-        path = os.environ.get(STATS_ENV)
+        path = envs.stats_file()
         if path:
             path = path if self.rank == 0 else f"{path}.rank{self.rank}"
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
-
-
-def _attention_isas(runner) -> set[str]:
-    """The KV layouts (CPU attention ISAs) of the target's attention layers."""
-    try:
-        layers = runner.vllm_config.compilation_config.static_forward_context.values()
-    except AttributeError:  # a runner built outside vLLM (unit tests)
-        return set()
-    return {layer.isa for layer in layers if isinstance(getattr(layer, "isa", None), str)}
 
 
 def _tensor_parallel_rank() -> int:

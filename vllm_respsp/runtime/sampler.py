@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from vllm_respsp.tree.build import DraftTree
+from vllm_respsp.tree.step_trees import StepTrees
+from vllm_respsp.tree.verify import accept_greedy, accept_sampled
 from vllm_respsp_triton import compaction_slots
 from vllm_respsp_triton.tree_metadata import node_requests
-from vllm_respsp.runtime.step_trees import StepTrees
-from vllm_respsp.tree.build import DraftTree
-from vllm_respsp.tree.verify import accept_greedy, accept_sampled
 
 PLACEHOLDER = -1
 SAMPLING_EPS = 1e-5  # vLLM's: temperatures below it are greedy

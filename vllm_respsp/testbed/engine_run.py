@@ -56,7 +56,7 @@ class SpecCounters:
         """vLLM's mean acceptance length: 1 + accepted / drafts (1.0 with no drafts)."""
         return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 1.0
 
-    def minus(self, before: "SpecCounters") -> "SpecCounters":
+    def minus(self, before: SpecCounters) -> SpecCounters:
         per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
                    for i, a in enumerate(self.accepted_per_pos)]
         return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
@@ -130,7 +130,7 @@ def run_job(job: dict) -> dict:
 
 def applied_patches() -> list[str]:
     """Names of vllm_respsp patches applied in this (front-end) process."""
-    from vllm_respsp.patches import ALL_PATCHES
+    from vllm_respsp.patches.all import ALL_PATCHES
 
     return [p.name for p in ALL_PATCHES if p.is_applied()]
 

@@ -192,8 +192,13 @@ def _random_eagle3_weights(cfg: dict, gen: torch.Generator, std: float = 0.05) -
     }
 
 
-def successor_eagle3_head(path: str | os.PathLike, target: str | os.PathLike, scale: float = 4.0) -> Path:
-    """An EAGLE-3 head that drafts t+1, t+2, ... for `successor_llama` (see module doc)."""
+def successor_eagle3_head(path: str | os.PathLike, target: str | os.PathLike, scale: float = 4.0,
+                          decoy: int | None = None) -> Path:
+    """An EAGLE-3 head that drafts t+1, t+2, ... for `successor_llama` (see module doc).
+
+    With `decoy` = d, every draft step ranks t+1+d first and the right token t+1 second: a chain
+    drafts only wrong tokens, a tree of top-k >= 2 holds the right path through the second child
+    at every level (the head's next hidden state does not depend on the token drafted)."""
     path, target = Path(path), Path(target)
     tcfg = json.loads((target / "config.json").read_text())
     v = h = tcfg["hidden_size"]
@@ -216,6 +221,8 @@ def successor_eagle3_head(path: str | os.PathLike, target: str | os.PathLike, sc
     w["midlayer.mlp.up_proj.weight"] = up
     w["midlayer.mlp.down_proj.weight"] = down
     w["lm_head.weight"] = torch.roll(eye, shifts=1, dims=0) * (40.0 / h**0.5)
+    if decoy is not None:
+        w["lm_head.weight"] += torch.roll(eye, shifts=1 + decoy, dims=0) * (44.0 / h**0.5)
     # Its own embedding (the head ignores it: attention output is zero).
     w["embed_tokens.weight"] = torch.randn(v, h, generator=torch.Generator().manual_seed(2))
     return _save(path, cfg, w)
@@ -258,6 +265,7 @@ def build_all(root: str | os.PathLike) -> dict[str, Path]:
         "tiny_head": root / "tiny-llama-eagle3-random",
         "successor": root / "successor-llama",
         "successor_head": root / "successor-llama-eagle3",
+        "decoy_head": root / "successor-llama-eagle3-decoy",
     }
     if not (paths["tiny"] / "config.json").exists():
         tiny_random_llama(paths["tiny"])
@@ -267,4 +275,6 @@ def build_all(root: str | os.PathLike) -> dict[str, Path]:
         successor_llama(paths["successor"])
     if not (paths["successor_head"] / "config.json").exists():
         successor_eagle3_head(paths["successor_head"], paths["successor"])
+    if not (paths["decoy_head"] / "config.json").exists():
+        successor_eagle3_head(paths["decoy_head"], paths["successor"], decoy=5)
     return paths

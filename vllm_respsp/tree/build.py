@@ -21,8 +21,8 @@ request's nodes is itself a tree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -52,7 +52,7 @@ class DraftTree:
     def num_requests(self) -> int:
         return self.cu_nodes.numel() - 1
 
-    def request(self, b: int) -> "DraftTree":
+    def request(self, b: int) -> DraftTree:
         s, e = int(self.cu_nodes[b]), int(self.cu_nodes[b + 1])
         return DraftTree(self.tokens[s:e], self.parents[s:e], self.depths[s:e], self.scores[s:e],
                          torch.tensor([0, e - s], dtype=torch.int32))

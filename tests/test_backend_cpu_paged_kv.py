@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from vllm_respsp.backends.cpu_paged_kv import compact_kv_cpu, kv_views, tree_attention_cpu
 from vllm_respsp_triton import build_tree_metadata, compaction_slots
-from vllm_respsp.tree.cpu_paged_kv import compact_kv_cpu, kv_views, tree_attention_cpu
 
 ops = pytest.importorskip("vllm._custom_ops")
 pytest.importorskip("vllm._C")

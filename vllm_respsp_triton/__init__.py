@@ -4,7 +4,7 @@ Every public function dispatches in one place (:func:`use_triton`): the Triton
 kernel for CUDA tensors or under ``TRITON_INTERPRET=1`` (set before import),
 else the PyTorch reference of the same name plus ``_ref``, which is the CPU
 production path and the test oracle.  Batch layout, local indexing and the
-ancestor-bitmask packing are documented in :mod:`triton_kernels.tree_metadata`.
+ancestor-bitmask packing are documented in :mod:`vllm_respsp_triton.tree_metadata`.
 """
 
 from ._dispatch import HAS_TRITON, INTERPRET, use_triton

@@ -1,6 +1,6 @@
 """Greedy acceptance of a draft tree against the target's argmax tokens.
 
-Batch layout and local indexing: see :mod:`triton_kernels.tree_metadata`.
+Batch layout and local indexing: see :mod:`vllm_respsp_triton.tree_metadata`.
 Starting at the root, repeatedly descend into the first child (in
 ``first_child`` -> ``next_sibling`` order) whose draft token equals the
 target's greedy prediction at the current node; stop when no child matches

@@ -1,6 +1,6 @@
 """Record trace tables with the real engine (design.md §6), and check them against it.
 
-    python -m vllm_respsp.policy.record --prompts mt-bench --num-prompts 80 --max-tokens 128 \\
+    python -m vllm_respsp.engine_tools.record --prompts mt-bench --num-prompts 80 --max-tokens 128 \\
         --out vllm_respsp/policy/traces/mt-bench [--check chain3 T4/D2/K2 T8/D3/K4]
 
 1. One greedy run of the respsp engine with `VLLM_RESPSP_RECORD` set (runtime.recorder): it
@@ -9,7 +9,7 @@
 2. Each recorded tree is walked along the tokens the target then produced: a node at depth d
    is accepted when its whole path equals the next d output tokens. That gives A[p, a].
 3. The prompts as the engine saw them and the outputs go to <out>.outputs.json, for
-   `policy.check` (`--check SHAPE ...` runs it right away): the same prompts through the
+   `engine_tools.check` (`--check SHAPE ...` runs it right away): the same prompts through the
    respsp engine with static shapes or a policy; vLLM's own acceptance length against the
    simulator's, and the outputs against the recording's (identical: float32, greedy).
 
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_respsp.policy.check import outputs_path, run_checks, simulated_acceptance
+from vllm_respsp import envs
+from vllm_respsp.engine_tools.check import outputs_path, run_checks, simulated_acceptance
 from vllm_respsp.policy.pools import DraftPool, pool_depths
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, save_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
@@ -147,7 +148,7 @@ def main(argv=None) -> None:
 
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.policy.features import feature_dims
-    from vllm_respsp.runtime.recorder import RECORD_ENV, read_records
+    from vllm_respsp.runtime.recorder import read_records
     from vllm_respsp.testbed.engine_run import make_llm, prepare_cpu_env
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts, render
@@ -163,9 +164,9 @@ def main(argv=None) -> None:
     greedy = {"temperature": 0.0, "max_tokens": args.max_tokens}
 
     records = Path(tempfile.mkstemp(suffix=".records")[1])
-    os.environ[RECORD_ENV] = str(records)  # read by the engine process this LLM starts
+    os.environ[envs.RECORD] = str(records)  # read by the engine process this LLM starts
     llm = make_llm(model, spec, **engine)
-    del os.environ[RECORD_ENV]
+    del os.environ[envs.RECORD]
     tokenizer = llm.get_tokenizer()
     texts = render(prompts, tokenizer)
     fits = [len(tokenizer(t, add_special_tokens=False).input_ids) <= args.max_prompt_tokens for t in texts]

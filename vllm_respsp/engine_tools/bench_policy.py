@@ -1,7 +1,7 @@
 """Micro-benchmark: the cost of one batched ShapePolicy call (not a test; prints figures).
 
-    python -m vllm_respsp.policy.bench_policy [--batch 64] [--hidden 576]
-    python -m vllm_respsp.policy.bench_policy --engine POLICY_FILE [--batch 64]
+    python -m vllm_respsp.engine_tools.bench_policy [--batch 64] [--hidden 576]
+    python -m vllm_respsp.engine_tools.bench_policy --engine POLICY_FILE [--batch 64]
 
 Without --engine: a policy of the shipped architecture (projection 32, trunk 64x64) for EAGLE-3
 fused features of the given hidden size (3 x hidden wide), `forward` (the network call, one per
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_respsp import envs
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.train import synthetic_action_set
@@ -74,13 +75,13 @@ def engine_share(policy: str, batch: int, tokens: int) -> dict:
     import tempfile
 
     from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.policy.profile import random_prompts
+    from vllm_respsp.engine_tools.profile import random_prompts
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
 
     model, head = str(testbed_model_path()), str(shipped_head_path())
     stats = Path(tempfile.mkdtemp(prefix="respsp-bench-policy-")) / "stats.json"
-    os.environ["VLLM_RESPSP_STATS_FILE"] = str(stats)
+    os.environ[envs.STATS_FILE] = str(stats)
     spec = {"method": "respsp", "model": head, "policy": policy}
     worker = EngineWorker(model, EngineConfig("policy", spec, {"dtype": "bfloat16", "max_num_seqs": batch}))
     try:

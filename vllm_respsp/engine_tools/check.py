@@ -1,12 +1,12 @@
 """The trace simulator against the engine: vLLM's acceptance length vs the simulated one.
 
-    python -m vllm_respsp.policy.check --traces TR/mt-bench [--shapes chain3 T4/D2/K2 T8/D3/K4]
+    python -m vllm_respsp.engine_tools.check --traces TR/mt-bench [--shapes chain3 T4/D2/K2 T8/D3/K4]
         [--policy vllm_respsp/assets/policy/smollm2-135m-cpu/bandit.json]
 
 The recording's prompts run through the respsp engine once per static shape and once per policy
 file (greedy, the recording's dtype). For each, vLLM's own acceptance length is compared with
 the simulator's on the traces, and the outputs with the recording's (<traces>.outputs.json,
-written by policy.record): they must be identical.
+written by engine_tools.record): they must be identical.
 
 A policy's choices depend on the batch load it sees, the number of requests in the engine's
 batch, which shrinks as a run drains. So policies run one request at a time (max_num_seqs 1)
@@ -86,7 +86,7 @@ def run_checks(stem: str | Path, shapes: list[TreeShape], policies: list[str], m
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--traces", required=True, help="trace stem written by policy.record")
+    parser.add_argument("--traces", required=True, help="trace stem written by engine_tools.record")
     parser.add_argument("--shapes", nargs="*", default=[], metavar="SHAPE")
     parser.add_argument("--policy", nargs="*", default=[], metavar="POLICY_FILE")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="for the static shapes")

@@ -1,6 +1,6 @@
 """Attention of draft-tree query nodes over a paged KV cache.
 
-Batch layout and ancestor bitmasks: see :mod:`triton_kernels.tree_metadata`.
+Batch layout and ancestor bitmasks: see :mod:`vllm_respsp_triton.tree_metadata`.
 
 The tree's own K/V are already in the paged cache (vLLM's slot mapping writes
 them before attention): local node j of request b sits at token position
@@ -282,7 +282,7 @@ def tree_attention(
             ``num_q_heads`` must be a multiple of ``num_kv_heads``.
         block_table: int32 [B, max_blocks_per_req].
         prefix_lens: int32 [B], tokens in the cache before the tree.
-        cu_nodes: int32 [B+1] (see :mod:`triton_kernels.tree_metadata`).
+        cu_nodes: int32 [B+1] (see :mod:`vllm_respsp_triton.tree_metadata`).
         ancestor_bits: int32 [total_nodes, n_words] from
             :func:`build_tree_metadata`.
         scale: softmax scale (usually head_size ** -0.5).

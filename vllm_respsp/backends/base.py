@@ -1,0 +1,68 @@
+"""The seam between respsp's runtime and an attention layout.
+
+The runtime knows trees (`StepTrees`: per request the tree's rows, parents, prefix length and
+ancestor bitmask) and nothing of how vLLM lays out its paged KV cache. A `TreeAttentionBackend`
+knows one vLLM attention backend (by its `get_name()`, e.g. "CPU_ATTN", "TRITON_ATTN"):
+
+- `layout_error(layers)`: once per engine, after the caches exist: why this backend cannot read
+  them (e.g. an ISA it does not know), or None. The runtime then drafts chains (counted).
+- `attend(impl, layer, query, kv_cache, attn_metadata, output, trees)`: every layer, after vLLM's
+  own attention ran: the rows of non-chain trees get attention through their ancestor masks.
+  Whatever is the same for every layer (gather indices, masks) is planned once per step and kept
+  on the step's attention metadata (`plan`).
+- `compact(layers, src, dst)`: after verification, copy the accepted path's K/V from its tree
+  slots to the contiguous slots vLLM's prefix rollback expects, in every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from vllm_respsp.step_clock import timed
+from vllm_respsp.tree.step_trees import StepTrees
+
+PLAN_ATTR = "respsp_plan"
+
+
+class TreeAttentionBackend:
+    vllm_backend: ClassVar[str]  # AttentionBackend.get_name() of the vLLM backend it reads
+
+    def layout_error(self, layers: list) -> str | None:
+        return None
+
+    def plan(self, trees: StepTrees, attn_metadata, kv_cache: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def attend_rows(self, plan, impl, q: torch.Tensor, kv_cache: torch.Tensor, layer) -> torch.Tensor:
+        """q [M, Hq, D] of the planned tree rows -> their attention outputs [M, Hq, D]."""
+        raise NotImplementedError
+
+    def compact(self, layers: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, impl, layer, query, kv_cache, attn_metadata, output, trees: StepTrees) -> None:
+        """Overwrite the rows of the step's non-chain trees with tree-masked attention."""
+        with timed("tree_attention"):
+            cached = getattr(attn_metadata, PLAN_ATTR, None)
+            if cached is not None and cached[0] is trees:
+                plan = cached[1]
+            else:  # once per step: every layer shares the block table and the masks
+                plan = self.plan(trees, attn_metadata, kv_cache)
+                setattr(attn_metadata, PLAN_ATTR, (trees, plan))
+            rows = trees.masked_rows
+            q = query[rows].view(rows.numel(), impl.num_heads, impl.head_size)
+            out = self.attend_rows(plan, impl, q, kv_cache, layer)
+            output.view(output.shape[0], impl.num_heads, impl.head_size)[rows] = out.to(output.dtype)
+
+
+def unique_caches(layers: list) -> list:
+    """The layers whose KV cache tensor is not shared with an earlier one (KV sharing)."""
+    seen, out = set(), []
+    for layer in layers:
+        cache = getattr(layer, "kv_cache", None)
+        if isinstance(cache, torch.Tensor) and cache.numel() and cache.data_ptr() not in seen:
+            seen.add(cache.data_ptr())
+            out.append(layer)
+    return out
