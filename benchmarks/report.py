@@ -15,8 +15,8 @@ def markdown_table(result: dict) -> str:
           ["", "**Incomplete run** (stopped early): only the finished cells are shown."]),
         "",
         "| prompt set | batch | configuration | tokens/s (median, min-max) | ms / output token | "
-        "acceptance length | speedup vs none | vs best EAGLE-3 | outputs = no speculation |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "acceptance length | speedup vs none | vs best EAGLE-3 | outputs = no speculation | lossless |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     describe = {c["name"]: c["describe"] for c in result["configs"]}
     for cell in result["cells"]:
@@ -26,7 +26,8 @@ def markdown_table(result: dict) -> str:
                 f"| {Path(cell['prompt_set']).name} | {cell['batch_size']} | {describe[name]} | "
                 f"{s['tokens_per_s']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
                 f"{s['ms_per_output_token']:.1f} | {s['acceptance_length']:.2f} | "
-                f"{s['speedup_vs_none']:.2f}x | {vs_chain} | {s.get('identical_to_none', '-')} |")
+                f"{s['speedup_vs_none']:.2f}x | {vs_chain} | {s.get('identical_to_none', '-')} | "
+                f"{s.get('lossless', {}).get('label', '-')} |")
     return "\n".join(lines) + "\n"
 
 

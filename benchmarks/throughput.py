@@ -8,10 +8,11 @@ stay loaded in their own processes; each repetition runs every configuration on 
 prompts, in a rotated order, so machine noise hits all of them alike. Reported per prompt set
 and batch size: median output tokens/s with min-max spread, time per output token, vLLM's
 acceptance length and per-position acceptance, speedups against no speculation and against
-the best EAGLE-3 chain, and how many outputs equal no speculation's token for token (all of
-them at temperature 0 in float32, `--dtype float32`; bfloat16 verification of several tokens
-can flip the target's near-ties). Writes JSON (with every raw sample), a Markdown table and PNG
-plots into --out.
+the best EAGLE-3 chain, and whether the outputs are the target's own: "identical" to no
+speculation token for token, "equal up to N near-ties" (bf16 only: where outputs part, the
+target's own logits without speculation have the two tokens within a few bf16 steps,
+`vllm_respsp.testbed.lossless`), or "MISMATCH", which fails the run after its results are
+written. Writes JSON (with every raw sample), a Markdown table and PNG plots into --out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, reference_engine
+from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
 
 
 def engine_configs(head: str | None, chains: list[int], engine: dict,
@@ -32,7 +34,7 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
                    policy_shape: str = "chain3") -> list[EngineConfig]:
     from benchmarks.tree_shapes import parse_shape
 
-    configs = [EngineConfig("none", None, engine)]
+    configs = [EngineConfig("none", None, reference_engine(engine))]
     for n in chains if head else []:
         configs.append(EngineConfig(f"eagle3-{n}", {"method": "eagle3", "model": head,
                                                      "num_speculative_tokens": n}, engine))
@@ -64,17 +66,19 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
         for worker in order:
             seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
                                             "accepted_per_pos": []}
-            token_ids = []
+            token_ids, prompt_ids = [], []
             for batch in batches(texts, batch_size):
                 r = worker.generate(batch, sampling)
                 seconds += r["seconds"]
                 tokens += r["output_tokens"]
                 token_ids += r["token_ids"]
+                prompt_ids += r["prompt_token_ids"]
                 for key in ("drafts", "draft_tokens", "accepted_tokens"):
                     spec[key] += r["spec"][key]
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
-                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids})
+                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
+                 "prompt_token_ids": prompt_ids})
             progress.update(1)
     return samples
 
@@ -98,12 +102,19 @@ def summarize(samples: list[dict], batch_size: int) -> dict:
     }
 
 
-def add_identity(cell: dict[str, dict], samples: dict[str, list[dict]]) -> None:
-    """Outputs equal to no speculation's, token for token, in every repetition: 'n/N'."""
-    reference = samples["none"][0]["token_ids"]
+def add_identity(cell: dict[str, dict], samples: dict[str, list[dict]], dtype: str = "float32",
+                 top_logits=None) -> None:
+    """Per configuration: outputs equal to no speculation's, token for token, in every repetition
+    ('n/N'), and the lossless verdict of its worst repetition (`lossless.judge`)."""
+    reference = samples["none"][0]
     for name, summary in cell.items():
-        same = [all(s["token_ids"][i] == reference[i] for s in samples[name]) for i in range(len(reference))]
+        same = [all(s["token_ids"][i] == reference["token_ids"][i] for s in samples[name])
+                for i in range(len(reference["token_ids"]))]
         summary["identical_to_none"] = f"{sum(same)}/{len(same)}"
+        verdicts = [judge(reference["token_ids"], s["token_ids"], reference.get("prompt_token_ids") or [],
+                          dtype, top_logits) for s in samples[name]]
+        worst = min(verdicts, key=lambda v: (v.ok, -len(v.divergences)))
+        summary["lossless"] = worst.to_dict()
 
 
 def add_speedups(cell: dict[str, dict]) -> None:
@@ -190,7 +201,8 @@ def main(argv: list[str] | None = None) -> Path:
                     samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress)
                     cell = {name: summarize(s, batch_size) for name, s in samples.items()}
                     add_speedups(cell)
-                    add_identity(cell, samples)
+                    add_identity(cell, samples, args.dtype or "bfloat16",
+                                 lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
                     cells.append({"prompt_set": set_name, "batch_size": batch_size,
                                   "num_prompts": len(texts), "configs": cell})
                     raw[f"{set_name}/bs{batch_size}"] = samples
@@ -208,6 +220,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     write_report(result(True), out)
     print((out / "throughput.md").read_text())
+    failed = sorted({f"{c['prompt_set']}/bs{c['batch_size']}/{name}" for c in cells
+                     for name, s in c["configs"].items() if not s["lossless"]["ok"]})
+    if failed:
+        raise SystemExit(f"MISMATCH: outputs that are not the target's own (not near-ties) in {failed}; "
+                         f"see {out / 'throughput.json'}")
     return out
 
 

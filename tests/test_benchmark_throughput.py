@@ -55,3 +55,44 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
     assert table.count("\n| ") == 7  # header + 2 cells x 3 configs
     assert (out / "speedup_vs_batch.png").stat().st_size > 1000
     assert (out / "acceptance_hist.png").stat().st_size > 1000
+
+
+def test_a_real_mismatch_fails_the_run_and_near_ties_are_told_apart(fixture_models, tmp_path, monkeypatch):
+    """bf16, the successor pair, and a tree sampler broken on purpose (its bonus token is off by
+    one): the respsp column is a MISMATCH (the target's logits there are 40 apart, no near tie),
+    the EAGLE-3 column is identical, and the run fails after writing its results."""
+    from conftest import BASE_ENV
+
+    monkeypatch.setenv("PYTHONPATH", BASE_ENV["PYTHONPATH"])  # the engines load the test hooks
+    monkeypatch.setenv("RESPSP_TEST_FAULT", "wrong_bonus")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t, "kind": "completion"}) for t in ["w5 w6", "w40"]))
+    with pytest.raises(SystemExit, match="MISMATCH: .*respsp-T4/D2/K2"):
+        throughput.main(["--model", str(fixture_models["successor"]), "--head", str(fixture_models["successor_head"]),
+                         "--prompt-sets", str(prompts), "--batch-sizes", "2", "--num-prompts", "2",
+                         "--max-tokens", "8", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "1",
+                         "--max-model-len", "128", "--dtype", "bfloat16", "--out", str(tmp_path / "run")])
+    cell = json.loads((tmp_path / "run" / "throughput.json").read_text())["cells"][0]["configs"]
+    assert cell["eagle3-2"]["lossless"]["label"] == "identical"
+    verdict = cell["respsp-T4/D2/K2"]["lossless"]
+    assert verdict["label"] == "MISMATCH (2 of 2 prompts)"
+    # the wrong token is not even among the target's top logits there (gap unknown: a mismatch)
+    assert all(not d["near_tie"] and (d["gap"] is None or d["gap"] > 30) for d in verdict["divergences"])
+
+
+def test_near_tie_verdicts():
+    from vllm_respsp.testbed.lossless import bf16_step, judge
+
+    assert bf16_step(20.0) == 0.125 and bf16_step(1.0) == 2 ** -7
+    reference, candidate, prompts = [[1, 2, 3], [4, 5]], [[1, 2, 7], [4, 5]], [[0], [0]]
+
+    def logits(gap):
+        return lambda contexts: [{3: 20.0, 7: 20.0 - gap, 9: 10.0} for _ in contexts]
+
+    near = judge(reference, candidate, prompts, "bfloat16", logits(0.25))
+    assert near.ok and near.label() == "equal up to 1 near-tie" and near.divergences[0].position == 2
+    far = judge(reference, candidate, prompts, "bfloat16", logits(1.0))
+    assert not far.ok and far.label() == "MISMATCH (1 of 2 prompts)"
+    exact = judge(reference, candidate, prompts, "float32", logits(0.0))  # float32: no tolerance
+    assert exact.label() == "MISMATCH (1 of 2 prompts)"
+    assert judge(reference, reference, prompts, "bfloat16", None).label() == "identical"

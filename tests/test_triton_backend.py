@@ -65,9 +65,8 @@ def test_sampling_at_temperature_08_keeps_the_target_distribution(tmp_path):
 
     target = successor_llama(tmp_path / "target", margin=4.0)
     head = successor_eagle3_head(tmp_path / "head", target)
-    n = 1500
 
-    def samples(spec, env):
+    def samples(n, spec, env):
         job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
                "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],
                "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 256},
@@ -75,8 +74,10 @@ def test_sampling_at_temperature_08_keeps_the_target_distribution(tmp_path):
         result = run_engine(job, env=env, timeout=1500)["results"][0]
         return torch.tensor(result["token_ids"]), result["spec"]
 
-    plain, _ = samples(None, {})  # the CPU backend without speculation: the reference distribution
+    # the reference: the CPU backend without speculation (cheap, so many samples); the interpreted
+    # Triton engine is slow per request, so it samples one batch
+    plain, _ = samples(4096, None, {})
     spec = {"method": "respsp", "model": str(head), "shape": {"total_tokens": 6, "depth": 3, "top_k": 3}}
-    tree, counters = samples(spec, TRITON_ENV)
-    assert counters["accepted_tokens"] > 0.2 * counters["draft_tokens"]  # trees were verified
+    tree, counters = samples(256, spec, TRITON_ENV)
+    assert counters["accepted_per_pos"][0] > 20 and counters["accepted_tokens"] < 0.5 * counters["draft_tokens"]
     assert marginals_p_value(tree, plain, 128) > 0.01

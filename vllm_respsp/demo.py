@@ -28,14 +28,15 @@ def main() -> None:
 
     from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.policy import shipped_policy_if_present
-    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, reference_engine
+    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
 
     model = str(testbed_model_path())
     head = shipped_head_if_present()
     engine = {"dtype": args.dtype}
-    configs = [EngineConfig("none", None, engine)]
+    configs = [EngineConfig("none", None, reference_engine(engine))]
     if head:
         from vllm_respsp.tree.shape import TreeShape
 
@@ -58,11 +59,14 @@ def main() -> None:
         for w in workers:
             w.generate(texts[:1], {**sampling, "max_tokens": 8})  # warm-up, not timed
         results = {w.config.name: w.generate(texts, sampling) for w in workers}
+        plain = results["none"]
+        verdicts = {c.name: judge(plain["token_ids"], results[c.name]["token_ids"], plain["prompt_token_ids"],
+                                  args.dtype, lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
+                    for c in configs if c.speculative_config}
     finally:
         for w in workers:
             w.close()
 
-    plain = results["none"]
     for prompt, answer in zip(prompts, plain["texts"]):
         print("=" * 100)
         print(f"[{prompt.id}] {textwrap.shorten(prompt.text, 300)}")
@@ -75,15 +79,19 @@ def main() -> None:
         r = results[config.name]
         extra = ""
         if config.speculative_config:
-            same = "identical to" if r["token_ids"] == plain["token_ids"] else "DIFFERENT from"
             extra = (f", acceptance length {r['spec']['acceptance_length']:.2f}, "
-                     f"speedup {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x, output {same} no speculation")
+                     f"speedup {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x, output vs no speculation: "
+                     f"{verdicts[config.name].label()}")
         print(f"  {config.describe():<24} {r['tokens_per_s']:6.1f} output tokens/s{extra}")
     if not head:
         print("  (no shipped EAGLE-3 head found: run `make draft-head` to train one)")
-    elif args.dtype == "bfloat16" and any(results[c.name]["token_ids"] != plain["token_ids"] for c in configs):
-        print("  bf16: verifying several tokens per step changes the rounding of the target's logits, and\n"
-              "  argmax near-ties (1-2 bf16 steps apart) can flip; `--dtype float32` compares token-exactly.")
+    elif any(v.divergences and v.ok for v in verdicts.values()):
+        print("  near-tie: in bf16 verifying several tokens per step changes the rounding of the target's\n"
+              "  logits; where the two best tokens are within a few bf16 steps the argmax can flip (checked\n"
+              "  against the target's own logits without speculation); `--dtype float32` compares token-exactly.")
+    failed = [name for name, v in verdicts.items() if not v.ok]
+    if failed:
+        raise SystemExit(f"MISMATCH: {failed} produced outputs that are not the target's own (not near-ties)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ RESPSP_TEST_FAULT=<kind>        break one part of respsp, to show its safety net
     keep_rejected               the tree sampler keeps rejected drafts in the residual (biased)
     policy_nan, policy_raises   the learned shape policy's network returns NaN / raises
     no_tree_backend             the tree-attention backend refuses the KV layout
+    wrong_bonus                 greedy tree verification emits the bonus token + 1 (a real mismatch)
 RESPSP_TEST_TRITON_ATTN_ON_CPU=1  vLLM's GPU Triton attention (TRITON_ATTN) on the CPU platform
     under TRITON_INTERPRET=1 (../shared/gpu-on-cpu.md), to run respsp's Triton backend end to end.
 
@@ -94,6 +95,17 @@ def inject_fault(kind: str) -> None:
 
         for backend in BACKENDS.values():
             backend.layout_error = lambda self, layers: "(fault injected)"
+    elif kind == "wrong_bonus":
+        from vllm_respsp.runtime import sampler
+
+        accept = sampler.accept_greedy
+
+        def wrong(*args, **kwargs):
+            acceptance = accept(*args, **kwargs)
+            acceptance.bonus_token = acceptance.bonus_token + 1
+            return acceptance
+
+        sampler.accept_greedy = wrong
     else:
         raise ValueError(f"RESPSP_TEST_FAULT={kind!r}: unknown fault")
 

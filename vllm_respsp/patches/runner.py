@@ -77,7 +77,8 @@ class RunnerSample(Patch):
         def _sample(runner, logits, spec_decode_metadata, *args, **kwargs):
             runtime = runtime_of(runner)
             if runtime is not None:
-                output = runtime.sample(logits, spec_decode_metadata, runner.input_batch.sampling_metadata)
+                output = runtime.sample(logits, spec_decode_metadata, runner.input_batch.sampling_metadata,
+                                        lambda: original(runner, logits, spec_decode_metadata, *args, **kwargs))
                 if output is not None:
                     return output
             return original(runner, logits, spec_decode_metadata, *args, **kwargs)

@@ -32,7 +32,7 @@ from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.recorder import TraceRecorder
-from vllm_respsp.runtime.sampler import compaction_moves, upstream_reason, verify_trees
+from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, upstream_reason, verify_trees
 from vllm_respsp.step_clock import SECONDS, timed
 from vllm_respsp.tree.shape import TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
@@ -89,6 +89,8 @@ class RespspRuntime:
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
         self.index: StepIndex | None = None
+        # batch index -> why that request needs vLLM's own sampler (it drafts chains)
+        self.upstream: dict[int, str] = {}
         self.step_trees: StepTrees | None = None
         self.accepted: dict[int, list[int]] = {}
         self.broken: set[str] = set()
@@ -144,6 +146,7 @@ class RespspRuntime:
     def on_prepare_inputs(self, scheduler_output) -> None:
         runner = self.runner
         self.index = index = StepIndex.of(runner)
+        self.upstream = self._upstream_requests(index)
         self.accepted = {}
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         try:
@@ -165,8 +168,13 @@ class RespspRuntime:
         return trees if trees is not None and not trees.all_chains else None
 
     # -- verification -------------------------------------------------------------------
-    def sample(self, logits, spec_decode_metadata, sampling_metadata):
-        """SamplerOutput for a step with real trees, or None to let vLLM's sampler run."""
+    def sample(self, logits, spec_decode_metadata, sampling_metadata, vllm_sample):
+        """SamplerOutput for a step with real trees, or None to let vLLM's sampler run.
+
+        Requests that need vLLM's own sampler (logprobs, penalties, structured output, ...)
+        drafted chains; in a step where other requests verify trees, vLLM's sampler
+        (`vllm_sample()`) still runs for the whole batch and their rows (and logprobs) are
+        taken from it: only they fall back, the rest keep their trees."""
         from vllm.v1.outputs import SamplerOutput
 
         trees = self.tree_attention_batch()
@@ -175,12 +183,24 @@ class RespspRuntime:
         with timed("verify"):
             out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
                                          self.index.num_reqs)
+        self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
+        logprobs = None
+        if self.upstream:
+            with timed("vllm_sampler"):
+                theirs = vllm_sample()
+            rows = torch.tensor(sorted(self.upstream))
+            width = min(out.shape[1], theirs.sampled_token_ids.shape[1])
+            out[rows] = PLACEHOLDER
+            out[rows, :width] = theirs.sampled_token_ids[rows.to(logits.device), :width].to(out.device, out.dtype)
+            logprobs = theirs.logprobs_tensors
+            for b in self.upstream:  # chains: their accepted nodes are their accepted prefix
+                self.accepted.pop(b, None)
         with timed("compact_kv"):
+            # Chains need no moves: their accepted nodes are already contiguous.
             src, dst = compaction_moves(trees, accepted)
             if src.numel():
                 self.backend.compact(self.attention_layers, src, dst)
-        self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
-        return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs)
 
     # -- drafting -----------------------------------------------------------------------
     def propose(self, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
@@ -291,8 +311,10 @@ class RespspRuntime:
                                          roots_at, index.num_reqs)
         if failed:
             self._fallback("policy_error", failed)
-        chains_only = self._chains_only(scheduler_output, index)
-        shapes = [self._fit(shape, root, chains_only) for shape, root in zip(picked, roots)]
+        row = {req_id: i for i, req_id in enumerate(index.req_ids)}
+        tree_less = None if self.trees_supported else "unsupported_attention_backend"
+        shapes = [self._fit(shape, root, self.upstream.get(row[root.req_id], tree_less))
+                  for shape, root in zip(picked, roots)]
         for root, shape in zip(roots, shapes):
             self.decisions.update(f"{self.steps}:{root.req_id}:{shape};".encode())
         for shape, count in Counter(str(s) for s in shapes if s is not None).items():
@@ -300,21 +322,13 @@ class RespspRuntime:
             metrics.record_shape(shape, count)
         return shapes
 
-    def _chains_only(self, scheduler_output, index: StepIndex) -> str | None:
-        """Why this step's trees must be chains (counted once per step), or None."""
-        upstream = self._upstream_reason(scheduler_output, index.req_ids)
-        if upstream:
-            self._fallback(f"chain_for_{upstream}")
-            return upstream
-        return None if self.trees_supported else "unsupported_attention_backend"
-
     def _fit(self, shape: TreeShape, root: RootRequest, chains_only: str | None) -> TreeShape | None:
-        """The shape cut to what may run: a chain of its depth when trees cannot be verified,
-        at most the room left before max_model_len; None when there is no room at all."""
+        """The shape cut to what may run: a chain of its depth when this request's tree cannot be
+        verified (`chains_only` says why; counted per request and step), at most the room left
+        before max_model_len; None when there is no room at all."""
         if chains_only and shape.drafts and shape.top_k > 1:
             shape = chain(shape.depth, shape.min_prob)
-            if chains_only == "unsupported_attention_backend":
-                self._fallback("chain_for_unsupported_attention_backend")
+            self._fallback(f"chain_for_{chains_only}")
         room = self.runner.max_model_len - root.position - 1
         if room <= 0:
             return None
@@ -338,15 +352,15 @@ class RespspRuntime:
             self.proposed[root.req_id] = proposed
             self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
 
-    def _upstream_reason(self, scheduler_output, req_ids) -> str | None:
-        if scheduler_output.has_structured_output_requests:
-            return "structured_outputs"
-        for req_id in req_ids:
+    def _upstream_requests(self, index: StepIndex) -> dict[int, str]:
+        """{batch index: reason} of the requests whose sampling needs vLLM's own sampler."""
+        out = {}
+        for i, req_id in enumerate(index.req_ids):
             params = self.runner.requests[req_id].sampling_params
             reason = upstream_reason(params) if params is not None else None
             if reason:
-                return reason
-        return None
+                out[i] = reason
+        return out
 
     def _fallback(self, kind: str, count: int = 1) -> None:
         """Count a safety net that fired (stats file; the Prometheus counter)."""

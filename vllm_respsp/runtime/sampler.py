@@ -7,10 +7,11 @@ with -1 (accepted tokens, then the bonus token), so vLLM's bookkeeping, stop che
 and acceptance metrics run unchanged. Then the accepted path's KV moves into the slots right
 after the root, where vLLM's rollback (`num_computed_tokens -= rejected`) expects it.
 
-The tree path covers temperature, top-k and top-p. Requests whose sampling needs more of vLLM's
-sampler (penalties, logprobs, seeds, bad words, logit bias, min-p, min-tokens, allowed tokens,
-structured output, custom logits processors) make the drafter propose chains for the whole
-batch, and chains go through vLLM's own rejection sampler: `upstream_reason` says when.
+The tree path covers temperature, top-k, top-p and seeds (a seeded request draws from its own
+generator, so its tokens do not depend on the batch). A request whose sampling needs more of
+vLLM's sampler (penalties, logprobs, bad words, logit bias, min-p, min-tokens, allowed tokens,
+structured output, custom logits processors: `upstream_reason`) drafts chains, and its rows are
+verified by vLLM's own rejection sampler; the other requests of the step keep their trees.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from vllm_respsp.tree.build import DraftTree
 from vllm_respsp.tree.step_trees import StepTrees
-from vllm_respsp.tree.verify import accept_greedy, accept_sampled
+from vllm_respsp.tree.verify import accept_greedy, accept_sampled, sample_rows
 from vllm_respsp_triton import compaction_slots
 from vllm_respsp_triton.tree_metadata import node_requests
 
@@ -34,7 +35,6 @@ def upstream_reason(params) -> str | None:
          or getattr(params, "logprob_token_ids", None)),
         ("penalties", params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
          or params.repetition_penalty != 1.0),
-        ("seed", params.seed is not None),
         ("min_p", params.min_p > SAMPLING_EPS),
         ("min_tokens", params.min_tokens > 0),
         ("logit_bias", bool(params.logit_bias)),
@@ -84,11 +84,13 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
     plain = (num_draft == 0).nonzero().squeeze(1)
     tree_reqs = trees.batch_index
     dense = logits.float()
+    generators = sampling_metadata.generators or {}
     if sampling_metadata.all_greedy:
         out[plain, 0] = dense[first_row[plain]].argmax(-1).int()
     else:
         probs = _target_probs(dense[first_row[plain]], torch.ones_like(plain), sampling_metadata, plain)
-        out[plain, 0] = torch.multinomial(probs, 1, generator=generator).squeeze(1).int()
+        own = {i: generators[b] for i, b in enumerate(plain.tolist()) if b in generators}
+        out[plain, 0] = sample_rows(probs, generator, own).int()
 
     sizes = (trees.cu_nodes[1:] - trees.cu_nodes[:-1]).long()
     node_rows = torch.repeat_interleave(first_row[tree_reqs], sizes) + (
@@ -100,7 +102,8 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
         acceptance = accept_greedy(tree, node_logits.argmax(-1))
     else:
         probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
-        acceptance = accept_sampled(tree, probs, generator)
+        own = {r: generators[b] for r, b in enumerate(tree_reqs.tolist()) if b in generators}
+        acceptance = accept_sampled(tree, probs, generator, own)
     accepted = []
     for r, (b, tokens) in enumerate(zip(tree_reqs.tolist(), acceptance.output_tokens(tree))):
         out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)

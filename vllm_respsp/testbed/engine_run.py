@@ -80,6 +80,7 @@ class RunResult:
     seconds: float
     output_tokens: int
     spec: SpecCounters
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -116,7 +117,18 @@ def generate(llm, prompts: list, sampling: dict, use_tqdm: bool = False) -> RunR
         seconds=seconds,
         output_tokens=sum(len(t) for t in token_ids),
         spec=read_spec_counters(llm).minus(before),
+        prompt_token_ids=[list(o.prompt_token_ids or []) for o in outputs],
     )
+
+
+def top_logits(llm, contexts: list[list[int]], k: int) -> list[dict[int, float]]:
+    """{token: value} of the k most likely next tokens after each context, as the engine reports
+    logprobs (raw logits with logprobs_mode="raw_logits")."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=k)
+    outputs = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
+    return [{int(t): float(lp.logprob) for t, lp in o.outputs[0].logprobs[0].items()} for o in outputs]
 
 
 def run_job(job: dict) -> dict:

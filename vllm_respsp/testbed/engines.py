@@ -39,6 +39,12 @@ class EngineConfig:
         return str(spec)
 
 
+def reference_engine(engine: dict) -> dict:
+    """The no-speculation column's engine arguments: reporting raw logits as logprobs changes no
+    generated token and lets the lossless check (`lossless.judge`) read the target's logits."""
+    return {**engine, "logprobs_mode": "raw_logits"}
+
+
 def _serve(conn, model: str, config: EngineConfig) -> None:
     import os
 
@@ -63,6 +69,10 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
                 from vllm_respsp.testbed.prompts import render
 
                 conn.send(("ok", render(payload, tokenizer)))
+            elif kind == "top_logits":
+                from vllm_respsp.testbed.engine_run import top_logits
+
+                conn.send(("ok", top_logits(llm, *payload)))
             else:
                 prompts, sampling = payload
                 conn.send(("ok", generate(llm, prompts, sampling).to_json()))
@@ -93,6 +103,12 @@ class EngineWorker:
 
     def render(self, prompts) -> list[str]:
         self._conn.send(("render", prompts))
+        return self._reply()
+
+    def top_logits(self, contexts: list[list[int]], k: int) -> list[dict[int, float]]:
+        """The engine's top-k raw logits after each context (an engine with
+        logprobs_mode="raw_logits", see `reference_engine`)."""
+        self._conn.send(("top_logits", (contexts, k)))
         return self._reply()
 
     def generate(self, prompts: list, sampling: dict) -> dict:

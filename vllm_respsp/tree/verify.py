@@ -60,10 +60,38 @@ def remove_rejected(p: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -
     p[rows, tokens] = 0.0
 
 
-def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
-                   generator: torch.Generator | None = None) -> Acceptance:
+def uniform(wanted: torch.Tensor, generator: torch.Generator | None,
+            own: dict[int, torch.Generator]) -> torch.Tensor:
+    """One U(0, 1) draw per request; a request with its own generator (a seeded request) draws
+    from it, and only when it needs a draw (`wanted`), so its draws, and therefore its tokens,
+    do not depend on the other requests in the batch."""
+    u = torch.rand(wanted.numel(), generator=generator, dtype=torch.float32)
+    for r, g in own.items():
+        if bool(wanted[r]):
+            u[r] = torch.rand((), generator=g, device=g.device, dtype=torch.float32).to(u.device)
+    return u
+
+
+def sample_rows(p: torch.Tensor, generator: torch.Generator | None,
+                own: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row of the (unnormalised) distributions p [B, V]. Rows of requests with
+    their own generator sample as vLLM's sampler does (argmax of p / Exp(1) noise drawn from the
+    generator, one draw per vocabulary entry): a seeded request's token then does not depend on
+    whether vLLM's sampler or this one handled its step."""
+    out = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    for r, g in own.items():
+        row = p[r].to(g.device)
+        noise = torch.empty_like(row).exponential_(generator=g)
+        out[r] = (row / noise).argmax().to(out.device)
+    return out
+
+
+def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None,
+                   request_generators: dict[int, torch.Generator] | None = None) -> Acceptance:
     """target_probs [N, V]: the target's sampling distribution after each node (temperature,
-    top-k/top-p already applied). Vectorised over requests; loops over depth and siblings."""
+    top-k/top-p already applied). Vectorised over requests; loops over depth and siblings.
+    `request_generators` {request index: generator}: seeded requests (see `uniform`)."""
+    own = request_generators or {}
     meta = _metadata(tree)
     num_requests = tree.num_requests
     start = tree.cu_nodes[:-1].long()
@@ -85,7 +113,7 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
             if not bool(trying.any()):
                 break
             token = tree.tokens[start + child.clamp(min=0)]
-            u = torch.rand(num_requests, generator=generator, dtype=torch.float32)
+            u = uniform(trying, generator, own)
             mass = p.sum(-1)
             accept = trying & (u * mass < p[rows, token])
             reject = trying & ~accept
@@ -101,5 +129,5 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor,
         if not bool(active.any()):
             break
     # Bonus: a sample from the residual at the last accepted node.
-    bonus = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    bonus = sample_rows(p, generator, own)
     return Acceptance(accepted_len, accepted_nodes, bonus)

@@ -1,0 +1,60 @@
+"""Only the requests that need vLLM's own sampler fall back to chains; the rest of the batch keeps
+its trees. Seeds cost nothing: at temperature 0 they change nothing, above it a seeded request
+samples its tree with its own generator and stays reproducible."""
+
+import json
+
+import pytest
+from conftest import run_requests
+
+TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
+
+
+def greedy(prompt, n, **extra):
+    return {"prompt": prompt, "sampling": {"temperature": 0.0, "max_tokens": n, "ignore_eos": True, **extra}}
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_models, tmp_path_factory):
+    stats = tmp_path_factory.mktemp("per-request") / "stats.json"
+    one_logprobs = [greedy([10 * i + 3], 16) for i in range(7)] + [greedy([90], 16, logprobs=2)]
+    seeded_greedy = [greedy([5 * i + 1], 16, seed=0) for i in range(4)]
+    job = {"model": str(fixture_models["successor"]), "phases": [one_logprobs, seeded_greedy],
+           "engine": {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 8}}
+    plain = run_requests(job)
+    spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
+    respsp = run_requests({**job, "speculative_config": spec}, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
+    return plain, respsp, json.loads(stats.read_text())
+
+
+def test_one_request_with_logprobs_does_not_take_the_trees_of_the_other_seven(runs):
+    plain, respsp, stats = runs
+    assert respsp["phases"] == plain["phases"]  # tokens and logprobs
+    # the logprobs request drafted a chain of its depth at each of its steps, every other
+    # request its tree; only the logprobs request's steps are counted as fallbacks
+    shapes, fallbacks = stats["shapes"], stats["fallbacks"]
+    assert shapes["T4/D4/K1"] == fallbacks["chain_for_logprobs"] > 0
+    assert shapes["T8/D4/K2"] > 7 * shapes["T4/D4/K1"] * 0.9
+    assert set(fallbacks) == {"chain_for_logprobs"}  # seeds at temperature 0 cost nothing
+
+
+def test_seeded_sampling_keeps_trees_and_is_reproducible(tmp_path):
+    from vllm_respsp.testbed.fixtures import successor_eagle3_head, successor_llama
+
+    target = successor_llama(tmp_path / "target", margin=4.0)  # the successor about half the time
+    head = successor_eagle3_head(tmp_path / "head", target)
+    seeded = [{"prompt": [5 + i], "sampling": {"temperature": 0.8, "seed": 100 + i, "max_tokens": 20,
+                                               "ignore_eos": True}} for i in range(4)]
+    unseeded = [{"prompt": [50], "sampling": {"temperature": 0.8, "max_tokens": 20, "ignore_eos": True}}]
+    stats = tmp_path / "stats.json"
+    # the same seeded requests twice: beside an unseeded one, then alone (another batch)
+    job = {"model": str(target), "phases": [seeded + unseeded, seeded],
+           "engine": {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8},
+           "speculative_config": {"method": "respsp", "model": str(head), "shape": TREE}}
+    result = run_requests(job, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
+    first, second = (phase["token_ids"][:4] for phase in result["phases"])
+    assert first == second  # the same seeds, the same tokens, whatever the batch
+    assert len({tuple(t[0]) for t in first}) == 4 and any(t[0] != list(range(6 + i, 26 + i)) for i, t in
+                                                           enumerate(first))  # really sampled
+    stats = json.loads(stats.read_text())
+    assert set(stats["shapes"]) == {"T8/D4/K2"} and not stats["fallbacks"]
