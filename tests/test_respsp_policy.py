@@ -148,3 +148,28 @@ def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_fi
     assert ranks[0]["shapes"] == ranks[1]["shapes"] and len(ranks[0]["shapes"]) > 1  # the policy varied
     assert ranks[0]["decisions_digest"] == ranks[1]["decisions_digest"]
     assert not ranks[0]["fallbacks"] and not ranks[1]["fallbacks"]
+
+
+def test_no_drafts_skips_the_head_and_catches_up_exactly(fixture_models, tmp_path):
+    """A request held on NO_DRAFTS runs no head pass; its positions are caught up in one batched
+    pass when it drafts again (exact: tests/test_drafter_deferral.py). In the engine, the run
+    makes the choices of a run that ran the head every step, and stays lossless."""
+    actions = [TreeShape(0, 0, 0), TreeShape(2, 2, 1), TreeShape(6, 3, 2)]
+    policy = random_policy(tmp_path / "policy" / "random", hidden_size=128, actions=actions, hold=3, seed=1)
+    job = {"model": str(fixture_models["successor"]), "prompts": PROMPTS,
+           "samplings": [{"temperature": 0.0, "max_tokens": 30, "ignore_eos": True}],
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
+                                  "shape": STATIC, "policy": str(policy)}}
+    runs = {}
+    for name, env in (("lazy", {}), ("eager", {"RESPSP_TEST_FAULT": "never_defer"})):
+        stats = tmp_path / f"{name}.json"
+        result = run_engine(job, env={**env, "VLLM_RESPSP_STATS_FILE": str(stats)})["results"][0]
+        runs[name] = (result, json.loads(stats.read_text()))
+    (lazy, lazy_stats), (eager, eager_stats) = runs["lazy"], runs["eager"]
+    assert lazy["token_ids"] == eager["token_ids"] == expected(30)
+    # the same choices (the digests carry vLLM's request ids, which differ between runs)
+    assert lazy_stats["shapes"] == eager_stats["shapes"]
+    assert lazy["spec"]["accepted_tokens"] == eager["spec"]["accepted_tokens"]
+    assert lazy_stats["deferred_request_steps"] > 10 and eager_stats["deferred_request_steps"] == 0
+    assert {"T0/D0/K0", "T6/D3/K2"} <= set(lazy_stats["shapes"]) and not lazy_stats["fallbacks"]

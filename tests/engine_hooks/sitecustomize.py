@@ -8,6 +8,8 @@ RESPSP_TEST_FAULT=<kind>        break one part of respsp, to show its safety net
     policy_nan, policy_raises   the learned shape policy's network returns NaN / raises
     no_tree_backend             the tree-attention backend refuses the KV layout
     wrong_bonus                 greedy tree verification emits the bonus token + 1 (a real mismatch)
+    never_defer                 (not a fault: a reference) requests on NO_DRAFTS still run the head
+                                every step, as before lazy catch-up existed
 RESPSP_TEST_TRITON_ATTN_ON_CPU=1  vLLM's GPU Triton attention (TRITON_ATTN) on the CPU platform
     under TRITON_INTERPRET=1 (../shared/gpu-on-cpu.md), to run respsp's Triton backend end to end.
 
@@ -95,6 +97,10 @@ def inject_fault(kind: str) -> None:
 
         for backend in BACKENDS.values():
             backend.layout_error = lambda self, layers: "(fault injected)"
+    elif kind == "never_defer":
+        from vllm_respsp.runtime.choose import ShapeChooser
+
+        ShapeChooser.drafts_nothing_next = lambda self, req_id: False
     elif kind == "wrong_bonus":
         from vllm_respsp.runtime import sampler
 

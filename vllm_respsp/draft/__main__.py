@@ -116,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replies", type=Path, default=default_replies_dir(), help="the committed replies")
     parser.add_argument("--out", type=Path, default=None, help="export folder (default: the shipped head)")
     parser.add_argument("--stop-after", choices=STAGES, default="eval")
+    parser.add_argument("--skip-replies", action="store_true",
+                        help="use the reply shards already there (generate none; e.g. while another run does)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after export + offline estimate")
     parser.add_argument("--run", default=None, help="train a variant under <work>/runs/RUN")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -138,8 +140,9 @@ def main() -> None:
     clock = StageClock(run_dir)
     target_cfg = json.loads((model_path / "config.json").read_text())
 
-    clock.run("replies", generate_replies, replies, data_cfg.sources, data_cfg.replies, model_path,
-              skip_if_done=True)
+    if not args.skip_replies:
+        clock.run("replies", generate_replies, replies, data_cfg.sources, data_cfg.replies, model_path,
+                  skip_if_done=True)
     if args.stop_after == "replies":
         return
     features = clock.run("features", extract_features, work, data_cfg, model_path, replies, skip_if_done=True)

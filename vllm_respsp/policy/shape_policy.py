@@ -107,6 +107,14 @@ class ShapePolicy(nn.Module):
             self._warn(e)
             return [self.fallback] * len(request_ids)
 
+    def held(self, request_id) -> TreeShape | None:
+        """The shape a request's next `choose` will give without asking the network (its hold
+        has steps left), or None."""
+        held = self._held.get(request_id)
+        if held is None or held[1] <= 0 or held[0] == FALLBACK:
+            return None
+        return self.actions[held[0]]
+
     def release(self, request_id) -> None:
         """Forget a finished request's hold counter."""
         self._held.pop(request_id, None)

@@ -53,6 +53,17 @@ class ShapeChooser:
             if self.policy is not None:
                 self.policy.release(req_id)
 
+    def drafts_nothing_next(self, req_id: str) -> bool:
+        """Whether this request's next shape is already known to be NO_DRAFTS (a held policy
+        decision, its cycle action, or a static NO_DRAFTS): then it needs no root this step."""
+        if self.learned:
+            held = self.policy.held(req_id) if self.policy is not None else None
+            return held is not None and not held.drafts
+        if self.config.policy == "cycle":
+            shape = self.by_request.get(req_id)
+            return shape is not None and not shape.drafts
+        return not self.config.shape.drafts
+
     def observe(self, req_id: str, accepted_drafts: int) -> None:
         """A verification step of `req_id` accepted this many draft tokens."""
         if self.learned:

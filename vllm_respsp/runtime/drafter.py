@@ -57,6 +57,21 @@ class DraftContext:
 
 
 @dataclass
+class Deferred:
+    """A request's verified positions the head has not run over yet (it took NO_DRAFTS): their
+    aux states (copied: the step's buffer is reused) and next tokens, from position `start`."""
+
+    start: int
+    aux: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
 class NewRows:
     """The verified positions of one request to append: aux rows, next tokens, first position."""
 
@@ -71,16 +86,44 @@ class TreeDrafter:
         self.head = head
         self.group = head.num_heads // head.num_kv_heads
         self.contexts: dict[str, DraftContext] = {}
+        self.deferred: dict[str, Deferred] = {}
 
     def forget(self, keep: set[str]) -> None:
         """Drop the caches of requests that are gone (finished or aborted)."""
         for req_id in [r for r in self.contexts if r not in keep]:
             del self.contexts[req_id]
+        for req_id in [r for r in self.deferred if r not in keep]:
+            del self.deferred[req_id]
 
     def context_length(self, req_id: str) -> int:
-        """The position the request's draft context reaches (0: none held)."""
+        """The position the request's draft context reaches, deferred positions included (0: none)."""
+        if req_id in self.deferred:
+            return self.deferred[req_id].end
         ctx = self.contexts.get(req_id)
         return ctx.end if ctx is not None else 0
+
+    def deferred_length(self, req_id: str) -> int:
+        d = self.deferred.get(req_id)
+        return d.length if d is not None else 0
+
+    def defer(self, aux: torch.Tensor, rows: list[NewRows]) -> None:
+        """Keep these verified positions for later instead of running the head over them now: a
+        request that drafts nothing this step needs no root. `extend` catches them up, in the same
+        batched pass as the step's new positions, when the request drafts again."""
+        for r in rows:
+            d = self.deferred.get(r.req_id)
+            if d is None or r.start != d.end:  # first deferral, or restarted (preempted, recomputed)
+                d = self.deferred[r.req_id] = Deferred(r.start, [], [])
+            d.aux.append(aux[r.aux_rows])
+            d.tokens.append(r.next_tokens)
+            d.length += len(r.aux_rows)
+
+    def _with_deferred(self, aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(first position, aux states, next tokens) of a request's rows, deferred ones first."""
+        d = self.deferred.pop(r.req_id, None)
+        if d is None or r.start != d.end:
+            return r.start, aux[r.aux_rows], r.next_tokens
+        return d.start, torch.cat([*d.aux, aux[r.aux_rows]]), torch.cat([*d.tokens, r.next_tokens])
 
     def _context(self, req_id: str, start: int) -> DraftContext:
         ctx = self.contexts.get(req_id)
@@ -97,13 +140,13 @@ class TreeDrafter:
     def extend(self, aux: torch.Tensor, rows: list[NewRows]) -> RootStates:
         """Append verified positions; returns each request's states at its new root."""
         head = self.head
-        aux_rows = torch.cat([r.aux_rows for r in rows])
-        tokens = torch.cat([r.next_tokens for r in rows])
-        positions = torch.cat([torch.arange(r.start, r.start + len(r.aux_rows)) for r in rows])
-        contexts = [self._context(r.req_id, r.start) for r in rows]
-        hidden = head.combine(aux[aux_rows])
+        parts = [self._with_deferred(aux, r) for r in rows]
+        tokens = torch.cat([t for _, _, t in parts])
+        positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t in parts])
+        contexts = [self._context(r.req_id, start) for r, (start, _, _) in zip(rows, parts)]
+        hidden = head.combine(torch.cat([a for _, a, _ in parts]))
 
-        counts = torch.tensor([len(r.aux_rows) for r in rows])
+        counts = torch.tensor([len(t) for _, _, t in parts])
 
         def attend(step: StepInputs) -> torch.Tensor:
             offset = 0

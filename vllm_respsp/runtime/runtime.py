@@ -27,6 +27,7 @@ import torch
 from vllm_respsp import envs
 from vllm_respsp.backends import SUPPORTED, TreeAttentionBackend, for_vllm_backend
 from vllm_respsp.config import RespspConfig
+from vllm_respsp.policy.features import RootStates
 from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
@@ -38,6 +39,9 @@ from vllm_respsp.tree.shape import TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
+# A request on NO_DRAFTS keeps the aux states of its skipped positions (3 x hidden values a token)
+# until it drafts again; past this many it is caught up anyway, which bounds that memory.
+MAX_DEFERRED = 256
 
 
 @dataclass
@@ -66,6 +70,28 @@ class StepIndex:
 
     def scheduled(self, i: int) -> int:
         return int(self.query_start[i + 1] - self.query_start[i])
+
+
+class StepRoots:
+    """The step's root states by extended row; a deferred request (row -1) reads zeros: it is
+    held on NO_DRAFTS, so no policy reads its features and no tree grows from it."""
+
+    def __init__(self, states, drafter: TreeDrafter):
+        self.states = states
+        self.drafter = drafter
+
+    def at(self, rows: list[int]) -> RootStates:
+        index = torch.tensor(rows)
+        if self.states is None:
+            h = self.drafter.head.model.config.hidden_size
+            vocab = self.drafter.head.draft_to_target.numel()
+            return RootStates(torch.zeros(len(rows), h), torch.zeros(len(rows), h), torch.zeros(len(rows), vocab))
+        picked = self.states[index.clamp(min=0)]
+        deferred = index < 0
+        if bool(deferred.any()):
+            picked = RootStates(*(t.masked_fill(deferred[:, None].to(t.device), 0.0)
+                                  for t in (picked.fused, picked.hidden, picked.logprobs)))
+        return picked
 
 
 @dataclass
@@ -100,6 +126,7 @@ class RespspRuntime:
         self.scheduled: dict[str, Counter[int]] = {}
         self.recomputed = 0
         self.prefix_cached = 0
+        self.deferred_steps = 0  # request-steps whose head pass was deferred (NO_DRAFTS held)
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -226,16 +253,33 @@ class RespspRuntime:
         if not new_rows:
             return [[] for _ in index.req_ids]
         aux = torch.cat([h[:index.num_tokens] for h in aux_hidden_states], dim=-1)
-        root_states = self.drafter.extend(aux, new_rows)
+        roots, root_states = self._extend(aux, new_rows, roots)
         if not roots:
             return [[] for _ in index.req_ids]
-        roots_at = root_states[torch.tensor([r.context_row for r in roots])]
+        roots_at = root_states.at([r.context_row for r in roots])
         if self.recorder is not None:  # record every action's tree, draft nothing
             self._record(roots, roots_at)
             return [[] for _ in index.req_ids]
         shapes = self._shapes(scheduler_output, index, roots, roots_at)
         self._grow(roots, shapes, root_states)
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in index.req_ids]
+
+    def _extend(self, aux: torch.Tensor, new_rows: list[NewRows], roots: list[RootRequest]):
+        """Run the head over the verified positions of the requests that may draft this step;
+        defer those of requests already known to draft nothing (no head pass, no root: they
+        catch up in one batched pass when they draft again). Returns the roots, renumbered over
+        the extended rows (-1: deferred), and their states."""
+        skip = set() if self.recorder is not None else \
+            {r.req_id for r in roots if self.choose.drafts_nothing_next(r.req_id)
+             and self.drafter.deferred_length(r.req_id) < MAX_DEFERRED}
+        self.drafter.defer(aux, [rows for rows in new_rows if rows.req_id in skip])
+        self.deferred_steps += len(skip)
+        extended = [rows for rows in new_rows if rows.req_id not in skip]
+        row_of = {rows.req_id: i for i, rows in enumerate(extended)}
+        roots = [RootRequest(r.req_id, row_of.get(r.req_id, -1), r.token, r.position) for r in roots]
+        with timed("draft_extend"):
+            states = self.drafter.extend(aux, extended) if extended else None
+        return roots, StepRoots(states, self.drafter)
 
     def _forget_finished(self) -> None:
         live = set(self.runner.requests)
@@ -342,10 +386,10 @@ class RespspRuntime:
         chosen = [(root, shape) for root, shape in zip(roots, shapes) if shape is not None and shape.drafts]
         if not chosen:
             return
-        rows = torch.tensor([root.context_row for root, _ in chosen])
+        states = root_states.at([root.context_row for root, _ in chosen])
         tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
                                   torch.tensor([root.token for root, _ in chosen]),
-                                  root_states.hidden[rows], root_states.logprobs[rows])
+                                  states.hidden, states.logprobs)
         for b, (root, shape) in enumerate(chosen):
             part = tree.request(b)
             proposed = ProposedTree(part.tokens.tolist(), part.parents.tolist(), part.depths.tolist(), str(shape))
@@ -371,6 +415,8 @@ class RespspRuntime:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
                 "tensor_parallel_rank": self.rank, "decisions_digest": self.decisions.hexdigest()[:16],
                 "recomputed_requests": self.recomputed, "prefix_cached_requests": self.prefix_cached,
+                "deferred_request_steps": self.deferred_steps,
+                "live_deferred_contexts": len(self._drafter.deferred) if self._drafter else 0,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
                 "live_policy_holds": self.choose.live_holds,

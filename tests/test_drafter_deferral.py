@@ -1,0 +1,90 @@
+"""Lazy catch-up of the draft context: a request on NO_DRAFTS skips the head; when it drafts
+again its skipped positions run in the same batched pass as the new ones. The head's keys,
+values and root states must be what running it every step gives. A toy head with the
+HeadAdapter interface (random maps, attention that matters) stands in for vLLM's."""
+
+import torch
+
+from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
+from vllm_respsp.runtime.head import StepInputs
+
+H, HEADS, KV_HEADS, D, VOCAB, DRAFT_VOCAB = 16, 4, 2, 8, 50, 20
+
+
+class ToyHead:
+    num_heads, num_kv_heads, head_dim, scale, dtype = HEADS, KV_HEADS, D, D ** -0.5, torch.float32
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g) * 0.5
+
+        self.fc, self.emb, self.pos = rand(3 * H, H), rand(VOCAB, H), rand(256, HEADS * D)
+        self.wq, self.wk, self.wv = rand(2 * H, HEADS * D), rand(2 * H, KV_HEADS * D), rand(2 * H, KV_HEADS * D)
+        self.wo, self.lm = rand(HEADS * D, H), rand(H, DRAFT_VOCAB)
+        self.draft_to_target = torch.arange(DRAFT_VOCAB)
+
+    def combine(self, aux):
+        return aux.float() @ self.fc
+
+    def step(self, hidden, tokens, positions, attend, logit_rows=None):
+        n = hidden.shape[0]
+        x = torch.cat([self.emb[tokens], hidden], -1)
+        q = (x @ self.wq + self.pos[positions]).view(n, HEADS, D)  # positions matter
+        k = (x @ self.wk + self.pos[positions, :KV_HEADS * D]).view(n, KV_HEADS, D)
+        inputs = StepInputs(q, k, (x @ self.wv).view(n, KV_HEADS, D), hidden)
+        prenorm = hidden + attend(inputs).reshape(n, -1).float() @ self.wo
+        logits = prenorm[logit_rows] if logit_rows is not None else prenorm
+        return inputs, prenorm, torch.log_softmax(logits @ self.lm, -1)
+
+
+def steps_of(seed=1):
+    """Two requests over 6 steps: (per step) how many verified positions each adds."""
+    return {"a": [5, 1, 2, 1, 3, 1], "b": [4, 2, 1, 1, 1, 2]}
+
+
+def run(defer_steps: dict[str, set[int]]):
+    torch.manual_seed(0)
+    drafter = TreeDrafter(ToyHead())
+    starts = {"a": 0, "b": 0}
+    roots = None
+    for step in range(6):
+        counts = {r: steps_of()[r][step] for r in starts}
+        aux = torch.randn(sum(counts.values()), 3 * H, generator=torch.Generator().manual_seed(100 + step))
+        rows, offset = [], 0
+        for r, n in counts.items():
+            tokens = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(step * 10 + n))
+            rows.append(NewRows(r, starts[r], torch.arange(offset, offset + n), tokens))
+            offset += n
+            starts[r] += n
+        deferred = [x for x in rows if step in defer_steps.get(x.req_id, set())]
+        drafter.defer(aux, deferred)
+        extended = [x for x in rows if x not in deferred]
+        if extended:
+            roots = (drafter.extend(aux, extended), [x.req_id for x in extended])
+    return drafter, roots
+
+
+def test_deferred_positions_catch_up_to_what_every_step_gives():
+    eager, (eager_roots, _) = run({})
+    lazy, (lazy_roots, ids) = run({"a": {1, 2, 3}, "b": {4}})
+    assert ids == ["a", "b"] and not lazy.deferred  # the last step extended both
+    for r in ("a", "b"):
+        e, lz = eager.contexts[r], lazy.contexts[r]
+        assert e.end == lz.end == sum(steps_of()[r])
+        assert torch.allclose(e.k[:e.length], lz.k[:lz.length], atol=1e-5)
+        assert torch.allclose(e.v[:e.length], lz.v[:lz.length], atol=1e-5)
+    for field in ("fused", "hidden", "logprobs"):
+        assert torch.allclose(getattr(eager_roots, field), getattr(lazy_roots, field), atol=1e-5)
+
+
+def test_context_length_counts_deferred_positions_and_a_restart_drops_them():
+    lazy, _ = run({"a": {4, 5}})
+    assert lazy.context_length("a") == sum(steps_of()["a"]) and lazy.deferred_length("a") == 4
+    assert lazy.contexts["a"].end == sum(steps_of()["a"][:4])
+    aux = torch.randn(2, 3 * H)
+    lazy.defer(aux, [NewRows("a", 0, torch.arange(2), torch.tensor([1, 2]))])  # recomputed from 0
+    assert lazy.deferred["a"].start == 0 and lazy.deferred_length("a") == 2
+    lazy.forget({"b"})
+    assert "a" not in lazy.deferred and "a" not in lazy.contexts
