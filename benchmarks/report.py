@@ -27,8 +27,17 @@ def markdown_table(result: dict) -> str:
                 f"{s['tokens_per_s']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
                 f"{s['ms_per_output_token']:.1f} | {s['acceptance_length']:.2f} | "
                 f"{s['speedup_vs_none']:.2f}x | {vs_chain} | {s.get('identical_to_none', '-')} | "
-                f"{s.get('lossless', {}).get('label', '-')} |")
+                f"{s.get('lossless', {}).get('label', '-')}{fallback_note(s)} |")
     return "\n".join(lines) + "\n"
+
+
+def fallback_note(summary: dict) -> str:
+    """respsp's fallbacks by kind, flagged (FALLBACKS) above 1% of request-steps."""
+    fallbacks = summary.get("respsp_fallbacks") or {}
+    if not fallbacks:
+        return ""
+    text = ", ".join(f"{kind} {n}" for kind, n in sorted(fallbacks.items()))
+    return f"; **FALLBACKS** {text}" if summary.get("respsp_fallbacks_flag") else f"; fallbacks {text}"
 
 
 def plot_speedups(result: dict, path: Path) -> None:

@@ -48,6 +48,50 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
     return configs
 
 
+def parse_k_schedule(text: str) -> list[list[int]]:
+    """"1-2:3,3-1024:0" -> [[1, 2, 3], [3, 1024, 0]] (vLLM's num_speculative_tokens_per_batch_size)."""
+    rows = []
+    for part in text.split(","):
+        span, _, k = part.partition(":")
+        start, _, end = span.partition("-")
+        rows.append([int(start), int(end or start), int(k)])
+    return rows
+
+
+def schedule_from_best(best_k: dict[int, int], max_batch: int) -> list[list[int]]:
+    """Ranges of batch sizes, each given the K that was fastest at the measured batch size it
+    starts with: {1: 3, 4: 2, 16: 0} -> [[1, 3, 3], [4, 15, 2], [16, max_batch, 0]]."""
+    sizes = sorted(best_k)
+    ends = [s - 1 for s in sizes[1:]] + [max(max_batch, sizes[-1])]
+    return [[1 if i == 0 else s, e, best_k[s]] for i, (s, e) in enumerate(zip(sizes, ends))]
+
+
+def k_by_batch_config(head: str, schedule: list[list[int]], engine: dict) -> EngineConfig:
+    return EngineConfig("eagle3-k-by-batch", {
+        "method": "eagle3", "model": head, "num_speculative_tokens": max(1, max(k for *_, k in schedule)),
+        "num_speculative_tokens_per_batch_size": schedule}, engine)
+
+
+class _Quiet:
+    def update(self, n: int) -> None:
+        pass
+
+
+def tune_k_schedule(workers: list[EngineWorker], texts: list[str], batch_sizes: list[int],
+                    sampling: dict) -> tuple[list[list[int]], dict]:
+    """vLLM's K-by-batch-size schedule tuned on this machine from the run's own fixed-K columns
+    (no speculation is K = 0): one repetition per batch size, the fastest K wins."""
+    fixed = [w for w in workers if w.config.name == "none" or
+             (w.config.name.startswith("eagle3-") and w.config.name[7:].isdigit())]
+    rates, best_k = {}, {}
+    for batch_size in batch_sizes:
+        samples = run_cell(fixed, texts, batch_size, sampling, 1, _Quiet())
+        rates[batch_size] = {name: s[0]["output_tokens"] / s[0]["seconds"] for name, s in samples.items()}
+        best = max(rates[batch_size], key=rates[batch_size].get)
+        best_k[batch_size] = 0 if best == "none" else int(best[len("eagle3-"):])
+    return schedule_from_best(best_k, max(batch_sizes) * 4), {"tokens_per_s": rates, "best_k": best_k}
+
+
 def add_lists(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
@@ -65,7 +109,8 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
         order = workers[rep % len(workers):] + workers[:rep % len(workers)]
         for worker in order:
             seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
-                                            "accepted_per_pos": []}
+                                            "accepted_per_pos": [], "respsp_shape_steps": 0,
+                                            "respsp_fallbacks": {}}
             token_ids, prompt_ids = [], []
             for batch in batches(texts, batch_size):
                 r = worker.generate(batch, sampling)
@@ -73,8 +118,10 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                 tokens += r["output_tokens"]
                 token_ids += r["token_ids"]
                 prompt_ids += r["prompt_token_ids"]
-                for key in ("drafts", "draft_tokens", "accepted_tokens"):
-                    spec[key] += r["spec"][key]
+                for key in ("drafts", "draft_tokens", "accepted_tokens", "respsp_shape_steps"):
+                    spec[key] += r["spec"].get(key, 0)
+                for kind, n in r["spec"].get("respsp_fallbacks", {}).items():
+                    spec["respsp_fallbacks"][kind] = spec["respsp_fallbacks"].get(kind, 0) + n
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
                 {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
@@ -91,7 +138,15 @@ def summarize(samples: list[dict], batch_size: int) -> dict:
     for s in samples:
         per_pos = add_lists(per_pos, s["spec"]["accepted_per_pos"])
     median = statistics.median(rates)
+    steps = sum(s["spec"].get("respsp_shape_steps", 0) for s in samples)
+    fallbacks: dict[str, int] = {}
+    for s in samples:
+        for kind, n in s["spec"].get("respsp_fallbacks", {}).items():
+            fallbacks[kind] = fallbacks.get(kind, 0) + n
     return {
+        # respsp's safety nets by kind, and whether they fired on more than 1% of request-steps
+        "respsp_fallbacks": fallbacks,
+        "respsp_fallbacks_flag": bool(steps) and sum(fallbacks.values()) > 0.01 * steps,
         "tokens_per_s": median,
         "tokens_per_s_min": min(rates),
         "tokens_per_s_max": max(rates),
@@ -141,6 +196,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policies", nargs="*", default=[],
                         help="respsp policy files, one column each (static fallback shape: --policy-shape)")
     parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
+    parser.add_argument("--k-by-batch", default="auto",
+                        help="vLLM EAGLE-3 with K chosen by batch size (num_speculative_tokens_per_batch_size): "
+                             "'auto' tunes it from this run's fixed-K columns before the run, "
+                             "'1-2:3,3-1024:0' gives it, 'none' leaves the column out")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's, bfloat16 "
@@ -182,6 +241,16 @@ def main(argv: list[str] | None = None) -> Path:
         sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": False}
         cells, raw = [], {}
         machine = machine_info()
+        tuning = None
+        if head and args.k_by_batch != "none":
+            if args.k_by_batch == "auto":
+                texts = workers[0].render(load_prompts(args.prompt_sets[0], limit=args.num_prompts))
+                schedule, tuning = tune_k_schedule(workers, texts, args.batch_sizes, sampling)
+            else:
+                schedule = parse_k_schedule(args.k_by_batch)
+            configs.append(k_by_batch_config(head, schedule, engine))
+            workers.append(EngineWorker(model, configs[-1]))
+            workers[-1].wait_ready()
 
         def result(complete: bool) -> dict:
             return {
@@ -190,6 +259,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
                             for c in configs],
                 "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                "k_by_batch_tuning": tuning,
                 "cells": cells, "raw": raw,
             }
 

@@ -40,7 +40,12 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
                            "--max-model-len", "256",
                            "--dtype", "float32", "--out", str(tmp_path / "run")])
     result = json.loads((out / "throughput.json").read_text())
-    assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2", "respsp-T4/D2/K2"]
+    assert [c["name"] for c in result["configs"]] == ["none", "eagle3-2", "respsp-T4/D2/K2", "eagle3-k-by-batch"]
+    # vLLM's K-by-batch-size schedule, tuned from this run's K=0 and K=2 columns at batch 1 and 3
+    tuning = result["k_by_batch_tuning"]
+    assert set(tuning["best_k"]) == {"1", "3"} and set(tuning["best_k"].values()) <= {0, 2}
+    schedule = result["configs"][3]["speculative_config"]["num_speculative_tokens_per_batch_size"]
+    assert [row[:2] for row in schedule] == [[1, 2], [3, 12]]
     assert [(c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [(1, 3), (3, 3)]
     for cell in result["cells"]:
         assert cell["configs"]["none"]["speedup_vs_none"] == 1.0
@@ -48,11 +53,14 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
         assert cell["configs"]["respsp-T4/D2/K2"]["acceptance_length"] >= 1.0
         assert cell["configs"]["respsp-T4/D2/K2"]["speedup_vs_best_eagle3"] > 0
         assert {c["identical_to_none"] for c in cell["configs"].values()} == {"3/3"}  # float32: exact
+        assert {c["lossless"]["label"] for c in cell["configs"].values()} == {"identical"}
+        assert cell["configs"]["respsp-T4/D2/K2"]["respsp_fallbacks"] == {}
     raw = result["raw"][f"{prompts}/bs1"]
     assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
     table = (out / "throughput.md").read_text()
     assert "EAGLE-3 chain of 2" in table and "respsp T4/D2/K2" in table
-    assert table.count("\n| ") == 7  # header + 2 cells x 3 configs
+    assert table.count("\n| ") == 9  # header + 2 cells x 4 configs
+    assert "EAGLE-3, K by batch size" in table
     assert (out / "speedup_vs_batch.png").stat().st_size > 1000
     assert (out / "acceptance_hist.png").stat().st_size > 1000
 
@@ -71,13 +79,22 @@ def test_a_real_mismatch_fails_the_run_and_near_ties_are_told_apart(fixture_mode
         throughput.main(["--model", str(fixture_models["successor"]), "--head", str(fixture_models["successor_head"]),
                          "--prompt-sets", str(prompts), "--batch-sizes", "2", "--num-prompts", "2",
                          "--max-tokens", "8", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "1",
-                         "--max-model-len", "128", "--dtype", "bfloat16", "--out", str(tmp_path / "run")])
+                         "--max-model-len", "128", "--dtype", "bfloat16", "--k-by-batch", "none",
+                         "--out", str(tmp_path / "run")])
     cell = json.loads((tmp_path / "run" / "throughput.json").read_text())["cells"][0]["configs"]
     assert cell["eagle3-2"]["lossless"]["label"] == "identical"
     verdict = cell["respsp-T4/D2/K2"]["lossless"]
     assert verdict["label"] == "MISMATCH (2 of 2 prompts)"
     # the wrong token is not even among the target's top logits there (gap unknown: a mismatch)
     assert all(not d["near_tie"] and (d["gap"] is None or d["gap"] > 30) for d in verdict["divergences"])
+
+
+def test_k_by_batch_schedules():
+    assert throughput.parse_k_schedule("1-2:3,3-1024:0") == [[1, 2, 3], [3, 1024, 0]]
+    assert throughput.schedule_from_best({1: 3, 4: 2, 16: 0}, 64) == [[1, 3, 3], [4, 15, 2], [16, 64, 0]]
+    config = throughput.k_by_batch_config("h", [[1, 64, 0]], {})
+    assert config.speculative_config["num_speculative_tokens"] == 1  # vLLM needs K > 0 to load the head
+    assert config.describe() == "EAGLE-3, K by batch size"
 
 
 def test_near_tie_verdicts():

@@ -50,6 +50,9 @@ class SpecCounters:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    # respsp's own counters: request-steps given a shape, and safety nets fired, by kind
+    respsp_shape_steps: int = 0
+    respsp_fallbacks: dict[str, int] = field(default_factory=dict)
 
     @property
     def acceptance_length(self) -> float:
@@ -59,8 +62,11 @@ class SpecCounters:
     def minus(self, before: SpecCounters) -> SpecCounters:
         per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
                    for i, a in enumerate(self.accepted_per_pos)]
+        fallbacks = {k: v - before.respsp_fallbacks.get(k, 0) for k, v in self.respsp_fallbacks.items()}
         return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
-                            self.accepted_tokens - before.accepted_tokens, per_pos)
+                            self.accepted_tokens - before.accepted_tokens, per_pos,
+                            self.respsp_shape_steps - before.respsp_shape_steps,
+                            {k: v for k, v in fallbacks.items() if v})
 
 
 def read_spec_counters(llm) -> SpecCounters:
@@ -70,6 +76,11 @@ def read_spec_counters(llm) -> SpecCounters:
             setattr(counters, SPEC_COUNTERS[metric.name], int(metric.value))
         elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             counters.accepted_per_pos = [int(v) for v in metric.values]
+        elif metric.name == "vllm:respsp_tree_shapes":
+            counters.respsp_shape_steps += int(metric.value)
+        elif metric.name == "vllm:respsp_fallbacks":
+            kind = metric.labels.get("kind", "?")
+            counters.respsp_fallbacks[kind] = counters.respsp_fallbacks.get(kind, 0) + int(metric.value)
     return counters
 
 

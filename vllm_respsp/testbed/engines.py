@@ -25,6 +25,8 @@ class EngineConfig:
         spec = self.speculative_config
         if not spec:
             return "no speculation"
+        if spec.get("method") == "eagle3" and spec.get("num_speculative_tokens_per_batch_size"):
+            return "EAGLE-3, K by batch size"
         if spec.get("method") == "eagle3":
             return f"EAGLE-3 chain of {spec['num_speculative_tokens']}"
         if spec.get("method") == "respsp" and "shape" in spec and spec.get("policy", "static") == "static":
