@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check of vllm_respsp_triton: every kernel against its PyTorch
 # reference on the GPU, then timings (tree attention grid at the Llama-8B
-# shape, per-step metadata + acceptance + compaction overhead).
+# shape, per-step metadata + acceptance + compaction overhead), then the
+# Triton tree backend's per-step work against causal SDPA (gpu_backend_step.py).
 #
 # Needs only python3 with torch and triton on a CUDA machine (no vLLM, no
 # installs).  Run from anywhere; typically a few minutes, capped at 7.
@@ -22,3 +23,6 @@ print(f"device: {torch.cuda.get_device_name()}")
 PY
 
 timeout 420 "$PYTHON" benchmarks/gpu_kernels.py "$@"
+# The Triton tree backend's whole per-step work on vLLM's TRITON_ATTN layout at Llama-3.1-8B and
+# 70B shapes, beside causal SDPA over the same query tokens.
+timeout 300 "$PYTHON" benchmarks/gpu_backend_step.py "$@"

@@ -33,3 +33,14 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") == 8
+
+
+def test_backend_step_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/gpu_backend_step.py (the Triton tree backend's per-step work on vLLM's layout)
+    runs end to end in its interpreter form."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_backend_step.py", "--quick", "--cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_backend_step.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["attend_ms"] > 0 and rows[0]["tree_over_causal"] > 0
