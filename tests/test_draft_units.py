@@ -246,3 +246,15 @@ def test_data_fractions_keep_the_held_out_slice_fixed():
     train_eighth, held_eighth = split_sequences(seqs, TrainConfig(heldout_sequences=10, data_fraction=0.125))
     assert held == held_eighth == list(range(10))
     assert train_all == list(range(10, 100)) and train_eighth == train_all[:11]
+
+
+def test_scaling_curve_plot_and_ablation_names(tmp_path):
+    from vllm_respsp.draft import scaling
+    from vllm_respsp.draft.train import TrainConfig
+
+    points = [{"train_tokens": t, "heldout_acc": [0.3 + a, 0.2 + a, 0.1 + a], "offline_acceptance_length": 1.5 + a,
+               "vllm_mtbench": {"acceptance_length": 1.4 + a}} for t, a in ((5e5, 0.0), (1e6, 0.05), (4e6, 0.1))]
+    scaling.plot_curve(points, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert all(set(o) <= fields for o in scaling.ABLATIONS.values())  # every lever is a real field

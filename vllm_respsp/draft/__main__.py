@@ -36,7 +36,7 @@ from vllm_respsp.draft.data import (
     reply_token_counts,
 )
 from vllm_respsp.draft.model import draft_vocab_from_counts, export_head
-from vllm_respsp.draft.replies import data_table, default_replies_dir, generate_replies
+from vllm_respsp.draft.replies import data_table, default_replies_dir, generate_replies, reply_shards
 from vllm_respsp.draft.train import TrainConfig, offline_acceptance, split_sequences, train
 from vllm_respsp.testbed.model import testbed_model_path
 
@@ -63,8 +63,10 @@ class StageClock:
 
 def build_vocab(work: Path, data_cfg: DataConfig, cfg: TrainConfig, replies: Path,
                 vocab_size: int) -> tuple[torch.Tensor, float]:
-    """The draft vocabulary (most frequent reply tokens) and the share of reply tokens it covers."""
-    path = work / f"draft_vocab_{cfg.draft_vocab_size}.pt"
+    """The draft vocabulary (most frequent reply tokens) and the share of reply tokens it covers,
+    kept per vocabulary size and amount of data (more replies, a new vocabulary)."""
+    shards = len(reply_shards(replies, data_cfg.sources, data_cfg.replies))
+    path = work / f"draft_vocab_{cfg.draft_vocab_size}_{shards}shards.pt"
     counts = reply_token_counts(replies, data_cfg, vocab_size)
     if path.exists():
         vocab = torch.load(path)
