@@ -177,6 +177,9 @@ def main() -> None:
 
         summary["vllm_eval"] = clock.run("evaluate", evaluate, out)
     summary["stage_seconds"] = clock.times
+    scaling = work / "scaling"
+    summary["scaling"] = {kind: json.loads((scaling / f"{kind}.json").read_text())
+                          for kind in ("curve", "ablations") if (scaling / f"{kind}.json").exists()}
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     if not args.run:
         from vllm_respsp.draft.card import write_model_card
