@@ -57,9 +57,54 @@ def make_loads(concurrencies: list[int], request_rates: list[float]) -> list[dic
     return loads
 
 
+def varying_load(spec: str) -> dict:
+    """A load that changes over time: "1x8,16x32" = 8 requests one at a time, then 32 requests
+    with 16 in flight, phase after phase on the same server (loopback, a fixed order)."""
+    phases = []
+    for part in spec.split(","):
+        clients, _, requests = part.partition("x")
+        if not clients.isdigit() or not requests.isdigit() or int(clients) < 1 or int(requests) < 1:
+            raise ValueError(f"--varying-load {spec!r}: phases are CLIENTSxREQUESTS, e.g. 1x8,16x32")
+        phases.append({"max_concurrency": int(clients), "requests": int(requests)})
+    return {"name": f"varying[{spec}]", "max_concurrency": None, "request_rate": math.inf, "phases": phases}
+
+
 def requests_per_load(load: dict, num_prompts: int) -> int:
-    """--num-prompts requests, but at least two rounds of a closed load's concurrency."""
+    """--num-prompts requests, but at least two rounds of a closed load's concurrency; a varying
+    load sends what its phases say."""
+    if "phases" in load:
+        return sum(p["requests"] for p in load["phases"])
     return max(num_prompts, 2 * (load["max_concurrency"] or 0))
+
+
+def run_phases(base: str, model: str, tokenizer, texts, lens, load: dict, max_tokens: int, **kwargs) -> dict:
+    """A varying load: its phases back to back on one server (each a closed load over the next
+    prompts); the whole run's sample, with each phase's own sample under "phases"."""
+    phases, offset = [], 0
+    for phase in load["phases"]:
+        n = phase["requests"]
+        requests = sample_requests(texts[offset:] + texts[:offset], lens[offset:] + lens[:offset], n, max_tokens)
+        phase_load = {"name": f"c{phase['max_concurrency']}", "max_concurrency": phase["max_concurrency"],
+                      "request_rate": math.inf}
+        phases.append(run_load(base, model, tokenizer, requests, phase_load, **kwargs))
+        offset = (offset + n) % len(texts)
+    return {**merge_samples(phases), "phases": phases}
+
+
+def merge_samples(samples: list[dict]) -> dict:
+    """One sample of consecutive runs: their requests together, their durations added."""
+    spec = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_pos": []}
+    for s in samples:
+        for key in ("drafts", "draft_tokens", "accepted_tokens"):
+            spec[key] += s["spec"][key]
+        a, b = spec["accepted_per_pos"], s["spec"]["accepted_per_pos"]
+        spec["accepted_per_pos"] = [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0)
+                                    for i in range(max(len(a), len(b)))]
+    merged = {"duration_s": sum(s["duration_s"] for s in samples), "spec": spec,
+              "completed": sum(s["completed"] for s in samples), "failed": sum(s["failed"] for s in samples)}
+    for key in ("input_lens", "output_lens", "ttfts", "latencies", "itls", "errors"):
+        merged[key] = [x for s in samples for x in s[key]]
+    return merged
 
 
 def sample_requests(texts: list[str], prompt_lens: list[int], n: int, max_tokens: int) -> list:
@@ -214,6 +259,14 @@ def markdown_table(result: dict) -> str:
                 f"({s['output_tokens_per_s_min']:.1f}-{s['output_tokens_per_s_max']:.1f}) | "
                 f"{s['requests_per_s']:.2f} | {_fmt_pcts(s['ttft_ms'])} | {_fmt_pcts(s['tpot_ms'])} | "
                 f"{_fmt_pcts(s['itl_ms'])} | {s['acceptance_length']:.2f} | {vs_none} | {vs_chain} |")
+        for k, phase in enumerate(cell.get("phases") or []):  # a varying load, phase by phase
+            for name, s in cell["configs"].items():
+                p = s["phases"][k]
+                lines.append(
+                    f"| {Path(cell['prompt_set']).name} | phase {k + 1}: c{phase['max_concurrency']} | "
+                    f"{describe[name]} | "
+                    f"{p['output_tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | {_fmt_pcts(p['ttft_ms'])} | "
+                    f"{_fmt_pcts(p['tpot_ms'])} | {_fmt_pcts(p['itl_ms'])} | {p['acceptance_length']:.2f} | - | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +377,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="closed loads: at most N requests in flight, sent back to back")
     parser.add_argument("--request-rates", nargs="*", type=float, default=[],
                         help="open loads: Poisson arrivals at R requests/s, no cap")
+    parser.add_argument("--varying-load", default=None, metavar="PHASES",
+                        help="also a load that changes over time: CLIENTSxREQUESTS phases back to back, "
+                             "e.g. 1x8,16x32,1x8,16x32 (whole-run and per-phase figures)")
     parser.add_argument("--num-prompts", type=int, default=32,
                         help="requests per load (at least 2x the concurrency), prompts taken in order")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -345,7 +401,13 @@ def main(argv: list[str] | None = None) -> Path:
         args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
         args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
         args.respsp = args.respsp[:1]
-    if (not args.concurrencies and not args.request_rates) or any(c < 1 for c in args.concurrencies) \
+    if args.varying_load:
+        try:
+            varying_load(args.varying_load)
+        except ValueError as e:
+            parser.error(str(e))
+    if (not args.concurrencies and not args.request_rates and not args.varying_load) \
+            or any(c < 1 for c in args.concurrencies) \
             or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
         parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
 
@@ -368,6 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     configs = engine_configs(head, args.chains, {}, args.respsp, args.policies, args.policy_shape)
     loads = make_loads(args.concurrencies, args.request_rates)
+    if args.varying_load:
+        loads.append(varying_load(args.varying_load))
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompt_sets = {}
     for set_name in args.prompt_sets:
@@ -404,9 +468,13 @@ def main(argv: list[str] | None = None) -> Path:
                                 progress.set_postfix_str(f"{config.name} {Path(set_name).name} {load['name']}")
                                 n = requests_per_load(load, args.num_prompts)
                                 print(f"\n## rep {rep} {config.name} {set_name} {load['name']}", file=log, flush=True)
-                                sample = run_load(server.base, model, tokenizer,
-                                                  sample_requests(texts, lens, n, args.max_tokens), load,
-                                                  temperature=args.temperature, ignore_eos=args.ignore_eos, log=log)
+                                options = {"temperature": args.temperature, "ignore_eos": args.ignore_eos, "log": log}
+                                if "phases" in load:
+                                    sample = run_phases(server.base, model, tokenizer, texts, lens, load,
+                                                        args.max_tokens, **options)
+                                else:
+                                    sample = run_load(server.base, model, tokenizer,
+                                                      sample_requests(texts, lens, n, args.max_tokens), load, **options)
                                 raw[set_name][load["name"]][config.name].append({"rep": rep, **sample})
                                 progress.update(1)
                     finally:
@@ -434,10 +502,16 @@ def build_result(argv, stamp, model, head, configs, loads, args, raw, server_sta
             if not cell:
                 continue
             add_speedups(cell)
+            if "phases" in load:  # the same figures for each phase, pooled over repetitions
+                for name, s in samples.items():
+                    if s:
+                        cell[name]["phases"] = [summarize([r["phases"][i] for r in s])
+                                                for i in range(len(load["phases"]))]
             cells.append({"prompt_set": set_name, "load": load["name"],
                           "max_concurrency": load["max_concurrency"],
                           "request_rate": None if math.isinf(load["request_rate"]) else load["request_rate"],
-                          "requests": requests_per_load(load, args.num_prompts), "configs": cell})
+                          "requests": requests_per_load(load, args.num_prompts), "configs": cell,
+                          **({"phases": load["phases"]} if "phases" in load else {})})
     return {
         "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": stamp, "complete": complete, "machine": machine, "model": model, "head": head,

@@ -72,10 +72,15 @@ def test_serving_run_on_fixtures(fixture_models, tmp_path):
     out = serving.main(["--model", str(fixture_models["successor"]), "--head", str(fixture_models["successor_head"]),
                         "--prompt-sets", str(prompts), "--concurrencies", "1", "2", "--request-rates", "8",
                         "--num-prompts", "2", "--max-tokens", "6", "--chains", "--respsp", "T4/D2/K2",
+                        "--varying-load", "1x2,2x4",
                         "--max-model-len", "256", "--dtype", "float32", "--out", str(tmp_path / "run")])
     result = json.loads((out / "serving.json").read_text())
     assert result["complete"] and [c["name"] for c in result["configs"]] == ["none", "respsp-T4/D2/K2"]
-    assert [(c["load"], c["requests"]) for c in result["cells"]] == [("c1", 2), ("c2", 4), ("8/s", 2)]
+    assert [(c["load"], c["requests"]) for c in result["cells"]] == \
+        [("c1", 2), ("c2", 4), ("8/s", 2), ("varying[1x2,2x4]", 6)]
+    varying = result["cells"][3]["configs"]["respsp-T4/D2/K2"]  # whole run, then phase by phase
+    assert varying["completed"] == 6 and [p["completed"] for p in varying["phases"]] == [2, 4]
+    assert all(p["tpot_ms"]["p50"] > 0 and p["ttft_ms"]["p99"] > 0 for p in varying["phases"])
     for cell in result["cells"]:
         none, tree = cell["configs"]["none"], cell["configs"]["respsp-T4/D2/K2"]
         assert none["failed"] == tree["failed"] == 0 and none["completed"] == cell["requests"]
@@ -85,7 +90,8 @@ def test_serving_run_on_fixtures(fixture_models, tmp_path):
     raw = result["raw"][str(prompts)]["c2"]["respsp-T4/D2/K2"][0]
     assert raw["output_lens"] == [6] * 4 and len(raw["itls"]) == 4
     table = (out / "serving.md").read_text()
-    assert table.count("\n| p.jsonl |") == 6 and "respsp T4/D2/K2" in table
+    assert table.count("\n| p.jsonl |") == 12 and "respsp T4/D2/K2" in table  # 4 loads + 2 phases, x2
+    assert "| phase 2: c2 |" in table
     assert (out / "serving_throughput.png").is_file() and (out / "serving_acceptance.png").is_file()
     assert len(result["server_starts"]) == 2
     for start in result["server_starts"]:  # the servers are gone: their ports refuse connections

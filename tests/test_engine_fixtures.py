@@ -79,7 +79,8 @@ def test_plugin_leaves_plain_eagle3_unchanged(fixture_models):
     without_plugin = run_engine(spec_job, env={"VLLM_PLUGINS": ""})
     assert with_plugin["applied_patches"] == [
         "cpu_expand_kernel", "respsp_speculative_config", "runner_prepare_inputs",
-        "runner_attention_metadata", "cpu_tree_attention", "runner_sample", "runner_propose_drafts"]
+        "runner_attention_metadata", "cpu_tree_attention", "triton_tree_attention", "runner_sample",
+        "runner_propose_drafts"]
     assert without_plugin["applied_patches"] == []
     a, b = with_plugin["results"][0], without_plugin["results"][0]
     assert a["token_ids"] == b["token_ids"] == plain["token_ids"]

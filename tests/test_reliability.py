@@ -85,8 +85,9 @@ def successor_tokens(prompt, n):
 
 
 def test_special_requests_and_a_failing_drafter_keep_exact_outputs(fixture_models, tmp_path):
-    """max_tokens 1, logprobs, penalties, seeds, n > 1 (vLLM's sampler via chains), then every
-    draft step failing: outputs stay exact and each fallback is counted."""
+    """max_tokens 1, logprobs and penalties (vLLM's sampler via chains), seeds (trees, their own
+    generator), n > 1, then every draft step failing: outputs stay exact and each fallback is
+    counted."""
     prompts = [[5, 9, 30], [100, 7], [3]]
     samplings = [
         {"temperature": 0.0, "max_tokens": 1, "ignore_eos": True},
@@ -104,7 +105,8 @@ def test_special_requests_and_a_failing_drafter_keep_exact_outputs(fixture_model
     for sampling, result in zip(samplings, results):
         assert result["token_ids"] == [successor_tokens(p, sampling["max_tokens"]) for p in prompts], sampling
     fallbacks = json.loads(stats.read_text())["fallbacks"]
-    assert {"chain_for_logprobs", "chain_for_penalties", "chain_for_seed"} <= set(fallbacks)
+    assert {"chain_for_logprobs", "chain_for_penalties"} <= set(fallbacks)
+    assert "chain_for_seed" not in fallbacks  # a seeded request keeps its tree
 
     failing = run_engine(base, env={"VLLM_RESPSP_STATS_FILE": str(stats), "RESPSP_TEST_FAULT": "drafter_raises"})
     for sampling, result in zip(samplings, failing["results"]):
