@@ -79,12 +79,17 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
     return path
 
 
+CONSTANT_HOLD = 1 << 20  # steps: longer than any request
+
+
 def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> Path:
     """A policy file that picks `shape` for every request at every step.
 
     NO_DRAFTS cannot be a static shape (config.py: that is no speculation, which skips the
     head), so the runtime reaches it only through a policy; `engine_tools.profile` times it with
-    this one. Zero weights and a one-hot head bias make the argmax constant.
+    this one. Zero weights and a one-hot head bias make the argmax constant, so the choice is
+    held for as long as a request lives (`CONSTANT_HOLD`): the network is never asked again and a
+    request held on NO_DRAFTS skips the draft head (its positions are deferred).
     """
     actions = [fallback] if shape == fallback else [fallback, shape]
     net = PolicyNet(ROOT_PROBS, len(EXTRA_FEATURES), len(actions), proj_dim=1, hidden=(1,))
@@ -92,7 +97,7 @@ def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> 
         for p in net.parameters():
             p.zero_()
         net.head.bias[actions.index(shape)] = 1.0
-    return save_policy(stem, net, actions, [FeatureSpec("draft_root_probs", ROOT_PROBS)],
+    return save_policy(stem, net, actions, [FeatureSpec("draft_root_probs", ROOT_PROBS)], hold=CONSTANT_HOLD,
                        training={"algo": "constant", "shape": str(shape)})
 
 
