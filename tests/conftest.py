@@ -70,3 +70,12 @@ def run_engine(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
 def run_requests(job: dict, env: dict | None = None, timeout: int = 600) -> dict:
     """tests/request_job.py on `job` (phases of requests, each with its own sampling)."""
     return run_job([sys.executable, "tests/request_job.py"], job, env, timeout)
+
+
+def requests_with_and_without(job: dict, speculative_config: dict, stats: Path) -> tuple[dict, dict, dict]:
+    """`job`'s phases without speculation and with `speculative_config`: (plain, speculative,
+    the speculative runtime's stats file)."""
+    plain = run_requests(job)
+    spec = run_requests({**job, "speculative_config": speculative_config},
+                        env={"VLLM_RESPSP_STATS_FILE": str(stats)})
+    return plain, spec, json.loads(stats.read_text())

@@ -13,7 +13,7 @@ prefix token (ties at logit 0) into a dead end.
 import json
 
 import pytest
-from conftest import run_requests
+from conftest import requests_with_and_without, run_requests
 
 TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
 
@@ -50,10 +50,8 @@ def runs(fixture_models, tmp_path_factory):
     stats = tmp_path_factory.mktemp("bad-requests") / "stats.json"
     job = {"model": str(fixture_models["successor"]), "phases": PHASES,
            "engine": {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 3}}
-    plain = run_requests(job)
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
-    respsp = run_requests({**job, "speculative_config": spec}, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
-    return plain, respsp, json.loads(stats.read_text())
+    return requests_with_and_without(job, spec, stats)
 
 
 def test_empty_prompts_fail_as_without_speculation_and_the_engine_goes_on(runs):

@@ -5,7 +5,7 @@ samples its tree with its own generator and stays reproducible."""
 import json
 
 import pytest
-from conftest import run_requests
+from conftest import requests_with_and_without, run_requests
 
 TREE = {"total_tokens": 8, "depth": 4, "top_k": 2}
 
@@ -21,10 +21,8 @@ def runs(fixture_models, tmp_path_factory):
     seeded_greedy = [greedy([5 * i + 1], 16, seed=0) for i in range(4)]
     job = {"model": str(fixture_models["successor"]), "phases": [one_logprobs, seeded_greedy],
            "engine": {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 8}}
-    plain = run_requests(job)
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
-    respsp = run_requests({**job, "speculative_config": spec}, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
-    return plain, respsp, json.loads(stats.read_text())
+    return requests_with_and_without(job, spec, stats)
 
 
 def test_one_request_with_logprobs_does_not_take_the_trees_of_the_other_seven(runs):
