@@ -44,7 +44,8 @@ import sys
 import time
 from pathlib import Path
 
-PERCENTILES = (50, 90, 99)
+from benchmarks.serving_report import PERCENTILES, markdown_table, plot_serving, write_report  # noqa: F401
+
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 
 
@@ -223,132 +224,6 @@ def add_speedups(cell: dict[str, dict]) -> None:
         s["speedup_vs_none"] = s["output_tokens_per_s"] / base if base else None
         s["speedup_vs_best_eagle3"] = s["output_tokens_per_s"] / best_chain if best_chain else None
 
-
-# --- report -----------------------------------------------------------------------------------
-
-def _fmt_pcts(p: dict) -> str:
-    return "/".join("-" if p[f"p{q}"] is None else f"{p[f'p{q}']:.0f}" for q in PERCENTILES)
-
-
-def markdown_table(result: dict) -> str:
-    m = result["machine"]
-    lines = [
-        f"Command: `{result['command']}`  ",
-        f"Date (UTC): {result['date']}; machine: {m['device']}, {m['cpus']} CPUs, vLLM {m['vllm']}, "
-        f"torch {m['torch']}; OpenAI server on loopback, one at a time  ",
-        f"Target: `{Path(result['model']).name}`; EAGLE-3 head: `{result['head']}`; "
-        f"max tokens {result['settings']['max_tokens']}, temperature {result['settings']['temperature']}",
-        *([] if result["complete"] else ["", "**Incomplete run** (stopped early): only the finished loads are shown."]),
-        "",
-        "Latencies in ms as p50/p90/p99. Load `cN`: N requests in flight, back to back; `R/s`: Poisson "
-        "arrivals at R requests/s.",
-        "",
-        "| prompt set | load | configuration | output tok/s (median, min-max) | req/s | TTFT ms | TPOT ms | "
-        "ITL ms | acceptance length | speedup vs none | vs best EAGLE-3 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    describe = {c["name"]: c["describe"] for c in result["configs"]}
-    for cell in result["cells"]:
-        for name, s in cell["configs"].items():
-            vs_none = f"{s['speedup_vs_none']:.2f}x" if s["speedup_vs_none"] else "-"
-            vs_chain = f"{s['speedup_vs_best_eagle3']:.2f}x" if s["speedup_vs_best_eagle3"] else "-"
-            failed = f" ({s['failed']} failed)" if s["failed"] else ""
-            lines.append(
-                f"| {Path(cell['prompt_set']).name} | {cell['load']} | {describe[name]}{failed} | "
-                f"{s['output_tokens_per_s']:.1f} "
-                f"({s['output_tokens_per_s_min']:.1f}-{s['output_tokens_per_s_max']:.1f}) | "
-                f"{s['requests_per_s']:.2f} | {_fmt_pcts(s['ttft_ms'])} | {_fmt_pcts(s['tpot_ms'])} | "
-                f"{_fmt_pcts(s['itl_ms'])} | {s['acceptance_length']:.2f} | {vs_none} | {vs_chain} |")
-        for k, phase in enumerate(cell.get("phases") or []):  # a varying load, phase by phase
-            for name, s in cell["configs"].items():
-                p = s["phases"][k]
-                lines.append(
-                    f"| {Path(cell['prompt_set']).name} | phase {k + 1}: c{phase['max_concurrency']} | "
-                    f"{describe[name]} | "
-                    f"{p['output_tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | {_fmt_pcts(p['ttft_ms'])} | "
-                    f"{_fmt_pcts(p['tpot_ms'])} | {_fmt_pcts(p['itl_ms'])} | {p['acceptance_length']:.2f} | - | - |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_serving(result: dict, out: Path) -> list[Path]:
-    """serving_throughput.png (output tok/s per load), serving_latency.png (TTFT and TPOT p50,
-    with p90 as the top of a bar), serving_acceptance.png (accepted drafts per step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(dict.fromkeys(c["prompt_set"] for c in result["cells"]))
-    loads = list(dict.fromkeys(c["load"] for c in result["cells"]))
-    configs = result["configs"]
-    paths = []
-
-    def series(set_name, name, key, sub=None):
-        ys = []
-        for load in loads:
-            cell = next((c for c in result["cells"] if c["prompt_set"] == set_name and c["load"] == load), None)
-            v = cell["configs"].get(name, {}).get(key) if cell else None
-            ys.append(v[sub] if (sub and v) else v)
-        return ys
-
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
-    for ax, set_name in zip(axes[0], sets):
-        for c in configs:
-            ax.plot(range(len(loads)), series(set_name, c["name"], "output_tokens_per_s"), marker="o",
-                    label=c["describe"])
-        ax.set_xticks(range(len(loads)), loads)
-        ax.set_xlabel("load (cN: N in flight; R/s: Poisson rate)")
-        ax.set_ylabel("output tokens/s")
-        ax.set_title(Path(set_name).name)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "serving_throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, len(sets), figsize=(5 * len(sets), 7), squeeze=False)
-    width = 0.8 / max(1, len(configs))
-    for col, set_name in enumerate(sets):
-        for row, key in enumerate(("ttft_ms", "tpot_ms")):
-            ax = axes[row][col]
-            for j, c in enumerate(configs):
-                p50 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p50")]
-                p90 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p90")]
-                xs = [i + (j - (len(configs) - 1) / 2) * width for i in range(len(loads))]
-                ax.bar(xs, p50, width, label=c["describe"])
-                ax.vlines(xs, p50, p90, color="black", lw=0.8)
-            ax.set_xticks(range(len(loads)), loads)
-            ax.set_ylabel(f"{key[:4].upper()} ms (p50, line to p90)")
-            ax.set_title(Path(set_name).name)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "serving_latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    spec = [c for c in configs if c["speculative_config"]]
-    if spec:
-        fig, axes = plt.subplots(1, len(spec), figsize=(4 * len(spec), 3.5), squeeze=False)
-        for ax, c in zip(axes[0], spec):
-            for cell in result["cells"]:
-                at_least = [1.0] + cell["configs"][c["name"]]["acceptance_per_pos"]
-                exactly = [a - b for a, b in zip(at_least, at_least[1:] + [0.0])]
-                ax.plot(range(len(exactly)), exactly, marker="o",
-                        label=f"{Path(cell['prompt_set']).name} {cell['load']}")
-            ax.set_title(c["describe"])
-            ax.set_xlabel("draft tokens accepted in a step")
-            ax.set_ylabel("fraction of steps")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "serving_acceptance.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def write_report(result: dict, out: Path) -> None:
-    (out / "serving.md").write_text(markdown_table(result))
-    plot_serving(result, out)
 
 
 # --- the run ----------------------------------------------------------------------------------
