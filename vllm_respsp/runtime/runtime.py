@@ -260,7 +260,7 @@ class RespspRuntime:
         if self.recorder is not None:  # record every action's tree, draft nothing
             self._record(roots, roots_at)
             return [[] for _ in index.req_ids]
-        shapes = self._shapes(scheduler_output, index, roots, roots_at)
+        shapes = self._shapes(index, roots, roots_at)
         self._grow(roots, shapes, root_states)
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in index.req_ids]
 
@@ -345,7 +345,7 @@ class RespspRuntime:
                              [requests[r.req_id].prompt_token_ids for r in roots],
                              [r.token for r in roots], [r.position for r in roots], roots_at)
 
-    def _shapes(self, scheduler_output, index: StepIndex, roots: list[RootRequest], roots_at) -> list[TreeShape]:
+    def _shapes(self, index: StepIndex, roots: list[RootRequest], roots_at) -> list[TreeShape]:
         """The shape each root request drafts this step (NO_DRAFTS included), after the
         restrictions that apply: chains where a tree cannot be verified, the room left."""
         requests = self.runner.requests
