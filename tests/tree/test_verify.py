@@ -98,3 +98,29 @@ def test_greedy_walk_by_hand():
     argmax[node_of[child]] = 3
     acc = verify.accept_greedy(tree, argmax)
     assert acc.output_tokens(tree) == [[2, child[1], 3]]
+
+
+def test_placeholder_drafts_are_never_accepted_and_take_no_draws():
+    """vLLM pads a new one-token request's drafts with -1 when it joins running requests: the
+    step must sample exactly what a step without drafts samples (the whole target distribution,
+    last vocabulary entry included, and the same draws from a seeded request's generator)."""
+    from vllm_respsp.tree.build import DraftTree
+
+    n = 4000
+    placeholders = DraftTree(torch.tensor([0, -1, -1] * n), torch.tensor([-1, 0, 1] * n, dtype=torch.int32),
+                             torch.tensor([0, 1, 2] * n, dtype=torch.int32), torch.zeros(3 * n),
+                             torch.arange(0, 3 * n + 1, 3, dtype=torch.int32))
+    root_p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    p = root_p.repeat(3 * n, 1)
+    acc = verify.accept_sampled(placeholders, p, torch.Generator().manual_seed(0))
+    assert int(acc.accepted_len.sum()) == 0
+    counts = torch.bincount(acc.bonus_token, minlength=V).double()
+    expected = root_p.double() * n
+    assert float(((counts - expected) ** 2 / expected).sum()) < 16.3  # chi-square, 3 dof, p = 0.001
+    # A seeded request: the same token and generator state as sampling its root row alone.
+    own, alone = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    first = DraftTree(*(t[:3] for t in (placeholders.tokens, placeholders.parents, placeholders.depths,
+                                        placeholders.scores)), placeholders.cu_nodes[:2])
+    bonus = verify.accept_sampled(first, p[:3], None, {0: own}).bonus_token
+    assert int(bonus[0]) == int(verify.sample_rows(root_p[None], None, {0: alone})[0])
+    assert torch.equal(own.get_state(), alone.get_state())

@@ -33,7 +33,7 @@ from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.recorder import TraceRecorder
-from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, upstream_reason, verify_trees
+from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
 from vllm_respsp.step_clock import SECONDS, timed
 from vllm_respsp.tree.shape import TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
@@ -209,7 +209,7 @@ class RespspRuntime:
             return None
         with timed("verify"):
             out, accepted = verify_trees(trees, logits, spec_decode_metadata, sampling_metadata,
-                                         self.index.num_reqs)
+                                         self.index.num_reqs, seeded_sampler_of(self.runner.sampler))
         self.accepted = {int(b): nodes for b, nodes in zip(trees.batch_index.tolist(), accepted)}
         logprobs = None
         if self.upstream:

@@ -8,7 +8,9 @@ and acceptance metrics run unchanged. Then the accepted path's KV moves into the
 after the root, where vLLM's rollback (`num_computed_tokens -= rejected`) expects it.
 
 The tree path covers temperature, top-k, top-p and seeds (a seeded request draws from its own
-generator, so its tokens do not depend on the batch). A request whose sampling needs more of
+generator, and its bonus token as vLLM's sampler on this platform draws it, so its tokens do not
+depend on the batch nor on which sampler handled a step). vLLM's -1 placeholder drafts (a new
+one-token request padded to the batch's draft length) are never accepted and take no draws. A request whose sampling needs more of
 vLLM's sampler (penalties, logprobs, bad words, logit bias, min-p, min-tokens, allowed tokens,
 structured output, custom logits processors: `upstream_reason`) drafts chains, and its rows are
 verified by vLLM's own rejection sampler; the other requests of the step keep their trees.
@@ -20,7 +22,7 @@ import torch
 
 from vllm_respsp.tree.build import DraftTree
 from vllm_respsp.tree.step_trees import StepTrees
-from vllm_respsp.tree.verify import accept_greedy, accept_sampled, sample_rows
+from vllm_respsp.tree.verify import SeededSampler, accept_greedy, accept_sampled, exponential_race, sample_rows
 from vllm_respsp_triton import compaction_slots
 from vllm_respsp_triton.tree_metadata import node_requests
 
@@ -46,6 +48,24 @@ def upstream_reason(params) -> str | None:
     return next((name for name, hit in checks if hit), None)
 
 
+def gumbel_from_seed(p: torch.Tensor, generator: torch.Generator) -> int:
+    """vLLM's CPU seeded sampling: one seed drawn from the request's generator, then its fused
+    Gumbel-max kernel (noise from (seed, token)) over the log-probabilities."""
+    seed = torch.randint(0, 2**31, (1,), generator=generator, dtype=torch.long)
+    return int(torch.ops._C.fused_gumbel_argmax(p.float().log()[None], seed)[0])
+
+
+def seeded_sampler_of(vllm_sampler) -> SeededSampler:
+    """How the engine's own sampler (vLLM's `Sampler`) samples a seeded request on this platform."""
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    topk_topp = vllm_sampler.topk_topp_sampler
+    if getattr(topk_topp.forward, "__func__", None) is TopKTopPSampler.forward_cpu and \
+            not topk_topp.use_fp64_gumbel:
+        return gumbel_from_seed
+    return exponential_race
+
+
 def _target_probs(logits: torch.Tensor, rows_per_request: torch.Tensor, sampling_metadata,
                   request_of_batch: torch.Tensor) -> torch.Tensor:
     """Sampling distribution after each row: temperature, then top-k / top-p, as vLLM's sampler."""
@@ -69,8 +89,10 @@ def _target_probs(logits: torch.Tensor, rows_per_request: torch.Tensor, sampling
 
 
 def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, sampling_metadata,
-                 num_reqs: int, generator: torch.Generator | None = None):
+                 num_reqs: int, seeded: SeededSampler = exponential_race,
+                 generator: torch.Generator | None = None):
     """Returns (sampled_token_ids [num_reqs, max_drafts + 1], accepted node lists per tree request).
+    `seeded`: how a seeded request samples a token (`seeded_sampler_of` the engine's sampler).
 
     `logits` holds, per request, one row per scheduled token when it has drafts and one row
     otherwise (vLLM's `logits_indices`), in input-batch order."""
@@ -90,7 +112,7 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
     else:
         probs = _target_probs(dense[first_row[plain]], torch.ones_like(plain), sampling_metadata, plain)
         own = {i: generators[b] for i, b in enumerate(plain.tolist()) if b in generators}
-        out[plain, 0] = sample_rows(probs, generator, own).int()
+        out[plain, 0] = sample_rows(probs, generator, own, seeded).int()
 
     sizes = (trees.cu_nodes[1:] - trees.cu_nodes[:-1]).long()
     node_rows = torch.repeat_interleave(first_row[tree_reqs], sizes) + (
@@ -103,7 +125,7 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
     else:
         probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
         own = {r: generators[b] for r, b in enumerate(tree_reqs.tolist()) if b in generators}
-        acceptance = accept_sampled(tree, probs, generator, own)
+        acceptance = accept_sampled(tree, probs, generator, own, seeded)
     accepted = []
     for r, (b, tokens) in enumerate(zip(tree_reqs.tolist(), acceptance.output_tokens(tree))):
         out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)

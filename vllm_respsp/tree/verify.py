@@ -14,6 +14,7 @@ draft. `tests/tree/test_verify.py` checks it with a chi-square test.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,25 +73,36 @@ def uniform(wanted: torch.Tensor, generator: torch.Generator | None,
     return u
 
 
-def sample_rows(p: torch.Tensor, generator: torch.Generator | None,
-                own: dict[int, torch.Generator]) -> torch.Tensor:
+SeededSampler = Callable[[torch.Tensor, torch.Generator], int]
+"""Samples one token from an unnormalised distribution [V] with a request's own generator."""
+
+
+def exponential_race(p: torch.Tensor, generator: torch.Generator) -> int:
+    """vLLM's native seeded sampling: argmax of p / Exp(1) noise, one draw per vocabulary entry."""
+    row = p.to(generator.device)
+    noise = torch.empty_like(row).exponential_(generator=generator)
+    return int((row / noise).argmax())
+
+
+def sample_rows(p: torch.Tensor, generator: torch.Generator | None, own: dict[int, torch.Generator],
+                seeded: SeededSampler = exponential_race) -> torch.Tensor:
     """One token per row of the (unnormalised) distributions p [B, V]. Rows of requests with
-    their own generator sample as vLLM's sampler does (argmax of p / Exp(1) noise drawn from the
-    generator, one draw per vocabulary entry): a seeded request's token then does not depend on
-    whether vLLM's sampler or this one handled its step."""
+    their own generator sample with `seeded`, which the engine glue makes the same as vLLM's
+    sampler on its platform: a seeded request's token then does not depend on whether vLLM's
+    sampler or this one handled its step."""
     out = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
     for r, g in own.items():
-        row = p[r].to(g.device)
-        noise = torch.empty_like(row).exponential_(generator=g)
-        out[r] = (row / noise).argmax().to(out.device)
+        out[r] = seeded(p[r], g)
     return out
 
 
 def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None,
-                   request_generators: dict[int, torch.Generator] | None = None) -> Acceptance:
+                   request_generators: dict[int, torch.Generator] | None = None,
+                   seeded: SeededSampler = exponential_race) -> Acceptance:
     """target_probs [N, V]: the target's sampling distribution after each node (temperature,
     top-k/top-p already applied). Vectorised over requests; loops over depth and siblings.
-    `request_generators` {request index: generator}: seeded requests (see `uniform`)."""
+    `request_generators` {request index: generator}: seeded requests (see `uniform`), whose
+    bonus token `seeded` samples (see `sample_rows`)."""
     own = request_generators or {}
     meta = _metadata(tree)
     num_requests = tree.num_requests
@@ -113,9 +125,13 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch
             if not bool(trying.any()):
                 break
             token = tree.tokens[start + child.clamp(min=0)]
+            # vLLM pads some requests' drafts with -1 placeholders: never accepted, and they
+            # take neither a draw nor probability mass (as in vLLM's rejection sampler).
+            placeholder = trying & (token < 0)
+            trying &= ~placeholder
             u = uniform(trying, generator, own)
             mass = p.sum(-1)
-            accept = trying & (u * mass < p[rows, token])
+            accept = trying & (u * mass < p[rows, token.clamp(min=0)])
             reject = trying & ~accept
             remove_rejected(p, rows[reject], token[reject])
             # Accepted: step into the child and restart from the target's distribution there.
@@ -124,10 +140,10 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch
             accepted_len += accept.int()
             accepted_nodes[rows[accept], accepted_len[accept].long()] = child[accept].int()
             moved |= accept
-            child = torch.where(reject, next_sibling[start + child.clamp(min=0)], child)
+            child = torch.where(reject | placeholder, next_sibling[start + child.clamp(min=0)], child)
         active &= moved
         if not bool(active.any()):
             break
     # Bonus: a sample from the residual at the last accepted node.
-    bonus = sample_rows(p, generator, own)
+    bonus = sample_rows(p, generator, own, seeded)
     return Acceptance(accepted_len, accepted_nodes, bonus)
