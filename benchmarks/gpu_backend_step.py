@@ -12,13 +12,14 @@ Per (model shape, batch, tree nodes), every request with a prefix of `--context`
 EAGLE-like tree in breadth-first order, the time of:
 - plan: `StepTrees.build` (host: the step's trees over vLLM's flattened rows and slot mapping)
   plus `TritonTreeBackend.plan` (device copies), once per step;
-- attend: one layer's tree attention through the backend on vLLM's logical
+- attend: the tree attention through the backend on vLLM's logical
   `[blocks, kv_heads, block_size, 2 * head_size]` view (NHD memory, vLLM's default layout),
-  and times the model's layers;
+  one call per layer, the model's layers back to back (synchronised once: their launches
+  overlap as in a forward);
 - accept: greedy acceptance (`accept_greedy`) with the tree metadata kernel;
 - compact: the accepted paths' K/V moved in every layer (one launch);
-- causal: torch SDPA of the same query tokens over prefix + themselves, causal, per layer and
-  times the layers: what a chain of that many tokens pays for attention.
+- causal: torch SDPA of the same query tokens over prefix + themselves, causal, once per
+  layer, back to back likewise: what a chain of that many tokens pays for attention.
 JSON to $OUT/gpu_backend_step.json when $OUT is set, else benchmarks/results/gpu_backend_step.json.
 """
 
@@ -85,15 +86,17 @@ def step_inputs(batch: int, nodes: int, context: int, shape: dict, device, dtype
                            cache=cache, memory=memory)
 
 
-def timed(fn, device, reps: int) -> float:
-    """Median milliseconds of `fn` over `reps` calls (after one warm-up)."""
+def timed(fn, device, reps: int, calls: int = 1) -> float:
+    """Median milliseconds of `calls` back-to-back calls of `fn` (synchronised once, so their
+    launches overlap as a forward's layers do) over `reps` samples, after one warm-up."""
     fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
@@ -116,7 +119,8 @@ def measure(shape_name: str, shape: dict, batch: int, nodes: int, context: int, 
     metadata = SimpleNamespace(block_table=x.table)
     plan_ms = timed(lambda: (backend.plan(build(), metadata, x.cache)), device, reps)
     backend.attend(impl, None, query, x.cache, metadata, output, trees)  # plans once for the step
-    attend_ms = timed(lambda: backend.attend(impl, None, query, x.cache, metadata, output, trees), device, reps)
+    attend_ms = timed(lambda: backend.attend(impl, None, query, x.cache, metadata, output, trees), device, reps,
+                      calls=layers)
 
     parents = trees.parents.to(device)
     cu = trees.cu_nodes.to(device)
@@ -141,13 +145,12 @@ def measure(shape_name: str, shape: dict, batch: int, nodes: int, context: int, 
     q = torch.randn(batch, hq, nodes, hs, device=device, dtype=dtype)
     causal = torch.ones(nodes, context + nodes, dtype=torch.bool, device=device).tril(context)
     causal_ms = timed(lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=causal,
-                                                             enable_gqa=hq != hkv), device, reps)
-    tree_step = plan_ms + attend_ms * layers + accept_ms + compact_ms
+                                                             enable_gqa=hq != hkv), device, reps, calls=layers)
+    tree_step = plan_ms + attend_ms + accept_ms + compact_ms
     return {"shape": shape_name, "batch": batch, "tree_nodes": nodes, "context": context,
-            "plan_ms": plan_ms, "attend_ms_per_layer": attend_ms, "attend_ms": attend_ms * layers,
-            "accept_ms": accept_ms, "compact_ms": compact_ms, "causal_sdpa_ms_per_layer": causal_ms,
-            "causal_sdpa_ms": causal_ms * layers, "tree_step_ms": tree_step,
-            "tree_over_causal": tree_step / (causal_ms * layers)}
+            "plan_ms": plan_ms, "attend_ms_per_layer": attend_ms / layers, "attend_ms": attend_ms,
+            "accept_ms": accept_ms, "compact_ms": compact_ms, "causal_sdpa_ms_per_layer": causal_ms / layers,
+            "causal_sdpa_ms": causal_ms, "tree_step_ms": tree_step, "tree_over_causal": tree_step / causal_ms}
 
 
 def markdown(rows: list[dict]) -> str:

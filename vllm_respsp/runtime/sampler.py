@@ -10,10 +10,11 @@ after the root, where vLLM's rollback (`num_computed_tokens -= rejected`) expect
 The tree path covers temperature, top-k, top-p and seeds (a seeded request draws from its own
 generator, and its bonus token as vLLM's sampler on this platform draws it, so its tokens do not
 depend on the batch nor on which sampler handled a step). vLLM's -1 placeholder drafts (a new
-one-token request padded to the batch's draft length) are never accepted and take no draws. A request whose sampling needs more of
-vLLM's sampler (penalties, logprobs, bad words, logit bias, min-p, min-tokens, allowed tokens,
-structured output, custom logits processors: `upstream_reason`) drafts chains, and its rows are
-verified by vLLM's own rejection sampler; the other requests of the step keep their trees.
+one-token request padded to the batch's draft length) are never accepted and take no draws.
+A request whose sampling needs more of vLLM's sampler (penalties, logprobs, bad words, logit
+bias, min-p, min-tokens, allowed tokens, structured output, custom logits processors:
+`upstream_reason`) drafts chains, and its rows are verified by vLLM's own rejection sampler;
+the other requests of the step keep their trees.
 """
 
 from __future__ import annotations
