@@ -109,3 +109,39 @@ def test_compaction_moves_the_accepted_path_in_every_layer(isa, block_size, dtyp
         for pos in range(prefix):  # the prefix is untouched
             for a, b in zip(row(new, pos), row(old, pos)):
                 assert torch.equal(a, b)
+
+
+def test_the_amx_layout_attends_and_compacts_like_the_vec_layout_on_any_cpu():
+    """The AMX branch of the tree attention and of the compaction (VNNI tiles), on a cache
+    written through our own views (no AMX needed), does what the vec branch does on the same keys
+    and values; that our views read what vLLM's AMX writer writes is checked above on CPUs with
+    AMX."""
+    from vllm_respsp.backends.cpu_paged_kv import kv_tiles, read_slots, write_slots
+
+    gen = torch.Generator().manual_seed(3)
+    block_size, sizes, prefixes = 32, [9, 4], [40, 3]
+    block_table = torch.tensor([[5, 2], [7, 0]], dtype=torch.int32)
+    slots = torch.cat([block_table[r, torch.arange(p + n) // block_size].long() * block_size
+                       + torch.arange(p + n) % block_size for r, (p, n) in enumerate(zip(prefixes, sizes))])
+    k = torch.randn(slots.numel(), H, D, generator=gen).bfloat16()
+    v = torch.randn(slots.numel(), H, D, generator=gen).bfloat16()
+    outputs = []
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 5, -1, 0, 1, 1], dtype=torch.int32)
+    cu = torch.tensor([0, 9, 13], dtype=torch.int32)
+    bits = build_tree_metadata(parents, cu, max(sizes)).ancestor_bits
+    q = torch.randn(sum(sizes), 2 * H, D, generator=gen).bfloat16()
+    for isa in ("vec", "amx"):
+        cache = torch.zeros(NUM_BLOCKS, H, block_size, 2 * D, dtype=torch.bfloat16)
+        key_view, value_view = kv_tiles(cache, isa)
+        write_slots(key_view, slots, k)
+        write_slots(value_view, slots, v)
+        outputs.append(tree_attention_cpu(q, cache, isa, block_table, torch.tensor(prefixes, dtype=torch.int32),
+                                          cu, bits, D ** -0.5))
+        src, dst = slots[[44, 47, 30]], slots[[41, 42, 43]]  # one destination is also a source
+        compact_kv_cpu([cache], isa, src, dst)
+        moved = torch.tensor([44, 47, 30])
+        assert torch.equal(read_slots(key_view, dst), k[moved])
+        assert torch.equal(read_slots(value_view, dst), v[moved])
+        untouched = torch.tensor([i for i in range(slots.numel()) if i not in (41, 42, 43)])
+        assert torch.equal(read_slots(key_view, slots[untouched]), k[untouched])
+    assert torch.equal(outputs[0], outputs[1])

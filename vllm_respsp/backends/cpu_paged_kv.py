@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vllm_respsp_triton import unpack_ancestor_bits
 
@@ -70,11 +69,10 @@ def kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tens
 @dataclass
 class TreeAttentionPlan:
     """Everything about a step's tree attention that does not depend on the layer: built once
-    per step, used by every layer (gather indices into the paged cache, the padded masks)."""
+    per step, used by every layer (gather indices into the paged cache, the padded mask)."""
 
     blocks: torch.Tensor  # int64 [R, B] the cache blocks holding each request's positions
-    valid: torch.Tensor  # bool [R, B * block_size, 1, 1] positions inside the request
-    mask: torch.Tensor  # bool [R, 1, n, L]: prefix keys, then the node's ancestors (itself included)
+    bias: torch.Tensor  # float32 [R, 1, n, L]: 0 for prefix keys and the node's ancestors, -inf else
     request: torch.Tensor  # int64 [N] request of each node row
     local: torch.Tensor  # int64 [N] index of each node row in its request
 
@@ -88,11 +86,11 @@ class TreeAttentionPlan:
         max_len = int(lengths.max())
         pos = torch.arange(max_len)
         # Whole blocks are gathered (one contiguous copy each); a request with fewer blocks
-        # repeats its last one, and positions past its length are zeroed and masked.
+        # repeats its last one. Keys past its length are masked; they hold finite values (the
+        # cache starts zeroed and holds only keys/values), so their masked products are 0.
         num_blocks = (lengths + block_size - 1) // block_size
         cols = torch.minimum(torch.arange(int(num_blocks.max()))[None, :], num_blocks[:, None] - 1)
         blocks = block_table.long().gather(1, cols)
-        valid = torch.arange(cols.shape[1] * block_size)[None, :] < lengths[:, None]
 
         request = torch.repeat_interleave(torch.arange(num_requests), sizes)
         local = torch.arange(int(cu[-1])) - cu[:-1][request]
@@ -105,24 +103,46 @@ class TreeAttentionPlan:
         node_rows[row_index[in_tree], tree_col[in_tree]] = ancestors[in_tree]
         mask[request, local] = node_rows
         mask[:, :, 0] |= ~mask.any(-1)  # padding rows: keep softmax finite, their output is dropped
-        return cls(blocks, valid[..., None, None], mask[:, None], request, local)
+        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        return cls(blocks, bias[:, None], request, local)
 
     def attend(self, q, kv_cache, isa, scale):
-        """q [N, Hq, D] of the plan's node rows -> attention outputs [N, Hq, D]."""
-        num_requests = self.blocks.shape[0]
-        _, num_kv_heads, _, two_head = kv_cache.shape
-        gathered = kv_cache[self.blocks.flatten()]  # whole blocks, one contiguous copy each
-        keys, values = (t.reshape(num_requests, -1, num_kv_heads, two_head // 2) for t in kv_views(gathered, isa))
-        max_len = self.mask.shape[-1]
-        keys, values = keys[:, :max_len].float(), values[:, :max_len].float()
-        valid = self.valid[:, :max_len]
-        keys, values = torch.where(valid, keys, 0.0), torch.where(valid, values, 0.0)
-        queries = q.new_zeros(self.mask.shape[0], self.mask.shape[2], *q.shape[1:], dtype=torch.float32)
-        queries[self.request, self.local] = q.float()
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=self.mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[2])
-        return out.transpose(1, 2)[self.request, self.local].to(q.dtype)
+        """q [N, Hq, D] of the plan's node rows -> attention outputs [N, Hq, D].
+
+        Per KV head, the queries of its group are rows of one matrix: scores = Q K^T + bias,
+        softmax, times V, in fp32, two batched matmuls (no per-layer mask work)."""
+        num_requests, num_nodes = self.blocks.shape[0], self.bias.shape[2]
+        num_kv_heads, head = kv_cache.shape[1], kv_cache.shape[3] // 2
+        group = q.shape[1] // num_kv_heads
+        keys_t, values = self.keys_values(kv_cache, isa)
+        queries = q.new_zeros(num_requests, num_nodes, num_kv_heads, group, head, dtype=torch.float32)
+        queries[self.request, self.local] = q.float().view(-1, num_kv_heads, group, head)
+        queries = queries.permute(0, 2, 1, 3, 4).reshape(num_requests, num_kv_heads, num_nodes * group, head)
+        scores = torch.matmul(queries, keys_t).mul_(scale)  # [R, Hkv, n * g, L]
+        max_len = scores.shape[-1]
+        scores = scores.view(num_requests, num_kv_heads, num_nodes, group, max_len).add_(self.bias[..., None, :])
+        out = torch.matmul(scores.softmax(-1).view(num_requests, num_kv_heads, num_nodes * group, max_len), values)
+        out = out.view(num_requests, num_kv_heads, num_nodes, group, head).permute(0, 2, 1, 3, 4)
+        return out[self.request, self.local].reshape(-1, q.shape[1], head).to(q.dtype)
+
+    def keys_values(self, kv_cache, isa) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each request's keys, transposed, [R, Hkv, D, L] and values [R, Hkv, L, D], fp32: one
+        gather of whole blocks, then one copy each that converts and lays them out for matmul."""
+        num_requests, num_blocks = self.blocks.shape
+        max_len = self.bias.shape[-1]
+        _, num_kv_heads, block_size, two_head = kv_cache.shape
+        head = two_head // 2
+        gathered = kv_cache[self.blocks.flatten()]
+        if isa == "amx":  # VNNI-packed tiles: through the reference layout's views
+            keys, values = (t.reshape(num_requests, -1, num_kv_heads, head)[:, :max_len].transpose(1, 2).float()
+                            for t in kv_views(gathered, isa))
+            return keys.transpose(-1, -2), values
+        planes = gathered.view(num_requests, num_blocks, num_kv_heads, 2, block_size * head)
+        k_t = planes[:, :, :, 0].unflatten(-1, (head, block_size)).permute(0, 2, 3, 1, 4)  # [R, H, D, B, bs]
+        v = planes[:, :, :, 1].unflatten(-1, (block_size, head)).permute(0, 2, 1, 3, 4)  # [R, H, B, bs, D]
+        k_t = torch.empty(k_t.shape).copy_(k_t).flatten(-2)[..., :max_len]
+        v = torch.empty(v.shape).copy_(v).flatten(2, 3)[:, :, :max_len]
+        return k_t, v
 
 
 def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, ancestor_bits, scale):
@@ -134,10 +154,31 @@ def tree_attention_cpu(q, kv_cache, isa, block_table, prefix_lens, cu_nodes, anc
     return plan.attend(q, kv_cache, isa, scale)
 
 
+def slot_elements(kv_cache: torch.Tensor, isa: str, slots: torch.Tensor) -> torch.Tensor:
+    """int64 [N, 2 * heads * head_size]: where each slot's K and V values sit in
+    `kv_cache.view(-1)`, from the `kv_tiles` views' strides (every layer of a shape alike)."""
+    columns = []
+    for view in kv_tiles(kv_cache, isa):
+        _, _, t2, heads, d1, d2 = view.shape
+        block_size = view.shape[1] * t2
+        s = view.stride()
+        blocks, offsets = slots // block_size, slots % block_size
+        token = view.storage_offset() - kv_cache.storage_offset() + blocks * s[0] + offsets // t2 * s[1] \
+            + offsets % t2 * s[2]
+        within = (torch.arange(heads)[:, None, None] * s[3] + torch.arange(d1)[None, :, None] * s[4]
+                  + torch.arange(d2)[None, None, :] * s[5]).flatten()
+        columns.append(token[:, None] + within[None, :])
+    return torch.cat(columns, dim=1)
+
+
 def compact_kv_cpu(kv_caches: list[torch.Tensor], isa: str, src_slots, dst_slots) -> None:
-    """`vllm_respsp_triton.compact_kv` (its reference's semantics) for per-layer CPU caches, in place."""
+    """`vllm_respsp_triton.compact_kv` (its reference's semantics) for per-layer CPU caches, in
+    place: the moved values' element offsets once, then one gather and one scatter per layer."""
     valid = (src_slots >= 0) & (dst_slots >= 0)
     src, dst = src_slots[valid].long(), dst_slots[valid].long()
+    if not kv_caches or src.numel() == 0:
+        return
+    src_el, dst_el = (slot_elements(kv_caches[0], isa, slots).flatten() for slots in (src, dst))
     for cache in kv_caches:
-        for view in kv_tiles(cache, isa):
-            write_slots(view, dst, read_slots(view, src))  # the gather copies first: dst may be a src
+        flat = cache.view(-1)
+        flat[dst_el] = flat[src_el]  # the gather copies first: a dst may be a src

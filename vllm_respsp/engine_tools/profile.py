@@ -23,7 +23,10 @@ The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
 file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
 
-The `note` of a row gives the number of steps and their quartiles.
+The `note` of a row gives the number of steps and their quartiles; `phases_ms` the runtime's own
+step-clock phases (`vllm_respsp.step_clock`: draft, draft_extend, choose_shapes, tree_attention,
+verify, compact_kv, ...) in ms per engine step of its runs at that batch size (prefill steps
+included), from the stats file each engine rewrites.
 """
 
 from __future__ import annotations
@@ -157,8 +160,10 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             spec = {"method": "respsp", "model": head, "shape": shape.to_dict()}
         clock = stats_dir / f"{name.replace('/', '_')}.steps"
         os.environ[envs.STEP_TIMES] = str(clock)
+        os.environ[envs.STATS_FILE] = str(clock.with_suffix(".stats.json"))
         workers.append((shape, clock, EngineWorker(model, EngineConfig(name, spec, engine))))
     os.environ.pop(envs.STEP_TIMES)
+    os.environ.pop(envs.STATS_FILE)
     rows = []
     try:
         for *_, w in workers:
@@ -167,10 +172,12 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             prompts = pool[:batch]
             context = round(sum(map(len, prompts)) / batch + args.tokens / 2)
             steps: dict[int, list[float]] = {i: [] for i in range(len(workers))}
+            before = [phase_seconds(clock) for _, clock, _ in workers]
             for _ in range(args.reps):
                 for i, (shape, clock, w) in enumerate(workers):
                     steps[i] += timed_run(w, clock, prompts, args.tokens, max_tokens_per_request(shape))
                     bar.update(1)
+            phases = [phases_per_step(b, phase_seconds(clock)) for b, (_, clock, _) in zip(before, workers)]
             for i, (shape, _, _) in enumerate(workers):
                 if not steps[i]:
                     raise SystemExit(f"{shape or 'none'} at batch {batch}: no decode step ran all "
@@ -179,7 +186,7 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
                 row = {"batch": batch, "context": context, "seconds": round(median, 6),
                        "note": f"median of {len(steps[i])} decode steps: {median * 1e3:.1f} ms "
                                f"(quartiles {q1 * 1e3:.1f}-{q3 * 1e3:.1f})"}
-                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
+                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict(), "phases_ms": phases[i]})
                 rows.append(row)
     finally:
         for *_, w in workers:
@@ -190,6 +197,23 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
 def max_tokens_per_request(shape: TreeShape | None) -> int:
     """Most tokens a decode step schedules per request: the bonus token and the shape's drafts."""
     return 1 + (shape.total_tokens if shape is not None else 0)
+
+
+def phase_seconds(clock: Path) -> tuple[int, dict[str, float]]:
+    """(engine steps, seconds per step-clock phase) so far, from an engine's stats file."""
+    path = clock.with_suffix(".stats.json")
+    if not path.is_file():
+        return 0, {}
+    stats = json.loads(path.read_text())
+    return stats["steps"], stats["seconds"]
+
+
+def phases_per_step(before: tuple[int, dict], after: tuple[int, dict]) -> dict[str, float]:
+    """ms per engine step of each phase between two `phase_seconds` readings."""
+    steps = after[0] - before[0]
+    if steps <= 0:
+        return {}
+    return {k: round((v - before[1].get(k, 0.0)) * 1e3 / steps, 3) for k, v in sorted(after[1].items())}
 
 
 def timed_run(worker, clock: Path, prompts, tokens: int, max_q: int) -> list[float]:

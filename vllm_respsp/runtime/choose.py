@@ -100,10 +100,14 @@ class ShapeChooser:
                 self.load_failed = True
                 return [self.config.shape] * len(req_ids), len(req_ids)
         before = self.policy.fallback_count
-        try:
-            features = policy_features(self.policy.feature_spec, roots)
-        except Exception:  # ShapePolicy turns a bad feature tensor into fallbacks, never raises
-            features = torch.empty(0)
+        features = torch.empty(0)
+        # Features only when the network runs: a step where every request holds its shape
+        # (e.g. all held on NO_DRAFTS, whose roots are zeros) asks nothing of it.
+        if any(self.policy.held(r) is None for r in req_ids):
+            try:
+                features = policy_features(self.policy.feature_spec, roots)
+            except Exception:  # ShapePolicy turns a bad feature tensor into fallbacks, never raises
+                pass
         recent = torch.tensor([self.recent.setdefault(r, 0.0) for r in req_ids])
         shapes = self.policy.choose(req_ids, features, recent, batch_load)
         return shapes, self.policy.fallback_count - before

@@ -87,6 +87,9 @@ class TreeDrafter:
         self.group = head.num_heads // head.num_kv_heads
         self.contexts: dict[str, DraftContext] = {}
         self.deferred: dict[str, Deferred] = {}
+        # The padded contexts `extend` built this step ({request: row}, padded): `draft` reads
+        # the same contexts right after, so it reuses them instead of copying them again.
+        self._extended: tuple[dict[str, int], tuple] | None = None
 
     def forget(self, keep: set[str]) -> None:
         """Drop the caches of requests that are gone (finished or aborted)."""
@@ -94,6 +97,7 @@ class TreeDrafter:
             del self.contexts[req_id]
         for req_id in [r for r in self.deferred if r not in keep]:
             del self.deferred[req_id]
+        self._extended = None
 
     def context_length(self, req_id: str) -> int:
         """The position the request's draft context reaches, deferred positions included (0: none)."""
@@ -140,6 +144,7 @@ class TreeDrafter:
     def extend(self, aux: torch.Tensor, rows: list[NewRows]) -> RootStates:
         """Append verified positions; returns each request's states at its new root."""
         head = self.head
+        self._extended = None
         parts = [self._with_deferred(aux, r) for r in rows]
         tokens = torch.cat([t for _, _, t in parts])
         positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t in parts])
@@ -153,7 +158,8 @@ class TreeDrafter:
             for n, ctx in zip(counts.tolist(), contexts):
                 ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
                 offset += n
-            keys, values, lengths = self._padded(contexts)
+            keys, values, lengths = padded = self._padded(contexts)
+            self._extended = ({r.req_id: i for i, r in enumerate(rows)}, padded)
             request, local = _ragged_index(counts)
             queries = step.q.new_zeros(len(rows), int(counts.max()), *step.q.shape[1:])
             queries[request, local] = step.q
@@ -177,7 +183,7 @@ class TreeDrafter:
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
-        padded = self._padded(contexts)
+        padded = self._padded_for(req_ids, contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 
@@ -220,6 +226,18 @@ class TreeDrafter:
             keys[r, :ctx.length] = ctx.k[:ctx.length]
             values[r, :ctx.length] = ctx.v[:ctx.length]
         return keys, values, lengths
+
+    def _padded_for(self, req_ids: list[str], contexts):
+        """`_padded(contexts)`, taken from this step's `extend` when it covered these requests."""
+        if self._extended is not None:
+            row_of, (keys, values, lengths) = self._extended
+            rows = [row_of.get(r) for r in req_ids]
+            if None not in rows:
+                if rows == list(range(len(row_of))):
+                    return keys, values, lengths
+                index = torch.tensor(rows)
+                return keys[index], values[index], lengths[index]
+        return self._padded(contexts)
 
     def _attend_tree(self, q, request, padded, path_k, path_v) -> torch.Tensor:
         """Frontier rows attend to their request's whole context and their own root path.

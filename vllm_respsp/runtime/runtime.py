@@ -117,7 +117,8 @@ class RespspRuntime:
         self.index: StepIndex | None = None
         # batch index -> why that request needs vLLM's own sampler (it drafts chains)
         self.upstream: dict[int, str] = {}
-        self.step_trees: StepTrees | None = None
+        self.step_trees: StepTrees | None = None  # None: no request verifies a real tree this step
+        self.drafted: set[int] = set()  # batch indices of the step's requests with drafts
         self.accepted: dict[int, list[int]] = {}
         self.broken: set[str] = set()
         self.shape_counts: Counter[str] = Counter()
@@ -176,19 +177,26 @@ class RespspRuntime:
         self.upstream = self._upstream_requests(index)
         self.accepted = {}
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        self.drafted = {i for i, req_id in enumerate(index.req_ids) if spec_tokens.get(req_id)}
         try:
-            self.step_trees = StepTrees.build(index.req_ids, spec_tokens, self.proposed, index.query_start,
-                                              index.num_computed, runner.input_batch.block_table[0].slot_mapping.gpu)
-            if self.step_trees is not None:
-                self.step_trees.rewrite_positions(runner.positions)
-            for req_id, drafts in spec_tokens.items():
-                tree = self.proposed.get(req_id)
-                if tree is not None:
-                    self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
+            with timed("tree_layout"):
+                self._lay_out_trees(index, spec_tokens)
         except Exception:  # verifying the drafts as chains is still exact
             logger.exception("respsp: could not lay out this step's trees; verifying them as chains")
             self._fallback("tree_layout_error")
             self.step_trees = None
+
+    def _lay_out_trees(self, index: StepIndex, spec_tokens: dict[str, list[int]]) -> None:
+        """The step's trees over vLLM's flattened rows, their RoPE positions rewritten."""
+        runner = self.runner
+        self.step_trees = StepTrees.build(index.req_ids, spec_tokens, self.proposed, index.query_start,
+                                          index.num_computed, runner.input_batch.block_table[0].slot_mapping.gpu)
+        if self.step_trees is not None:
+            self.step_trees.rewrite_positions(runner.positions)
+        for req_id, drafts in spec_tokens.items():
+            tree = self.proposed.get(req_id)
+            if tree is not None:
+                self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
 
     def tree_attention_batch(self) -> StepTrees | None:
         trees = self.step_trees
@@ -293,19 +301,19 @@ class RespspRuntime:
         """(NewRows per request to append to its draft context, the requests that can draft)."""
         runner = self.runner
         discard = runner.discard_request_mask.np[:index.num_reqs]
-        drafting = set(self.step_trees.batch_index.tolist()) if self.step_trees is not None else set()
         new_rows: list[NewRows] = []
         roots: list[RootRequest] = []
+        sampled_rows = sampled.tolist()  # one host copy; per-request tensor ops cost more than lists
         for i, req_id in enumerate(index.req_ids):
             start, n_sched = int(index.num_computed[i]), index.scheduled(i)
             if req_id in self.broken or n_sched == 0 or not self._context_in_step(req_id, start):
                 continue
-            valid = sampled[i][sampled[i] >= 0]
-            if scheduler_output.scheduled_spec_decode_tokens.get(req_id) and len(valid):
+            valid = [t for t in sampled_rows[i] if t >= 0]
+            if valid and scheduler_output.scheduled_spec_decode_tokens.get(req_id):
                 self.choose.observe(req_id, len(valid) - 1)
-            rows, next_tokens = self._rows_of(i, index, valid, i in drafting, bool(discard[i]))
-            if not discard[i] and len(valid):
-                roots.append(RootRequest(req_id, len(new_rows), int(valid[-1]), start + len(rows)))
+            rows, next_tokens = self._rows_of(i, index, valid, i in self.drafted, bool(discard[i]))
+            if not discard[i] and valid:
+                roots.append(RootRequest(req_id, len(new_rows), valid[-1], start + len(rows)))
             new_rows.append(NewRows(req_id, start, rows, next_tokens))
         return new_rows, roots
 
@@ -323,18 +331,20 @@ class RespspRuntime:
             return False
         return True
 
-    def _rows_of(self, i: int, index: StepIndex, valid: torch.Tensor, drafted: bool, discarded: bool):
+    def _rows_of(self, i: int, index: StepIndex, valid: list[int], drafted: bool, discarded: bool):
         """(aux rows, next tokens) of request i's newly verified positions: the accepted path of
         its tree, or every scheduled row (prefill chunks, chains)."""
         row0 = int(index.query_start[i])
         if drafted:
             nodes = self.accepted.get(i, list(range(len(valid))))
-            return torch.tensor(nodes) + row0, valid[:len(nodes)].long()
+            return torch.tensor(nodes) + row0, torch.tensor(valid[:len(nodes)])
         n_sched = index.scheduled(i)
-        if discarded or len(valid) == 0:
+        if discarded or not valid:
             last = int(self.runner.input_batch.token_ids_cpu[i, int(index.num_computed[i]) + n_sched])
         else:
-            last = int(valid[0])
+            last = valid[0]
+        if n_sched == 1:  # a decode step without drafts: the only row's next token is the sampled one
+            return torch.tensor([row0]), torch.tensor([last])
         input_ids = self.runner.input_ids.cpu
         next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
         return torch.arange(row0, row0 + n_sched), next_tokens
@@ -387,12 +397,16 @@ class RespspRuntime:
         if not chosen:
             return
         states = root_states.at([root.context_row for root, _ in chosen])
-        tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
-                                  torch.tensor([root.token for root, _ in chosen]),
-                                  states.hidden, states.logprobs)
+        with timed("draft_grow"):
+            tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
+                                      torch.tensor([root.token for root, _ in chosen]),
+                                      states.hidden, states.logprobs)
+        # one host copy of the batch's trees, cut per request (not one tensor slice each)
+        tokens, parents, depths, cu = (t.tolist() for t in (tree.tokens, tree.parents, tree.depths, tree.cu_nodes))
+        names = {shape: str(shape) for _, shape in chosen}
         for b, (root, shape) in enumerate(chosen):
-            part = tree.request(b)
-            proposed = ProposedTree(part.tokens.tolist(), part.parents.tolist(), part.depths.tolist(), str(shape))
+            nodes = slice(cu[b], cu[b + 1])
+            proposed = ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape])
             self.proposed[root.req_id] = proposed
             self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
 

@@ -106,12 +106,14 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
     # Requests without drafts (a prefill's last chunk, or no drafts this step): one row each.
     plain = (num_draft == 0).nonzero().squeeze(1)
     tree_reqs = trees.batch_index
-    dense = logits.float()
     generators = sampling_metadata.generators or {}
+    # Only the rows read are converted (a bf16 -> fp32 copy of every row cost ms at batch 8);
+    # argmax is the same on either dtype (the conversion is exact).
     if sampling_metadata.all_greedy:
-        out[plain, 0] = dense[first_row[plain]].argmax(-1).int()
+        out[plain, 0] = logits[first_row[plain].to(logits.device)].argmax(-1).int().to(out.device)
     else:
-        probs = _target_probs(dense[first_row[plain]], torch.ones_like(plain), sampling_metadata, plain)
+        probs = _target_probs(logits[first_row[plain].to(logits.device)].float(), torch.ones_like(plain),
+                              sampling_metadata, plain)
         own = {i: generators[b] for i, b in enumerate(plain.tolist()) if b in generators}
         out[plain, 0] = sample_rows(probs, generator, own, seeded).int()
 
@@ -120,13 +122,13 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
         torch.arange(int(trees.cu_nodes[-1])) - torch.repeat_interleave(trees.cu_nodes[:-1].long(), sizes))
     tree = DraftTree(trees.tokens, trees.parents, trees.depths,
                      torch.zeros(trees.tokens.numel()), trees.cu_nodes)
-    node_logits = dense[node_rows.to(dense.device)]
+    node_logits = logits[node_rows.to(logits.device)]
     if sampling_metadata.all_greedy:
-        acceptance = accept_greedy(tree, node_logits.argmax(-1))
+        acceptance = accept_greedy(tree, node_logits.argmax(-1), trees.metadata)
     else:
         probs = _target_probs(node_logits, sizes, sampling_metadata, tree_reqs)
         own = {r: generators[b] for r, b in enumerate(tree_reqs.tolist()) if b in generators}
-        acceptance = accept_sampled(tree, probs, generator, own, seeded)
+        acceptance = accept_sampled(tree, probs, generator, own, seeded, trees.metadata)
     accepted = []
     for r, (b, tokens) in enumerate(zip(tree_reqs.tolist(), acceptance.output_tokens(tree))):
         out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)

@@ -151,6 +151,9 @@ class TreeBuilder:
         child_score = parent_score[:, None] + values
         ids = self._add(request[:, None].expand_as(tokens)[keep], tokens[keep],
                         parent[:, None].expand_as(tokens)[keep], depth, child_score[keep])
+        if self.k_max == 1:  # chains only: each node's one child is its request's whole beam
+            alive = child_score[keep] > NEG_INF
+            return Frontier(request[keep[:, 0]][alive], ids[alive], tokens[keep][alive], depth)
         # Beam: per request, the best K_b of its K_b^2 children. Lay the children out in one
         # padded row per request ([R, k_max * k_max]) and take the top of each row.
         reqs, slot_of_parent = torch.unique_consecutive(request, return_inverse=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vllm_respsp_triton import build_tree_metadata
+from vllm_respsp_triton.tree_metadata import TreeMetadata
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StepTrees:
     masked_rows: torch.Tensor  # int64 [sum nodes] token rows of those requests' nodes
     masked_cu: torch.Tensor  # int32 [M + 1]
     masked_bits: torch.Tensor  # int32 [sum nodes, words] ancestor bitmask
+    metadata: TreeMetadata  # of every tree of the step (host): children and siblings for verification
 
     @property
     def num_requests(self) -> int:
@@ -81,7 +83,7 @@ class StepTrees:
             depths += dep
             tokens += [-1] + list(drafts)  # the root's token is not needed here
             chains.append(dep[-1] == n - 1)
-        if not batch:
+        if all(chains):  # chains only: vLLM's own positions, attention and rejection sampler
             return None
         cu = np.zeros(len(sizes) + 1, dtype=np.int64)
         cu[1:] = np.cumsum(sizes)
@@ -91,31 +93,29 @@ class StepTrees:
         is_chain = torch.tensor(chains)
         masked = (~is_chain).nonzero().squeeze(1)
         masked_sizes = [sizes[m] for m in masked.tolist()]
-        masked_rows = torch.cat([rows[int(cu[m]):int(cu[m + 1])] for m in masked.tolist()]) \
-            if masked_sizes else torch.empty(0, dtype=torch.long)
+        node_masked = torch.from_numpy(np.repeat(~np.array(chains), sizes))
         masked_cu = torch.zeros(len(masked_sizes) + 1, dtype=torch.int32)
-        masked_cu[1:] = torch.tensor(masked_sizes, dtype=torch.int32).cumsum(0) if masked_sizes else 0
+        masked_cu[1:] = torch.tensor(masked_sizes, dtype=torch.int32).cumsum(0)
         parents_t = torch.tensor(parents, dtype=torch.int32)
-        if masked_sizes:
-            masked_parents = torch.cat([parents_t[int(cu[m]):int(cu[m + 1])] for m in masked.tolist()])
-            bits = build_tree_metadata(masked_parents, masked_cu, max(masked_sizes)).ancestor_bits
-        else:
-            bits = torch.empty(0, 1, dtype=torch.int32)
+        cu_nodes = torch.from_numpy(cu).int()
+        # once per step, for the tree attention (ancestor bits) and the verification (children)
+        metadata = build_tree_metadata(parents_t, cu_nodes, max(sizes))
         device = slot_mapping.device
         return cls(
             batch_index=torch.tensor(batch, dtype=torch.long),
             row_start=row_start,
             prefix_lens=torch.tensor(prefixes, dtype=torch.int32),
-            cu_nodes=torch.from_numpy(cu).int(),
+            cu_nodes=cu_nodes,
             parents=parents_t,
             depths=torch.tensor(depths, dtype=torch.int32),
             tokens=torch.tensor(tokens, dtype=torch.long),
             slots=slot_mapping[rows.to(device)].long().cpu(),
             is_chain=is_chain,
             masked=masked,
-            masked_rows=masked_rows.to(device),
+            masked_rows=rows[node_masked].to(device),
             masked_cu=masked_cu.to(device),
-            masked_bits=bits.to(device),
+            masked_bits=metadata.ancestor_bits[node_masked].to(device),
+            metadata=metadata,
         )
 
     def rewrite_positions(self, positions: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ import torch
 from vllm_respsp.tree.build import DraftTree
 from vllm_respsp_triton import accept_greedy as accept_greedy_kernel
 from vllm_respsp_triton import build_tree_metadata
+from vllm_respsp_triton.tree_metadata import TreeMetadata
 
 
 @dataclass
@@ -47,9 +48,10 @@ def _metadata(tree: DraftTree):
     return build_tree_metadata(tree.parents, tree.cu_nodes, max_nodes)
 
 
-def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> Acceptance:
-    """target_argmax [N]: the target's greedy token after each node."""
-    meta = _metadata(tree)
+def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor, metadata: TreeMetadata | None = None) -> Acceptance:
+    """target_argmax [N]: the target's greedy token after each node. `metadata`: the trees'
+    `build_tree_metadata`, when the caller has it already."""
+    meta = metadata if metadata is not None else _metadata(tree)
     max_depth = int(tree.depths.max())
     length, nodes, bonus = accept_greedy_kernel(
         tree.tokens, target_argmax, meta.first_child, meta.next_sibling, tree.cu_nodes, max_depth)
@@ -98,13 +100,13 @@ def sample_rows(p: torch.Tensor, generator: torch.Generator | None, own: dict[in
 
 def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None,
                    request_generators: dict[int, torch.Generator] | None = None,
-                   seeded: SeededSampler = exponential_race) -> Acceptance:
+                   seeded: SeededSampler = exponential_race, metadata: TreeMetadata | None = None) -> Acceptance:
     """target_probs [N, V]: the target's sampling distribution after each node (temperature,
     top-k/top-p already applied). Vectorised over requests; loops over depth and siblings.
     `request_generators` {request index: generator}: seeded requests (see `uniform`), whose
     bonus token `seeded` samples (see `sample_rows`)."""
     own = request_generators or {}
-    meta = _metadata(tree)
+    meta = metadata if metadata is not None else _metadata(tree)
     num_requests = tree.num_requests
     start = tree.cu_nodes[:-1].long()
     max_depth = int(tree.depths.max())
