@@ -51,7 +51,8 @@ def probe(worker) -> dict:
         if obj is None or id(obj) in seen or not type(obj).__module__.startswith("vllm_respsp"):
             continue
         seen.add(id(obj))
-        for attr, value in vars(obj).items():
+        fields = obj._asdict() if hasattr(obj, "_asdict") else getattr(obj, "__dict__", {})  # NamedTuples too
+        for attr, value in fields.items():
             if isinstance(value, (dict, list, set)):
                 held[f"{name}.{attr}"] = len(value)
             elif not isinstance(value, torch.nn.Module):
