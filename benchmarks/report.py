@@ -66,23 +66,28 @@ def plot_speedups(result: dict, path: Path) -> None:
 
 
 def plot_acceptance(result: dict, path: Path) -> None:
-    """Distribution of accepted draft tokens per step, from vLLM's per-position counts:
-    P(accepted >= k) = accepted_at_position[k-1] / drafts."""
+    plot_accepted_per_step(result["cells"], result["configs"],
+                           lambda cell: f"{cell['prompt_set']} bs{cell['batch_size']}", path)
+
+
+def plot_accepted_per_step(cells: list[dict], configs: list[dict], label, path: Path) -> bool:
+    """One panel per speculative configuration: the fraction of steps that accepted exactly k
+    drafts, one line per cell (`label(cell)` names it), from vLLM's per-position counts:
+    P(accepted >= k) = accepted_at_position[k-1] / drafts. False (nothing drawn) without one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec_configs = [c for c in result["configs"] if c["speculative_config"]]
+    spec_configs = [c for c in configs if c["speculative_config"]]
     if not spec_configs:
-        return
+        return False
     fig, axes = plt.subplots(1, len(spec_configs), figsize=(4 * len(spec_configs), 3.5), squeeze=False)
     for ax, config in zip(axes[0], spec_configs):
-        for cell in result["cells"]:
+        for cell in cells:
             at_least = [1.0] + cell["configs"][config["name"]]["acceptance_per_pos"]
             exactly = [a - b for a, b in zip(at_least, at_least[1:] + [0.0])]
-            ax.plot(range(len(exactly)), exactly, marker="o",
-                    label=f"{cell['prompt_set']} bs{cell['batch_size']}")
+            ax.plot(range(len(exactly)), exactly, marker="o", label=label(cell))
         ax.set_title(config["describe"])
         ax.set_xlabel("draft tokens accepted in a step")
         ax.set_ylabel("fraction of steps")
@@ -90,6 +95,7 @@ def plot_acceptance(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_report(result: dict, out: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.report import plot_accepted_per_step
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -60,10 +62,9 @@ def plot_serving(result: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = list(dict.fromkeys(c["prompt_set"] for c in result["cells"]))
     loads = list(dict.fromkeys(c["load"] for c in result["cells"]))
     configs = result["configs"]
-    paths = []
+    paths = [out / "serving_throughput.png", out / "serving_latency.png"]
 
     def series(set_name, name, key, sub=None):
         ys = []
@@ -73,59 +74,49 @@ def plot_serving(result: dict, out: Path) -> list[Path]:
             ys.append(v[sub] if (sub and v) else v)
         return ys
 
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
-    for ax, set_name in zip(axes[0], sets):
+    def throughput(ax, set_name):
         for c in configs:
             ax.plot(range(len(loads)), series(set_name, c["name"], "output_tokens_per_s"), marker="o",
                     label=c["describe"])
-        ax.set_xticks(range(len(loads)), loads)
         ax.set_xlabel("load (cN: N in flight; R/s: Poisson rate)")
         ax.set_ylabel("output tokens/s")
-        ax.set_title(Path(set_name).name)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "serving_throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(2, len(sets), figsize=(5 * len(sets), 7), squeeze=False)
-    width = 0.8 / max(1, len(configs))
-    for col, set_name in enumerate(sets):
-        for row, key in enumerate(("ttft_ms", "tpot_ms")):
-            ax = axes[row][col]
+    def latency(key):
+        width = 0.8 / max(1, len(configs))
+
+        def bars(ax, set_name):
             for j, c in enumerate(configs):
                 p50 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p50")]
                 p90 = [v if v is not None else 0 for v in series(set_name, c["name"], key, "p90")]
                 xs = [i + (j - (len(configs) - 1) / 2) * width for i in range(len(loads))]
                 ax.bar(xs, p50, width, label=c["describe"])
                 ax.vlines(xs, p50, p90, color="black", lw=0.8)
-            ax.set_xticks(range(len(loads)), loads)
             ax.set_ylabel(f"{key[:4].upper()} ms (p50, line to p90)")
-            ax.set_title(Path(set_name).name)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "serving_latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        return bars
 
-    spec = [c for c in configs if c["speculative_config"]]
-    if spec:
-        fig, axes = plt.subplots(1, len(spec), figsize=(4 * len(spec), 3.5), squeeze=False)
-        for ax, c in zip(axes[0], spec):
-            for cell in result["cells"]:
-                at_least = [1.0] + cell["configs"][c["name"]]["acceptance_per_pos"]
-                exactly = [a - b for a, b in zip(at_least, at_least[1:] + [0.0])]
-                ax.plot(range(len(exactly)), exactly, marker="o",
-                        label=f"{Path(cell['prompt_set']).name} {cell['load']}")
-            ax.set_title(c["describe"])
-            ax.set_xlabel("draft tokens accepted in a step")
-            ax.set_ylabel("fraction of steps")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "serving_acceptance.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    _per_prompt_set(plt, result, loads, [throughput], paths[0], legend_size=8)
+    _per_prompt_set(plt, result, loads, [latency("ttft_ms"), latency("tpot_ms")], paths[1], legend_size=7)
+    acceptance = out / "serving_acceptance.png"
+    if plot_accepted_per_step(result["cells"], configs,
+                              lambda cell: f"{Path(cell['prompt_set']).name} {cell['load']}", acceptance):
+        paths.append(acceptance)
     return paths
+
+
+def _per_prompt_set(plt, result: dict, loads: list, rows: list, path: Path, legend_size: int) -> None:
+    """One column per prompt set, one row per `draw(ax, prompt_set)` in `rows`, loads on the x axis."""
+    sets = list(dict.fromkeys(c["prompt_set"] for c in result["cells"]))
+    fig, axes = plt.subplots(len(rows), len(sets), figsize=(5 * len(sets), 0.5 + 3.5 * len(rows)), squeeze=False)
+    for col, set_name in enumerate(sets):
+        for row, draw in enumerate(rows):
+            ax = axes[row][col]
+            draw(ax, set_name)
+            ax.set_xticks(range(len(loads)), loads)
+            ax.set_title(Path(set_name).name)
+    axes[0][0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(result: dict, out: Path) -> None:
