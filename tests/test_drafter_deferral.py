@@ -62,7 +62,7 @@ def run(defer_steps: dict[str, set[int]]):
         drafter.defer(aux, deferred)
         extended = [x for x in rows if x not in deferred]
         if extended:
-            roots = (drafter.extend(aux, extended), [x.req_id for x in extended])
+            roots = (drafter.extend(aux, extended)[0], [x.req_id for x in extended])
     return drafter, roots
 
 

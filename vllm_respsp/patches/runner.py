@@ -56,7 +56,7 @@ class RunnerAttentionMetadata(Patch):
         def _build_attention_metadata(runner, *args, **kwargs):
             attn_metadata, spec_metadata = original(runner, *args, **kwargs)
             runtime = runtime_of(runner)
-            trees = runtime.tree_attention_batch() if runtime is not None else None
+            trees = runtime.step_trees if runtime is not None else None
             if trees is not None:
                 groups = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]
                 for by_layer in groups:

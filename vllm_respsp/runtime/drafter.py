@@ -81,15 +81,34 @@ class NewRows:
     next_tokens: torch.Tensor  # int64 [n] token at position p + 1 for each row
 
 
+@dataclass
+class PaddedContexts:
+    """The draft contexts `extend` padded for its attention ({request: row} and the tensors of
+    `TreeDrafter._padded`). `draft` right after reads the same contexts: it takes them from
+    here instead of copying them again."""
+
+    row_of: dict[str, int]
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+    def of(self, req_ids: list[str]) -> tuple | None:
+        """(keys, values, lengths) of these requests in this order; None if one is not here."""
+        rows = [self.row_of.get(r) for r in req_ids]
+        if None in rows:
+            return None
+        if rows == list(range(len(self.row_of))):
+            return self.keys, self.values, self.lengths
+        index = torch.tensor(rows)
+        return self.keys[index], self.values[index], self.lengths[index]
+
+
 class TreeDrafter:
     def __init__(self, head: HeadAdapter):
         self.head = head
         self.group = head.num_heads // head.num_kv_heads
         self.contexts: dict[str, DraftContext] = {}
         self.deferred: dict[str, Deferred] = {}
-        # The padded contexts `extend` built this step ({request: row}, padded): `draft` reads
-        # the same contexts right after, so it reuses them instead of copying them again.
-        self._extended: tuple[dict[str, int], tuple] | None = None
 
     def forget(self, keep: set[str]) -> None:
         """Drop the caches of requests that are gone (finished or aborted)."""
@@ -97,7 +116,6 @@ class TreeDrafter:
             del self.contexts[req_id]
         for req_id in [r for r in self.deferred if r not in keep]:
             del self.deferred[req_id]
-        self._extended = None
 
     def context_length(self, req_id: str) -> int:
         """The position the request's draft context reaches, deferred positions included (0: none)."""
@@ -141,10 +159,11 @@ class TreeDrafter:
         return ctx
 
     @torch.inference_mode()
-    def extend(self, aux: torch.Tensor, rows: list[NewRows]) -> RootStates:
-        """Append verified positions; returns each request's states at its new root."""
+    def extend(self, aux: torch.Tensor, rows: list[NewRows]) -> tuple[RootStates, PaddedContexts]:
+        """Append verified positions; returns each request's states at its new root and the
+        contexts as padded for this pass (for `draft`)."""
         head = self.head
-        self._extended = None
+        extended = {}
         parts = [self._with_deferred(aux, r) for r in rows]
         tokens = torch.cat([t for _, _, t in parts])
         positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t in parts])
@@ -158,8 +177,8 @@ class TreeDrafter:
             for n, ctx in zip(counts.tolist(), contexts):
                 ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
                 offset += n
-            keys, values, lengths = padded = self._padded(contexts)
-            self._extended = ({r.req_id: i for i, r in enumerate(rows)}, padded)
+            keys, values, lengths = self._padded(contexts)
+            extended["padded"] = PaddedContexts({r.req_id: i for i, r in enumerate(rows)}, keys, values, lengths)
             request, local = _ragged_index(counts)
             queries = step.q.new_zeros(len(rows), int(counts.max()), *step.q.shape[1:])
             queries[request, local] = step.q
@@ -174,16 +193,18 @@ class TreeDrafter:
         last = counts.cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
-        return RootStates(hidden[last], prenorm[last], logprobs)
+        return RootStates(hidden[last], prenorm[last], logprobs), extended["padded"]
 
     @torch.inference_mode()
     def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,
-              root_hidden: torch.Tensor, root_logprobs: torch.Tensor) -> DraftTree:
-        """Grow one tree per request; tokens in the result are target-vocabulary ids."""
+              root_hidden: torch.Tensor, root_logprobs: torch.Tensor,
+              extended: PaddedContexts | None = None) -> DraftTree:
+        """Grow one tree per request; tokens in the result are target-vocabulary ids.
+        `extended`: this step's contexts from `extend`, read instead of padded again."""
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
-        padded = self._padded_for(req_ids, contexts)
+        padded = (extended.of(req_ids) if extended is not None else None) or self._padded(contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 
@@ -226,18 +247,6 @@ class TreeDrafter:
             keys[r, :ctx.length] = ctx.k[:ctx.length]
             values[r, :ctx.length] = ctx.v[:ctx.length]
         return keys, values, lengths
-
-    def _padded_for(self, req_ids: list[str], contexts):
-        """`_padded(contexts)`, taken from this step's `extend` when it covered these requests."""
-        if self._extended is not None:
-            row_of, (keys, values, lengths) = self._extended
-            rows = [row_of.get(r) for r in req_ids]
-            if None not in rows:
-                if rows == list(range(len(row_of))):
-                    return keys, values, lengths
-                index = torch.tensor(rows)
-                return keys[index], values[index], lengths[index]
-        return self._padded(contexts)
 
     def _attend_tree(self, q, request, padded, path_k, path_v) -> torch.Tensor:
         """Frontier rows attend to their request's whole context and their own root path.

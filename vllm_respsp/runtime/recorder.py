@@ -42,12 +42,12 @@ class TraceRecorder:
         open(path, "wb").close()  # one recording per engine
 
     def record(self, drafter, req_ids: list[str], prompts: list[list[int]], root_tokens: list[int],
-               root_positions: list[int], roots: RootStates) -> None:
+               root_positions: list[int], roots: RootStates, padded=None) -> None:
         spec = feature_spec(RECORDED_FEATURES, int(roots.hidden.shape[-1]))
         features = policy_features(spec, roots)
         rows = torch.arange(len(req_ids)).repeat_interleave(len(self.pools))
         tree = drafter.draft([req_ids[i] for i in rows.tolist()], self.pools * len(req_ids),
-                             torch.tensor(root_tokens)[rows], roots.hidden[rows], roots.logprobs[rows])
+                             torch.tensor(root_tokens)[rows], roots.hidden[rows], roots.logprobs[rows], padded)
         new = {r: list(p) for r, p in zip(req_ids, prompts) if r not in self.seen}
         self.seen.update(new)
         record = {"req_ids": list(req_ids), "prompts": new, "root_positions": list(root_positions),

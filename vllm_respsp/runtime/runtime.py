@@ -30,7 +30,7 @@ from vllm_respsp.config import RespspConfig
 from vllm_respsp.policy.features import RootStates
 from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
-from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
+from vllm_respsp.runtime.drafter import NewRows, PaddedContexts, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
@@ -76,8 +76,9 @@ class StepRoots:
     """The step's root states by extended row; a deferred request (row -1) reads zeros: it is
     held on NO_DRAFTS, so no policy reads its features and no tree grows from it."""
 
-    def __init__(self, states, drafter: TreeDrafter):
+    def __init__(self, states, padded: PaddedContexts | None, drafter: TreeDrafter):
         self.states = states
+        self.padded = padded  # the contexts `extend` padded, for `draft`
         self.drafter = drafter
 
     def at(self, rows: list[int]) -> RootStates:
@@ -198,10 +199,6 @@ class RespspRuntime:
             if tree is not None:
                 self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
 
-    def tree_attention_batch(self) -> StepTrees | None:
-        trees = self.step_trees
-        return trees if trees is not None and not trees.all_chains else None
-
     # -- verification -------------------------------------------------------------------
     def sample(self, logits, spec_decode_metadata, sampling_metadata, vllm_sample):
         """SamplerOutput for a step with real trees, or None to let vLLM's sampler run.
@@ -212,7 +209,7 @@ class RespspRuntime:
         taken from it: only they fall back, the rest keep their trees."""
         from vllm.v1.outputs import SamplerOutput
 
-        trees = self.tree_attention_batch()
+        trees = self.step_trees
         if trees is None or spec_decode_metadata is None:
             return None
         with timed("verify"):
@@ -266,7 +263,7 @@ class RespspRuntime:
             return [[] for _ in index.req_ids]
         roots_at = root_states.at([r.context_row for r in roots])
         if self.recorder is not None:  # record every action's tree, draft nothing
-            self._record(roots, roots_at)
+            self._record(roots, roots_at, root_states.padded)
             return [[] for _ in index.req_ids]
         shapes = self._shapes(index, roots, roots_at)
         self._grow(roots, shapes, root_states)
@@ -286,8 +283,8 @@ class RespspRuntime:
         row_of = {rows.req_id: i for i, rows in enumerate(extended)}
         roots = [RootRequest(r.req_id, row_of.get(r.req_id, -1), r.token, r.position) for r in roots]
         with timed("draft_extend"):
-            states = self.drafter.extend(aux, extended) if extended else None
-        return roots, StepRoots(states, self.drafter)
+            states, padded = self.drafter.extend(aux, extended) if extended else (None, None)
+        return roots, StepRoots(states, padded, self.drafter)
 
     def _forget_finished(self) -> None:
         live = set(self.runner.requests)
@@ -349,11 +346,11 @@ class RespspRuntime:
         next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
         return torch.arange(row0, row0 + n_sched), next_tokens
 
-    def _record(self, roots: list[RootRequest], roots_at) -> None:
+    def _record(self, roots: list[RootRequest], roots_at, padded: PaddedContexts | None) -> None:
         requests = self.runner.requests
         self.recorder.record(self.drafter, [r.req_id for r in roots],
                              [requests[r.req_id].prompt_token_ids for r in roots],
-                             [r.token for r in roots], [r.position for r in roots], roots_at)
+                             [r.token for r in roots], [r.position for r in roots], roots_at, padded)
 
     def _shapes(self, index: StepIndex, roots: list[RootRequest], roots_at) -> list[TreeShape]:
         """The shape each root request drafts this step (NO_DRAFTS included), after the
@@ -400,7 +397,7 @@ class RespspRuntime:
         with timed("draft_grow"):
             tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
                                       torch.tensor([root.token for root, _ in chosen]),
-                                      states.hidden, states.logprobs)
+                                      states.hidden, states.logprobs, root_states.padded)
         # one host copy of the batch's trees, cut per request (not one tensor slice each)
         tokens, parents, depths, cu = (t.tolist() for t in (tree.tokens, tree.parents, tree.depths, tree.cu_nodes))
         names = {shape: str(shape) for _, shape in chosen}

@@ -52,10 +52,6 @@ class StepTrees:
     def num_requests(self) -> int:
         return int(self.batch_index.numel())
 
-    @property
-    def all_chains(self) -> bool:
-        return self.masked.numel() == 0
-
     def nodes(self, r: int) -> slice:
         return slice(int(self.cu_nodes[r]), int(self.cu_nodes[r + 1]))
 
