@@ -5,7 +5,8 @@ verifies and compacts through `vllm_respsp.backends.triton` on vLLM's paged layo
 
 Interpreted Triton is slow (~30-50 s of generation an engine), so the jobs are small: one engine
 for greedy identity over a batch mixing chains, trees and NO_DRAFTS (every step after the first
-reads KV that compaction moved), one engine for a small chi-square at temperature 0.8.
+reads KV that compaction moved), one engine for a small chi-square at temperature 0.8, and two
+short ones counting the host reads of a step (respsp's chain against vLLM's EAGLE-3).
 """
 
 import json
@@ -81,3 +82,19 @@ def test_sampling_at_temperature_08_keeps_the_target_distribution(tmp_path):
     tree, counters = samples(256, spec, TRITON_ENV)
     assert counters["accepted_per_pos"][0] > 20 and counters["accepted_tokens"] < 0.5 * counters["draft_tokens"]
     assert marginals_p_value(tree, plain, 128) > 0.01
+
+
+def test_a_chain_step_reads_back_no_more_than_vllms_eagle3(fixture_models, tmp_path):
+    """Per decode step on vLLM's GPU attention path, respsp drafting a chain of 3 reads values
+    back to the host (the calls that wait for a GPU, counted by benchmarks/host_reads.py) no
+    more often than vLLM's own EAGLE-3 with 3 drafts, over the whole step: forward, sampling,
+    drafting and the drafts' copy to the host."""
+    from benchmarks.host_reads import configs, count, summary
+
+    chains = {name: spec for name, spec in configs(str(fixture_models["successor_head"])).items()
+              if "chain" in name}
+    reads = {name: summary(count(str(fixture_models["successor"]), spec, tmp_path / "reads.jsonl"))
+             for name, spec in chains.items()}
+    ours, theirs = reads["respsp chain 3 (T3/D3/K1)"], reads["vLLM EAGLE-3 chain 3"]
+    assert theirs["by_package"]["vllm"] > 0  # the counter sees the proposer's and sampler's reads
+    assert ours["steps"] >= 2 and max(ours["per_step"]) <= min(theirs["per_step"]), reads

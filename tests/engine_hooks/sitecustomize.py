@@ -12,6 +12,12 @@ RESPSP_TEST_FAULT=<kind>        break one part of respsp, to show its safety net
                                 every step, as before lazy catch-up existed
 RESPSP_TEST_TRITON_ATTN_ON_CPU=1  vLLM's GPU Triton attention (TRITON_ATTN) on the CPU platform
     under TRITON_INTERPRET=1 (../shared/gpu-on-cpu.md), to run respsp's Triton backend end to end.
+RESPSP_TEST_HOST_READS=<file>   count, per engine step (the worker's execute_model, sample_tokens and
+    take_draft_token_ids),
+    the tensor calls that read a value back to the host (the calls that synchronise on a GPU:
+    item, tolist, cpu, bool/int of a tensor, and those whose output size depends on values,
+    such as boolean-mask indexing, nonzero, unique, bincount),
+    by the package and the line that made them; one JSON line a step is appended to <file>.
 
 Production code has no fault switch: the hooks replace functions from outside, as a test would.
 """
@@ -58,6 +64,74 @@ def triton_attention_on_cpu() -> None:
     capability = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda device=None: (
         (9, 0) if device is not None and torch.device(device).type == "cpu" else capability(device))
+
+
+def count_host_reads(path: str) -> None:
+    """Wrap the worker's two per-step calls in a TorchFunctionMode that counts host reads.
+
+    Every tensor is on the CPU here, so a count is of the calls that would wait for a GPU if
+    the tensor lived there: reads of tensors made on the device, and (over-counted alike for
+    every method) reads of host-side tensors. The Triton interpreter's own reads (it runs
+    kernels through numpy) are not counted: on a GPU a launch reads nothing back."""
+    import json
+    import sys
+    from collections import Counter
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from vllm.v1.worker.gpu_worker import Worker
+
+    reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+             torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+             torch.Tensor.__index__, torch.nonzero, torch.Tensor.nonzero}
+
+    def has_mask(index) -> bool:
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+    def waits_for_a_size(func, args, kwargs) -> bool:
+        """Calls whose output size depends on tensor values: on a GPU they read a count back."""
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            return len(args) > 1 and has_mask(args[1])
+        if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
+            return isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) \
+                and kwargs.get("output_size") is None
+        return func in (torch.unique, torch.unique_consecutive, torch.masked_select, torch.bincount,
+                        torch.Tensor.masked_select, torch.Tensor.bincount)
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self, counts: Counter):
+            super().__init__()
+            self.counts = counts
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in reads or waits_for_a_size(func, args, kwargs or {}):
+                frame = sys._getframe(1)
+                caller = frame.f_code.co_filename
+                if "/triton/" not in caller:
+                    package = "vllm_respsp" if "vllm_respsp" in caller else \
+                        "vllm" if "/vllm/" in caller else "other"
+                    self.counts[package] += 1
+                    self.counts[f"{package}:{caller.rsplit('/', 1)[-1]}:{frame.f_lineno}:{func.__name__}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    step = {"counts": Counter()}
+
+    def counted(original, ends_step: bool = False):
+        def run(self, *args, **kwargs):
+            with HostReads(step["counts"]):
+                out = original(self, *args, **kwargs)
+            if ends_step:
+                with open(path, "a") as f:
+                    f.write(json.dumps(dict(step["counts"])) + "\n")
+                step["counts"] = Counter()
+            return out
+        return run
+
+    Worker.execute_model = counted(Worker.execute_model)
+    Worker.sample_tokens = counted(Worker.sample_tokens, ends_step=True)
+    # the drafts' copy to the host (after sample_tokens: counted with the next step)
+    Worker.take_draft_token_ids = counted(Worker.take_draft_token_ids)
 
 
 def inject_fault(kind: str) -> None:
@@ -120,3 +194,5 @@ if TRITON_ON_CPU:
     triton_attention_on_cpu()
 if FAULT:
     inject_fault(FAULT)
+if os.environ.get("RESPSP_TEST_HOST_READS"):
+    count_host_reads(os.environ["RESPSP_TEST_HOST_READS"])

@@ -170,20 +170,21 @@ class TreeDrafter:
         contexts = [self._context(r.req_id, start) for r, (start, _, _) in zip(rows, parts)]
         hidden = head.combine(torch.cat([a for _, a, _ in parts]))
 
-        counts = torch.tensor([len(t) for _, _, t in parts])
+        sizes = [len(t) for _, _, t in parts]  # Python ints: reading them back from tensors costs a sync each
+        counts, longest = torch.tensor(sizes), max(sizes)
 
         def attend(step: StepInputs) -> torch.Tensor:
             offset = 0
-            for n, ctx in zip(counts.tolist(), contexts):
+            for n, ctx in zip(sizes, contexts):
                 ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
                 offset += n
             keys, values, lengths = self._padded(contexts)
             extended["padded"] = PaddedContexts({r.req_id: i for i, r in enumerate(rows)}, keys, values, lengths)
-            request, local = _ragged_index(counts)
-            queries = step.q.new_zeros(len(rows), int(counts.max()), *step.q.shape[1:])
+            request, local = _ragged_index(counts, sum(sizes))
+            queries = step.q.new_zeros(len(rows), longest, *step.q.shape[1:])
             queries[request, local] = step.q
             # new row i of a request sees every key up to its own position
-            own_pos = (lengths - counts)[:, None] + torch.arange(int(counts.max()))[None, :]
+            own_pos = (lengths - counts)[:, None] + torch.arange(longest)[None, :]
             mask = torch.arange(keys.shape[1])[None, None, :] <= own_pos[:, :, None]
             out = F.scaled_dot_product_attention(
                 queries.float().transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
@@ -210,10 +211,9 @@ class TreeDrafter:
 
         def draft_fn(frontier: Frontier, builder: TreeBuilder) -> torch.Tensor:
             parent = torch.cat(builder.parents)[frontier.candidate]
-            has_parent = parent >= 0
-            hidden = root_hidden[frontier.request].clone()
-            if bool(has_parent.any()):
-                hidden[has_parent] = state["hidden"][state["row"][parent[has_parent]]]
+            # level 1 grows from the roots; every deeper node has its parent in the last level
+            hidden = root_hidden[frontier.request] if frontier.depth == 1 else \
+                state["hidden"][state["row"][parent]]
             tokens = head.draft_to_target[frontier.token]
             positions = root_pos[frontier.request] + frontier.depth - 1
 
@@ -225,7 +225,7 @@ class TreeDrafter:
                     path_k = torch.cat([state["path_k"][rows], step.k[:, None]], dim=1)
                     path_v = torch.cat([state["path_v"][rows], step.v[:, None]], dim=1)
                 state["path_k"], state["path_v"] = path_k, path_v
-                return self._attend_tree(step.q, frontier.request, padded, path_k, path_v)
+                return self._attend_tree(step.q, frontier.request, padded, path_k, path_v, builder.k_max)
 
             _, prenorm, logprobs = head.step(hidden, tokens, positions.to(tokens.device), attend)
             row = torch.full((builder.num_candidates,), -1, dtype=torch.long)
@@ -234,30 +234,33 @@ class TreeDrafter:
             return logprobs
 
         tree = build_trees(shapes, root_tokens, root_logprobs, draft_fn)
-        drafted = tree.parents >= 0  # the roots already hold target-vocabulary ids
-        tree.tokens[drafted] = head.draft_to_target[tree.tokens[drafted]]
+        # the roots already hold target-vocabulary ids (not draft ids: clamped, then left as they are)
+        in_target = head.draft_to_target[tree.tokens.clamp(max=head.draft_to_target.numel() - 1)]
+        tree.tokens = torch.where(tree.parents >= 0, in_target, tree.tokens)
         return tree
 
     def _padded(self, contexts):
         """Every request's context keys/values, zero-padded: [R, L, Hkv, D] twice (fp32) + lengths."""
         lengths = torch.tensor([c.length for c in contexts])
-        shape = (len(contexts), int(lengths.max()), self.head.num_kv_heads, self.head.head_dim)
+        shape = (len(contexts), max(c.length for c in contexts), self.head.num_kv_heads, self.head.head_dim)
         keys, values = torch.zeros(shape), torch.zeros(shape)
         for r, ctx in enumerate(contexts):
             keys[r, :ctx.length] = ctx.k[:ctx.length]
             values[r, :ctx.length] = ctx.v[:ctx.length]
         return keys, values, lengths
 
-    def _attend_tree(self, q, request, padded, path_k, path_v) -> torch.Tensor:
+    def _attend_tree(self, q, request, padded, path_k, path_v, max_rows: int) -> torch.Tensor:
         """Frontier rows attend to their request's whole context and their own root path.
 
-        The context part runs padded per request, the path part per row; the two softmax
+        The context part runs padded per request (`max_rows`: a bound on a request's frontier
+        rows, its top-k, so no count is read back), the path part per row; the two softmax
         pieces are merged through their log-sum-exps."""
         keys, values, lengths = padded
         scale = self.head.scale
-        counts = torch.bincount(request, minlength=len(lengths))
-        _, local = _ragged_index(counts)
-        queries = q.new_zeros(len(lengths), int(counts.max()), *q.shape[1:], dtype=torch.float32)
+        counts = torch.zeros(len(lengths), dtype=torch.long, device=request.device).scatter_add_(
+            0, request, torch.ones_like(request))
+        _, local = _ragged_index(counts, request.numel())
+        queries = q.new_zeros(len(lengths), max_rows, *q.shape[1:], dtype=torch.float32)
         queries[request, local] = q.float()
         qg = queries.unflatten(2, (keys.shape[2], self.group))  # [R, n, Hkv, g, D]
         s_ctx = torch.einsum("rnhgd,rlhd->rnhgl", qg, keys) * scale
@@ -273,8 +276,9 @@ class TreeDrafter:
         return out.flatten(1, 2)
 
 
-def _ragged_index(counts: torch.Tensor):
-    """(request, index within request) of each row of a request-sorted ragged batch."""
-    request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+def _ragged_index(counts: torch.Tensor, total: int):
+    """(request, index within request) of each of the `total` rows of a request-sorted ragged
+    batch (`total` is known to the caller: reading it from `counts` would sync a GPU)."""
+    request = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
     starts = torch.cumsum(counts, 0) - counts
-    return request, torch.arange(int(counts.sum())) - starts[request]
+    return request, torch.arange(total, device=counts.device) - starts[request]

@@ -88,8 +88,8 @@ class StepRoots:
             vocab = self.drafter.head.draft_to_target.numel()
             return RootStates(torch.zeros(len(rows), h), torch.zeros(len(rows), h), torch.zeros(len(rows), vocab))
         picked = self.states[index.clamp(min=0)]
-        deferred = index < 0
-        if bool(deferred.any()):
+        if any(r < 0 for r in rows):
+            deferred = index < 0
             picked = RootStates(*(t.masked_fill(deferred[:, None].to(t.device), 0.0)
                                   for t in (picked.fused, picked.hidden, picked.logprobs)))
         return picked
@@ -253,7 +253,8 @@ class RespspRuntime:
         """Extend every request's draft context with its newly verified tokens, then choose a
         shape for each request that can draft and grow all trees in one batched pass."""
         self._forget_finished()
-        new_rows, roots = self._verified_rows(scheduler_output, index, sampled_token_ids.cpu())
+        sampled = sampled_token_ids.tolist()  # one host copy for the batch
+        new_rows, roots = self._verified_rows(scheduler_output, index, sampled)
         self.proposed = {}
         if not new_rows:
             return [[] for _ in index.req_ids]
@@ -294,13 +295,12 @@ class RespspRuntime:
             self.recorder.forget(live)
         self.broken &= live
 
-    def _verified_rows(self, scheduler_output, index: StepIndex, sampled: torch.Tensor):
+    def _verified_rows(self, scheduler_output, index: StepIndex, sampled_rows: list[list[int]]):
         """(NewRows per request to append to its draft context, the requests that can draft)."""
         runner = self.runner
         discard = runner.discard_request_mask.np[:index.num_reqs]
         new_rows: list[NewRows] = []
         roots: list[RootRequest] = []
-        sampled_rows = sampled.tolist()  # one host copy; per-request tensor ops cost more than lists
         for i, req_id in enumerate(index.req_ids):
             start, n_sched = int(index.num_computed[i]), index.scheduled(i)
             if req_id in self.broken or n_sched == 0 or not self._context_in_step(req_id, start):
@@ -399,7 +399,10 @@ class RespspRuntime:
                                       torch.tensor([root.token for root, _ in chosen]),
                                       states.hidden, states.logprobs, root_states.padded)
         # one host copy of the batch's trees, cut per request (not one tensor slice each)
-        tokens, parents, depths, cu = (t.tolist() for t in (tree.tokens, tree.parents, tree.depths, tree.cu_nodes))
+        n = tree.tokens.numel()
+        host = torch.cat([tree.tokens.long(), tree.parents.long(), tree.depths.long(),
+                          tree.cu_nodes.long().to(tree.tokens.device)]).tolist()
+        tokens, parents, depths, cu = host[:n], host[n:2 * n], host[2 * n:3 * n], host[3 * n:]
         names = {shape: str(shape) for _, shape in chosen}
         for b, (root, shape) in enumerate(chosen):
             nodes = slice(cu[b], cu[b + 1])

@@ -130,9 +130,10 @@ def verify_trees(trees: StepTrees, logits: torch.Tensor, spec_decode_metadata, s
         own = {r: generators[b] for r, b in enumerate(tree_reqs.tolist()) if b in generators}
         acceptance = accept_sampled(tree, probs, generator, own, seeded, trees.metadata)
     accepted = []
-    for r, (b, tokens) in enumerate(zip(tree_reqs.tolist(), acceptance.output_tokens(tree))):
+    paths = acceptance.accepted_nodes.tolist()
+    for b, tokens, path in zip(tree_reqs.tolist(), acceptance.output_tokens(tree), paths):
         out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
-        accepted.append(acceptance.accepted_nodes[r, :len(tokens)].tolist())
+        accepted.append(path[:len(tokens)])
     return out, accepted
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_respsp.tree.shape import TreeShape
@@ -97,9 +98,12 @@ class TreeBuilder:
         self.root_tokens = root_tokens.long()
         self.top_k = torch.tensor([s.top_k for s in shapes], device=device)
         self.depth = torch.tensor([s.depth for s in shapes], device=device)
+        self.bounded = any(s.min_prob > 0 for s in shapes)
+        self.depths_range = (min(s.depth for s in shapes), max(s.depth for s in shapes))
         # float32, as policy.pools compares recorded float32 scores: both sides round alike
         self.log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=device)
-        self.k_max = int(self.top_k.max())
+        self.k_max = max(s.top_k for s in shapes)
+        self.uniform_width = all(s.top_k == self.k_max for s in shapes)
         self.tokens: list[torch.Tensor] = []
         self.parents: list[torch.Tensor] = []
         self.depths: list[torch.Tensor] = []
@@ -118,21 +122,37 @@ class TreeBuilder:
         return ids
 
     def _top_children(self, logprobs: torch.Tensor, width: torch.Tensor):
-        """Top-`k_max` children per row, with columns >= that row's width masked to -inf."""
+        """Top-`k_max` children per row, with columns >= that row's width masked to -inf
+        (`keep`); keep is None when every request takes k_max children (known on the host)."""
         values, tokens = logprobs.topk(self.k_max, dim=-1)
+        if self.uniform_width:
+            return values, tokens, None
         keep = torch.arange(self.k_max, device=self.device)[None, :] < width[:, None]
         return values.masked_fill(~keep, NEG_INF), tokens, keep
+
+    @staticmethod
+    def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The kept entries of a [rows, k_max] tensor, row-major. Without a mask this is a
+        reshape: a boolean mask's output size is read back from a GPU, a reshape's is known."""
+        return x.reshape(-1) if keep is None else x[keep]
 
     def root_level(self, root_logprobs: torch.Tensor) -> Frontier:
         """Level 1 from the draft model's log-probs at each root ([B, V])."""
         values, tokens, keep = self._top_children(root_logprobs, self.top_k)
         request = torch.arange(len(self.shapes), device=self.device)[:, None].expand_as(tokens)
-        ids = self._add(request[keep], tokens[keep], torch.full_like(tokens[keep], -1), 1, values[keep])
-        return Frontier(request[keep], ids, tokens[keep], 1)
+        request, tokens, values = (self._kept(t, keep) for t in (request, tokens, values))
+        ids = self._add(request, tokens, torch.full_like(tokens, -1), 1, values)
+        return Frontier(request, ids, tokens, 1)
 
     def growing(self, frontier: Frontier) -> Frontier | None:
         """The frontier nodes to expand: their requests want another level and they score at
         or above their request's bound (None when no node is left)."""
+        if not self.bounded:  # then who grows is known on the host: no read of the scores
+            shallowest, deepest = self.depths_range
+            if frontier.request.numel() == 0 or frontier.depth >= deepest:
+                return None
+            if frontier.depth < shallowest:
+                return frontier
         grows = self.depth[frontier.request] > frontier.depth
         score = torch.cat(self.scores)[frontier.candidate]
         grows &= score.float() >= self.log_min[frontier.request]
@@ -149,18 +169,21 @@ class TreeBuilder:
         width = self.top_k[request]
         values, tokens, keep = self._top_children(logprobs, width)
         child_score = parent_score[:, None] + values
-        ids = self._add(request[:, None].expand_as(tokens)[keep], tokens[keep],
-                        parent[:, None].expand_as(tokens)[keep], depth, child_score[keep])
+        ids = self._add(self._kept(request[:, None].expand_as(tokens), keep), self._kept(tokens, keep),
+                        self._kept(parent[:, None].expand_as(tokens), keep), depth, self._kept(child_score, keep))
         if self.k_max == 1:  # chains only: each node's one child is its request's whole beam
-            alive = child_score[keep] > NEG_INF
-            return Frontier(request[keep[:, 0]][alive], ids[alive], tokens[keep][alive], depth)
+            # (every top_k is 1, so nothing was masked: a top-1 log-prob is never -inf)
+            return Frontier(request, ids, tokens.reshape(-1), depth)
         # Beam: per request, the best K_b of its K_b^2 children. Lay the children out in one
         # padded row per request ([R, k_max * k_max]) and take the top of each row.
         reqs, slot_of_parent = torch.unique_consecutive(request, return_inverse=True)
         first = torch.searchsorted(request, reqs)
         rank_in_request = torch.arange(request.numel(), device=self.device) - first[slot_of_parent]
-        child_ids = torch.full((request.numel(), self.k_max), -1, device=self.device)
-        child_ids[keep] = ids
+        if keep is None:
+            child_ids = ids.view(request.numel(), self.k_max)
+        else:
+            child_ids = torch.full((request.numel(), self.k_max), -1, device=self.device)
+            child_ids[keep] = ids
         grid_scores = torch.full((reqs.numel(), self.k_max * self.k_max), NEG_INF,
                                  dtype=child_score.dtype, device=self.device)
         grid_ids = torch.full_like(grid_scores, -1, dtype=torch.long)
@@ -184,15 +207,34 @@ class TreeBuilder:
         order = torch.argsort(depths, stable=True)
         order = order[torch.argsort(-scores[order], stable=True)]
         order = order[torch.argsort(requests[order], stable=True)]
-        counts = torch.bincount(requests, minlength=len(self.shapes))
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel(), device=self.device) - starts[requests[order]]
-        kept = order[rank < total[requests[order]]]
+        known = self._candidates_per_request()
+        if known is None:
+            counts = torch.bincount(requests, minlength=len(self.shapes))
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=self.device) - starts[requests[order]]
+            kept = order[rank < total[requests[order]]]
+        else:  # each request's best min(T, candidates): positions known on the host
+            counts = np.array(known)
+            take = np.minimum(counts, [s.total_tokens for s in self.shapes])
+            first = np.repeat(np.cumsum(counts) - counts, take)
+            rank = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+            kept = order[torch.from_numpy(first + rank).to(self.device)]
         # Breadth-first: by request, then depth, then score rank (argsort keeps it stable).
         kept = kept[torch.argsort(depths[kept], stable=True)]
         kept = kept[torch.argsort(requests[kept], stable=True)]
-        num_kept = torch.bincount(requests[kept], minlength=len(self.shapes))
+        if known is None:
+            num_kept = torch.bincount(requests[kept], minlength=len(self.shapes))
+        else:
+            num_kept = torch.from_numpy(take).to(self.device)
         return self._assemble(kept, num_kept, tokens, parents, depths, scores)
+
+    def _candidates_per_request(self) -> list[int] | None:
+        """Candidates per request when the host knows them without reading the device: with no
+        confidence bound every request grows to its depth, K children at level 1 and its K
+        beams' K children (K^2) at every level below. None with a bound (scores decide)."""
+        if self.bounded:
+            return None
+        return [s.top_k + (s.depth - 1) * s.top_k * s.top_k for s in self.shapes]
 
     def _assemble(self, kept, num_kept, tokens, parents, depths, scores) -> DraftTree:
         """Lay the kept candidates (sorted by request, breadth-first) out after each root."""
@@ -200,7 +242,7 @@ class TreeBuilder:
         arange = torch.arange(num_requests, device=self.device)
         cu = torch.zeros(num_requests + 1, dtype=torch.long, device=self.device)
         cu[1:] = torch.cumsum(num_kept + 1, 0)
-        req_of_kept = torch.repeat_interleave(arange, num_kept)
+        req_of_kept = torch.repeat_interleave(arange, num_kept, output_size=kept.numel())
         kept_start = torch.cumsum(num_kept, 0) - num_kept
         local = torch.arange(kept.numel(), device=self.device) - kept_start[req_of_kept] + 1
         rows = cu[:-1][req_of_kept] + local
@@ -212,7 +254,7 @@ class TreeBuilder:
         if bool((parent_local < 0).any()):
             raise AssertionError("rerank kept a node without its parent")
 
-        n = int(cu[-1])
+        n = kept.numel() + num_requests
         out_tokens = torch.empty(n, dtype=torch.long, device=self.device)
         out_parents = torch.full((n,), -1, dtype=torch.int32, device=self.device)
         out_depths = torch.zeros(n, dtype=torch.int32, device=self.device)
