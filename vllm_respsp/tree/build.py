@@ -134,7 +134,7 @@ class TreeBuilder:
     def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """The kept entries of a [rows, k_max] tensor, row-major. Without a mask this is a
         reshape: a boolean mask's output size is read back from a GPU, a reshape's is known."""
-        return x.reshape(-1) if keep is None else x[keep]
+        return x.reshape(-1).contiguous() if keep is None else x[keep]  # (an expanded row's view has stride 0)
 
     def root_level(self, root_logprobs: torch.Tensor) -> Frontier:
         """Level 1 from the draft model's log-probs at each root ([B, V])."""
