@@ -110,9 +110,14 @@ def main(argv=None) -> None:
         "default_context": round(statistics.mean(r["context"] for r in rows)), "terms": TERMS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1))
-    from vllm_respsp.policy.cost import fit, parse_profile
+    from vllm_respsp.policy.cost import ProfileError, fit, parse_profile
 
-    model_fit = fit(parse_profile(profile, str(out)))
+    try:
+        model_fit = fit(parse_profile(profile, str(out)))
+    except ProfileError as e:  # the measurements stand on their own; the cost model needs more rows
+        print(f"wrote {out}: {len(rows)} rows; no cost model fitted ({e}): "
+              "it needs more shapes and batch sizes, as `make policy` profiles them")
+        return
     print(f"wrote {out}: {len(rows)} rows; fitted {model_fit.describe()}")
 
 
