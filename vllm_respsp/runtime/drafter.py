@@ -163,7 +163,7 @@ class TreeDrafter:
         """Append verified positions; returns each request's states at its new root and the
         contexts as padded for this pass (for `draft`)."""
         head = self.head
-        extended = {}
+        padded: PaddedContexts | None = None  # set by `attend`, inside the head's pass
         parts = [self._with_deferred(aux, r) for r in rows]
         tokens = torch.cat([t for _, _, t in parts])
         positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t in parts])
@@ -174,12 +174,13 @@ class TreeDrafter:
         counts, longest = torch.tensor(sizes), max(sizes)
 
         def attend(step: StepInputs) -> torch.Tensor:
+            nonlocal padded
             offset = 0
             for n, ctx in zip(sizes, contexts):
                 ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
                 offset += n
             keys, values, lengths = self._padded(contexts)
-            extended["padded"] = PaddedContexts({r.req_id: i for i, r in enumerate(rows)}, keys, values, lengths)
+            padded = PaddedContexts({r.req_id: i for i, r in enumerate(rows)}, keys, values, lengths)
             request, local = _ragged_index(counts, sum(sizes))
             queries = step.q.new_zeros(len(rows), longest, *step.q.shape[1:])
             queries[request, local] = step.q
@@ -194,7 +195,7 @@ class TreeDrafter:
         last = counts.cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
-        return RootStates(hidden[last], prenorm[last], logprobs), extended["padded"]
+        return RootStates(hidden[last], prenorm[last], logprobs), padded
 
     @torch.inference_mode()
     def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,

@@ -202,31 +202,32 @@ class TreeBuilder:
         """Rerank every request's candidates, keep its best T_b, order them breadth-first."""
         tokens, parents, depths = torch.cat(self.tokens), torch.cat(self.parents), torch.cat(self.depths)
         scores, requests = torch.cat(self.scores), torch.cat(self.requests)
-        total = torch.tensor([s.total_tokens for s in self.shapes], device=self.device)
         # Order: request, then score descending, ties shallower first (stable sorts, last key first).
         order = torch.argsort(depths, stable=True)
         order = order[torch.argsort(-scores[order], stable=True)]
         order = order[torch.argsort(requests[order], stable=True)]
+        kept, num_kept = self._best_per_request(order, requests)
+        # Breadth-first: by request, then depth, then score rank (argsort keeps it stable).
+        kept = kept[torch.argsort(depths[kept], stable=True)]
+        kept = kept[torch.argsort(requests[kept], stable=True)]
+        return self._assemble(kept, num_kept, tokens, parents, depths, scores)
+
+    def _best_per_request(self, order: torch.Tensor, requests: torch.Tensor):
+        """(kept, num_kept): each request's best T_b candidates out of `order` (sorted by request,
+        best first), and how many per request."""
         known = self._candidates_per_request()
-        if known is None:
-            counts = torch.bincount(requests, minlength=len(self.shapes))
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(order.numel(), device=self.device) - starts[requests[order]]
-            kept = order[rank < total[requests[order]]]
-        else:  # each request's best min(T, candidates): positions known on the host
+        if known is not None:  # positions and counts known on the host
             counts = np.array(known)
             take = np.minimum(counts, [s.total_tokens for s in self.shapes])
             first = np.repeat(np.cumsum(counts) - counts, take)
             rank = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-            kept = order[torch.from_numpy(first + rank).to(self.device)]
-        # Breadth-first: by request, then depth, then score rank (argsort keeps it stable).
-        kept = kept[torch.argsort(depths[kept], stable=True)]
-        kept = kept[torch.argsort(requests[kept], stable=True)]
-        if known is None:
-            num_kept = torch.bincount(requests[kept], minlength=len(self.shapes))
-        else:
-            num_kept = torch.from_numpy(take).to(self.device)
-        return self._assemble(kept, num_kept, tokens, parents, depths, scores)
+            return order[torch.from_numpy(first + rank).to(self.device)], torch.from_numpy(take).to(self.device)
+        total = torch.tensor([s.total_tokens for s in self.shapes], device=self.device)
+        counts = torch.bincount(requests, minlength=len(self.shapes))
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=self.device) - starts[requests[order]]
+        kept = order[rank < total[requests[order]]]
+        return kept, torch.bincount(requests[kept], minlength=len(self.shapes))
 
     def _candidates_per_request(self) -> list[int] | None:
         """Candidates per request when the host knows them without reading the device: with no
