@@ -1,8 +1,11 @@
 """Our views of vLLM's CPU KV cache against vLLM's own CPU cache-write and attention ops."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from vllm_respsp.backends.cpu import CpuTreeBackend
 from vllm_respsp.backends.cpu_paged_kv import compact_kv_cpu, kv_views, tree_attention_cpu
 from vllm_respsp_triton import build_tree_metadata, compaction_slots
 
@@ -34,6 +37,23 @@ def test_views_read_what_vllm_wrote(isa, block_size, dtype):
     kv, vv = kv_views(cache, isa)
     assert torch.equal(kv[slots // block_size, slots % block_size], k)
     assert torch.equal(vv[slots // block_size, slots % block_size], v)
+
+
+@pytest.mark.parametrize("isa,block_size,dtype", CASES)
+def test_head_rows_are_read_and_written_as_vllm_writes_them(isa, block_size, dtype):
+    """The draft head's keys/values live in its layer's cache (runtime.head_kv): the backend
+    reads what vLLM's cache write put there, and writes exactly what it would."""
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.randperm(NUM_BLOCKS * block_size, generator=gen)[:50]
+    cache, key_cache, value_cache, k, v = written_cache(isa, block_size, dtype, slots, gen)
+    backend, layer = CpuTreeBackend(), SimpleNamespace(kv_cache=cache, isa=isa)
+    got_k, got_v = backend.read_rows(layer, slots)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    new_k, new_v = (torch.randn(slots.numel(), H, D, generator=gen).to(dtype) for _ in "kv")
+    ours = cache.clone()
+    backend.write_rows(SimpleNamespace(kv_cache=ours, isa=isa), slots, new_k, new_v)
+    ops.cpu_attn_reshape_and_cache(new_k, new_v, key_cache, value_cache, slots, isa)
+    assert torch.equal(ours, cache)
 
 
 @pytest.mark.parametrize("isa,block_size,dtype", CASES[:2] + CASES[3:])

@@ -5,6 +5,7 @@ import torch
 
 from vllm_respsp.patches import registry
 from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix, _is_faulty, expand_per_request
+from vllm_respsp.patches.tree_attention import FlashTreeAttention
 
 
 def test_expand_per_request_fills_every_token_in_the_buffer_dtype():
@@ -59,3 +60,19 @@ def test_disable_env_skips_named_patches_and_rejects_unknown_names(monkeypatch):
 def test_resolve_walks_module_and_attributes():
     owner, attr = registry.resolve("vllm_respsp.patches.registry:Patch.apply")
     assert owner is registry.Patch and attr == "apply"
+
+
+def test_flash_attn_tree_attention_wraps_its_forward_on_cuda_only():
+    """FLASH_ATTN gets the same wrap as TRITON_ATTN (whose wrap the Triton end-to-end tests run);
+    on this CPU platform it is not applied at all."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    patch = FlashTreeAttention()
+    assert not patch.applies()
+    original = FlashAttentionImpl.forward
+    try:
+        assert patch.apply()
+        assert FlashAttentionImpl.forward is not original
+    finally:
+        patch.revert()
+    assert FlashAttentionImpl.forward is original

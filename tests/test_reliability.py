@@ -158,6 +158,7 @@ def test_prompts_starting_in_the_prefix_cache_still_draft(fixture_models, tmp_pa
         assert result["spec"]["acceptance_length"] > 3.0  # the second run drafted as well
     stats = json.loads(stats.read_text())
     assert stats["prefix_cached_requests"] == 2 and not stats["fallbacks"]
+    assert stats["head_kv"] == "paged"
 
 
 def test_a_kv_layout_tree_attention_cannot_read_drafts_chains(fixture_models, tmp_path):

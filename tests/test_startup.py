@@ -63,6 +63,15 @@ def test_full_cuda_graphs_become_piecewise(fixture_models, on_cuda, mode):
     assert f"was {mode}" in decisions[1]
 
 
+def test_flash_attn_chosen_by_the_user_is_kept(fixture_models, on_cuda):
+    """FLASH_ATTN reads its KV cache as TRITON_ATTN does (tests/triton_layout_job.py): kept."""
+    args = engine_args(fixture_models, attention_backend="FLASH_ATTN")
+    config = args.create_engine_config()
+    assert config.attention_config.backend.name == "FLASH_ATTN"
+    decisions = startup.configure_engine(args, FakePlatform("cuda"))
+    assert decisions[0] == "attention backend FLASH_ATTN (chosen by the user)"
+
+
 def test_compilation_without_graph_splitting_turns_graphs_off(fixture_models):
     from vllm.config.compilation import CUDAGraphMode
 
@@ -75,7 +84,7 @@ def test_compilation_without_graph_splitting_turns_graphs_off(fixture_models):
 
 def test_an_unsupported_backend_is_refused_naming_it_and_the_supported_ones(fixture_models, on_cuda):
     args = engine_args(fixture_models, attention_backend="FLASHINFER")
-    allowed = r"allowed: \['CPU_ATTN', 'TRITON_ATTN'\]"
+    allowed = r"allowed: \['CPU_ATTN', 'TRITON_ATTN', 'FLASH_ATTN'\]"
     with pytest.raises(RespspConfigError, match=r"attention_backend=FLASHINFER: .*" + allowed):
         args.create_engine_config()
 

@@ -54,7 +54,7 @@ def greedy_run(fixture_models, tmp_path_factory):
 def test_mixed_batch_is_identical_to_no_speculation(greedy_run):
     result, stats = greedy_run
     assert result["token_ids"] == [successor_tokens(p, 16) for p in PROMPTS]
-    assert stats["tree_backend"] == "TritonTreeBackend"
+    assert stats["tree_backend"] == "TritonTreeBackend" and stats["head_kv"] == "paged"
     assert set(stats["shapes"]) == {"T3/D3/K1", "T8/D3/K3", "T0/D0/K0"} and not stats["fallbacks"]
     # the trees ran through the Triton backend, and whole root paths were accepted
     assert stats["seconds"]["tree_attention"] > 0 and stats["seconds"]["compact_kv"] > 0

@@ -4,11 +4,13 @@ Run by tests/test_triton_backend.py in a process with the test engine hooks (vLL
 real, interpreted). Prints "layout ok" when every check passes.
 """
 
+from types import SimpleNamespace
+
 import torch
 from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_respsp.backends.triton import kv_planes, kv_views
+from vllm_respsp.backends.triton import FlashTreeBackend, TritonTreeBackend, kv_planes, kv_views
 from vllm_respsp_triton import build_tree_metadata, compact_kv, tree_attention, tree_attention_ref
 
 BLOCKS, HEADS, BLOCK, HS = 6, 2, 16, 32
@@ -45,6 +47,30 @@ def main() -> None:
     assert k.data_ptr() == raw.data_ptr() and torch.equal(k[b, o], key) and torch.equal(v[b, o], value)
     planes = kv_planes(cache)
     assert torch.equal(planes[0, b, o], key) and torch.equal(planes[1, b, o], value)
+
+    # the draft head's rows (runtime.head_kv): read what vLLM wrote; written where vLLM writes
+    backend, layer = TritonTreeBackend(), SimpleNamespace(kv_cache=cache)
+    got_k, got_v = backend.read_rows(layer, slots)
+    assert torch.equal(got_k, key) and torch.equal(got_v, value)
+    saved = raw.clone()
+    new_k, new_v = torch.randn(40, HEADS, HS), torch.randn(40, HEADS, HS)
+    backend.write_rows(layer, slots, new_k, new_v)
+    written = raw.clone()
+    raw.copy_(saved)
+    triton_reshape_and_cache_flash(new_k, new_v, k_cache, v_cache, slots, "auto", one, one)
+    assert torch.equal(written, raw)
+
+    # FLASH_ATTN writes its cache through the same views (its CUDA-only reshape_and_cache_flash is
+    # stood in for by the Triton one, which takes the same arguments)
+    from vllm.v1.attention.backends import flash_attn
+
+    flash_attn.reshape_and_cache_flash = triton_reshape_and_cache_flash
+    impl = SimpleNamespace(attn_type="decoder", head_size=HS, kv_cache_dtype="auto")
+    raw.zero_()
+    flash_attn.FlashAttentionImpl.do_kv_cache_update(impl, SimpleNamespace(_k_scale=one, _v_scale=one),
+                                                     key, value, cache, slots)
+    got_k, got_v = FlashTreeBackend().read_rows(layer, slots)
+    assert torch.equal(got_k, key) and torch.equal(got_v, value)
 
     # tree attention through the views: two requests, prefixes 21 / 5, trees of 6 / 3 nodes
     block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)

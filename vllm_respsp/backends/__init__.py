@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from vllm_respsp.backends.base import TreeAttentionBackend
 from vllm_respsp.backends.cpu import CpuTreeBackend
-from vllm_respsp.backends.triton import TritonTreeBackend
+from vllm_respsp.backends.triton import FlashTreeBackend, TritonTreeBackend
 
 BACKENDS: dict[str, type[TreeAttentionBackend]] = {
     CpuTreeBackend.vllm_backend: CpuTreeBackend,
     TritonTreeBackend.vllm_backend: TritonTreeBackend,
+    FlashTreeBackend.vllm_backend: FlashTreeBackend,
 }
 SUPPORTED = tuple(BACKENDS)
 

@@ -12,6 +12,9 @@ knows one vLLM attention backend (by its `get_name()`, e.g. "CPU_ATTN", "TRITON_
   on the step's attention metadata (`plan`).
 - `compact(layers, src, dst)`: after verification, copy the accepted path's K/V from its tree
   slots to the contiguous slots vLLM's prefix rollback expects, in every layer.
+- `write_rows(layer, slots, k, v)` / `read_rows(layer, slots)`: one layer's K/V rows at cache
+  slots, as vLLM's own cache update writes them: the draft head's keys/values live in the cache
+  of its attention layer (`runtime.head_kv.PagedHeadKV`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ class TreeAttentionBackend:
         raise NotImplementedError
 
     def compact(self, layers: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def write_rows(self, layer, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, Hkv, D] into the layer's cache at `slots` (int64 [N])."""
+        raise NotImplementedError
+
+    def read_rows(self, layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V at `slots`, [N, Hkv, D] each, in the cache's dtype."""
         raise NotImplementedError
 
     def attend(self, impl, layer, query, kv_cache, attn_metadata, output, trees: StepTrees) -> None:

@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 
 from vllm_respsp.backends.base import TreeAttentionBackend, unique_caches
-from vllm_respsp.backends.cpu_paged_kv import SUPPORTED_ISAS, TreeAttentionPlan, compact_kv_cpu
+from vllm_respsp.backends.cpu_paged_kv import (
+    SUPPORTED_ISAS,
+    TreeAttentionPlan,
+    compact_kv_cpu,
+    kv_tiles,
+    read_slots,
+    write_slots,
+)
 from vllm_respsp.tree.step_trees import StepTrees
 
 
@@ -42,3 +49,11 @@ class CpuTreeBackend(TreeAttentionBackend):
                 by_isa.setdefault(isa, []).append(layer.kv_cache)
         for isa, caches in by_isa.items():
             compact_kv_cpu(caches, isa, src, dst)
+
+    def write_rows(self, layer, slots, k, v) -> None:
+        for view, rows in zip(kv_tiles(layer.kv_cache, layer.isa), (k, v)):
+            write_slots(view, slots, rows.to(view.dtype))
+
+    def read_rows(self, layer, slots):
+        keys, values = kv_tiles(layer.kv_cache, layer.isa)
+        return read_slots(keys, slots), read_slots(values, slots)

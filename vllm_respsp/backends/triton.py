@@ -1,5 +1,6 @@
 """Tree attention and KV compaction over vLLM's Triton attention (TRITON_ATTN), the backend vLLM
-ships for every GPU vendor, with the kernels of `vllm_respsp_triton`.
+ships for every GPU vendor, and over its FlashAttention backend (FLASH_ATTN), with the kernels of
+`vllm_respsp_triton`.
 
 vLLM hands each layer a logical view `[num_blocks, num_kv_heads, block_size, 2 * head_size]` whose
 content is `[K | V]` per (token, head); its physical order is whatever `KVCacheLayout` vLLM
@@ -7,8 +8,10 @@ negotiated (NHD by default: memory `[blocks, tokens, heads, 2 * head_size]`). TR
 `do_kv_cache_update` reads it as `kv_cache.transpose(1, 2).split(head_size, -1)`; so do we, which
 gives the `[blocks, block_size, heads, head_size]` K and V views `tree_attention` takes (strides
 passed through, zero copies) and the `[2, blocks, block_size, heads, head_size]` planes
-`compact_kv` takes. tests/test_backend_triton_layout.py checks this against vLLM's own
-`triton_reshape_and_cache_flash`.
+`compact_kv` takes. FLASH_ATTN's `do_kv_cache_update` reads its cache through the very same
+view, so the same backend serves it. tests/triton_layout_job.py checks both against vLLM's own
+`triton_reshape_and_cache_flash` (FLASH_ATTN's CUDA-only `reshape_and_cache_flash` writes the
+same views).
 
 vLLM's unified attention computes the tree rows causally first (it knows no tree masks); the
 tree kernel then writes their real outputs. Both run on the device: no host synchronisation per
@@ -74,3 +77,24 @@ class TritonTreeBackend(TreeAttentionBackend):
         if caches:
             device = caches[0].device
             compact_kv(caches, src.to(device).view(1, -1), dst.to(device).view(1, -1))
+
+    def write_rows(self, layer, slots, k, v) -> None:
+        keys, values, at = _rows_at(layer.kv_cache, slots)
+        keys[at], values[at] = k.to(keys.dtype), v.to(values.dtype)  # indexing the views writes the cache
+
+    def read_rows(self, layer, slots):
+        keys, values, at = _rows_at(layer.kv_cache, slots)
+        return keys[at], values[at]
+
+
+class FlashTreeBackend(TritonTreeBackend):
+    """FLASH_ATTN: the layout and the metadata's `block_table` are TRITON_ATTN's (see above)."""
+
+    vllm_backend = "FLASH_ATTN"
+
+
+def _rows_at(kv_cache: torch.Tensor, slots: torch.Tensor):
+    """The cache's K and V views and the (block, offset) index of `slots` into them."""
+    keys, values = kv_views(kv_cache, kv_cache.shape[-1] // 2)
+    slots = slots.to(keys.device)
+    return keys, values, (slots // keys.shape[1], slots % keys.shape[1])

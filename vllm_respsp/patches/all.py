@@ -11,7 +11,7 @@ from vllm_respsp.patches.runner import (
     RunnerStepClock,
 )
 from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
-from vllm_respsp.patches.tree_attention import CpuTreeAttention, TritonTreeAttention
+from vllm_respsp.patches.tree_attention import CpuTreeAttention, FlashTreeAttention, TritonTreeAttention
 
 ALL_PATCHES: list[Patch] = [
     # Bug fix for the installed vLLM (applies only where a probe finds the bug).
@@ -23,6 +23,7 @@ ALL_PATCHES: list[Patch] = [
     RunnerAttentionMetadata(),
     CpuTreeAttention(),
     TritonTreeAttention(),
+    FlashTreeAttention(),
     RunnerSample(),
     RunnerProposeDrafts(),
     # Measurement only: per-step wall times for `engine_tools.profile` (VLLM_RESPSP_STEP_TIMES set).

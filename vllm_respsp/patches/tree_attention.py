@@ -42,3 +42,14 @@ class TritonTreeAttention(TreeAttentionPatch):
     name = "triton_tree_attention"
     target = "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward"
     vllm_backend = "TRITON_ATTN"
+
+
+class FlashTreeAttention(TreeAttentionPatch):
+    name = "flash_tree_attention"
+    target = "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward"
+    vllm_backend = "FLASH_ATTN"
+
+    def applies(self) -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cuda()  # FlashAttention's kernels exist nowhere else

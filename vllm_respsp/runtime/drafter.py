@@ -1,15 +1,16 @@
 """Tree drafting with an EAGLE-3 head for a batch of requests with different shapes.
 
-Each request keeps a dense cache of the head's own keys/values over its verified context
-(`DraftContext`). After every verification step the newly verified positions are appended in
-one batched head pass (`extend`): row p reads the target's aux states at position p and the
-token at p + 1, exactly as vLLM's EAGLE-3 drafter does. The last row's output is the tree's
-root. `draft` then grows all trees level by level (`vllm_respsp.tree.build`), one batched head
-pass per level: a node at depth t runs at position root + t - 1, with its parent's output as
-hidden state, and attends to its request's context plus its own root path.
+The head's own keys/values over each request's verified context live in a `HeadKV` store
+(vLLM's paged cache where the engine has one for the head, see `head_kv`). After every
+verification step the newly verified positions are appended in one batched head pass
+(`extend`): row p reads the target's aux states at position p and the token at p + 1, exactly
+as vLLM's EAGLE-3 drafter does. The last row's output is the tree's root. `draft` then grows
+all trees level by level (`vllm_respsp.tree.build`), one batched head pass per level: a node
+at depth t runs at position root + t - 1, with its parent's output as hidden state, and
+attends to its request's context plus its own root path.
 
-Attention is computed per request (different context lengths) in fp32; the projections, the
-MLP and the lm_head run batched over every row of the step.
+Attention runs over the requests' contexts gathered and zero-padded, in fp32; the projections,
+the MLP and the lm_head run batched over every row of the step.
 """
 
 from __future__ import annotations
@@ -21,39 +22,28 @@ import torch.nn.functional as F
 
 from vllm_respsp.policy.features import RootStates
 from vllm_respsp.runtime.head import HeadAdapter, StepInputs
+from vllm_respsp.runtime.head_kv import DenseHeadKV, HeadKV
 from vllm_respsp.tree.build import DraftTree, Frontier, TreeBuilder, build_trees
 from vllm_respsp.tree.shape import TreeShape
 
 
+@dataclass
 class DraftContext:
-    """One request's draft-head keys/values at positions first..end-1 (grown by doubling).
+    """The positions first..end-1 of a request whose head keys/values are in the drafter's
+    `HeadKV` store.
 
-    `first` is 0 unless the request's first step started past its prompt's beginning: vLLM's
-    prefix cache had the target's KV for a shared prefix, and the head's states for it were
-    never computed (the target's aux states it needs are not cached). The head then drafts from
-    the rest of the context: weaker drafts for that request, never a wrong output.
-    """
+    `first` is 0 unless the request's first step started past its prompt's beginning (vLLM's
+    prefix cache had the target's KV of a shared prefix) and the store does not keep what other
+    requests computed (`DenseHeadKV`): the head then drafts from the rest of the context,
+    weaker drafts for that request, never a wrong output."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, first: int = 0):
-        self.k = torch.empty(64, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.first = first
-        self.length = 0  # rows held
+    first: int
+    length: int = 0  # positions held
 
     @property
     def end(self) -> int:
         """The position after the last one held: the next row's position."""
         return self.first + self.length
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            cap = max(end, 2 * self.k.shape[0])
-            self.k = torch.cat([self.k[:self.length], self.k.new_empty(cap - self.length, *self.k.shape[1:])])
-            self.v = torch.cat([self.v[:self.length], self.v.new_empty(cap - self.length, *self.v.shape[1:])])
-        self.k[self.length:end] = k
-        self.v[self.length:end] = v
-        self.length = end
 
 
 @dataclass
@@ -104,8 +94,9 @@ class PaddedContexts:
 
 
 class TreeDrafter:
-    def __init__(self, head: HeadAdapter):
+    def __init__(self, head: HeadAdapter, kv: HeadKV | None = None):
         self.head = head
+        self.kv = kv or DenseHeadKV(head.num_kv_heads, head.head_dim, head.dtype, head.draft_to_target.device)
         self.group = head.num_heads // head.num_kv_heads
         self.contexts: dict[str, DraftContext] = {}
         self.deferred: dict[str, Deferred] = {}
@@ -114,6 +105,7 @@ class TreeDrafter:
         """Drop the caches of requests that are gone (finished or aborted)."""
         for req_id in [r for r in self.contexts if r not in keep]:
             del self.contexts[req_id]
+            self.kv.forget(req_id)
         for req_id in [r for r in self.deferred if r not in keep]:
             del self.deferred[req_id]
 
@@ -150,9 +142,9 @@ class TreeDrafter:
     def _context(self, req_id: str, start: int) -> DraftContext:
         ctx = self.contexts.get(req_id)
         if ctx is None or start < ctx.first or start == 0:  # new, or recomputed from the prompt
-            ctx = DraftContext(self.head.num_kv_heads, self.head.head_dim, self.head.dtype,
-                               self.head.draft_to_target.device, first=start)
-            self.contexts[req_id] = ctx
+            self.kv.forget(req_id)
+            first = 0 if self.kv.keeps_prefix else start  # a paged store holds a cached prefix's rows
+            ctx = self.contexts[req_id] = DraftContext(first, start - first)
         if ctx.end < start:
             raise KeyError(f"draft context of {req_id} reaches position {ctx.end}, needs {start}")
         ctx.length = start - ctx.first  # positions past `start` were drafts the target did not accept
@@ -173,14 +165,15 @@ class TreeDrafter:
         sizes = [len(t) for _, _, t in parts]  # Python ints: reading them back from tensors costs a sync each
         counts, longest = torch.tensor(sizes), max(sizes)
 
+        req_ids = [r.req_id for r in rows]
+
         def attend(step: StepInputs) -> torch.Tensor:
             nonlocal padded
-            offset = 0
+            self.kv.write(req_ids, [ctx.end for ctx in contexts], sizes, step.k, step.v)
             for n, ctx in zip(sizes, contexts):
-                ctx.append(step.k[offset:offset + n], step.v[offset:offset + n])
-                offset += n
-            keys, values, lengths = self._padded(contexts)
-            padded = PaddedContexts({r.req_id: i for i, r in enumerate(rows)}, keys, values, lengths)
+                ctx.length += n
+            keys, values, lengths = self._padded(req_ids, contexts)
+            padded = PaddedContexts({r: i for i, r in enumerate(req_ids)}, keys, values, lengths)
             request, local = _ragged_index(counts, sum(sizes))
             queries = step.q.new_zeros(len(rows), longest, *step.q.shape[1:])
             queries[request, local] = step.q
@@ -206,7 +199,7 @@ class TreeDrafter:
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
-        padded = (extended.of(req_ids) if extended is not None else None) or self._padded(contexts)
+        padded = (extended.of(req_ids) if extended is not None else None) or self._padded(req_ids, contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 
@@ -240,15 +233,11 @@ class TreeDrafter:
         tree.tokens = torch.where(tree.parents >= 0, in_target, tree.tokens)
         return tree
 
-    def _padded(self, contexts):
-        """Every request's context keys/values, zero-padded: [R, L, Hkv, D] twice (fp32) + lengths."""
-        lengths = torch.tensor([c.length for c in contexts])
-        shape = (len(contexts), max(c.length for c in contexts), self.head.num_kv_heads, self.head.head_dim)
-        keys, values = torch.zeros(shape), torch.zeros(shape)
-        for r, ctx in enumerate(contexts):
-            keys[r, :ctx.length] = ctx.k[:ctx.length]
-            values[r, :ctx.length] = ctx.v[:ctx.length]
-        return keys, values, lengths
+    def _padded(self, req_ids: list[str], contexts: list[DraftContext]):
+        """Every request's context keys/values, padded: [R, L, Hkv, D] twice (fp32) + lengths."""
+        lengths = [c.length for c in contexts]
+        keys, values = self.kv.gather(req_ids, [c.first for c in contexts], lengths)
+        return keys, values, torch.tensor(lengths)
 
     def _attend_tree(self, q, request, padded, path_k, path_v, max_rows: int) -> torch.Tensor:
         """Frontier rows attend to their request's whole context and their own root path.

@@ -32,6 +32,7 @@ from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, PaddedContexts, TreeDrafter
 from vllm_respsp.runtime.head import HeadAdapter
+from vllm_respsp.runtime.head_kv import PagedHeadKV
 from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
 from vllm_respsp.step_clock import SECONDS, timed
@@ -129,6 +130,7 @@ class RespspRuntime:
         self.recomputed = 0
         self.prefix_cached = 0
         self.deferred_steps = 0  # request-steps whose head pass was deferred (NO_DRAFTS held)
+        self.head_kv = "dense"  # where the head's keys/values live: vLLM's "paged" cache or "dense" tensors
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -138,8 +140,27 @@ class RespspRuntime:
     @property
     def drafter(self) -> TreeDrafter:
         if self._drafter is None:
-            self._drafter = TreeDrafter(HeadAdapter(self.runner.drafter.model))
+            self._drafter = TreeDrafter(HeadAdapter(self.runner.drafter.model), self._head_kv())
         return self._drafter
+
+    def _head_kv(self) -> PagedHeadKV | None:
+        """The head's keys/values in vLLM's paged cache of the head's attention layer (allocated
+        by vLLM as for its EAGLE-3 drafter), or None (a dense store; said in one log line)."""
+        proposer = self.runner.drafter
+        names = sorted(getattr(proposer, "_draft_attn_layer_names", ()))
+        if len(names) != 1:
+            reason = f"the head has {len(names)} attention layers with a KV cache, not 1"
+        else:
+            layer = self.runner.vllm_config.compilation_config.static_forward_context[names[0]]
+            group = getattr(proposer, "kv_cache_gid", -1)
+            reason = PagedHeadKV.unusable(self.runner, names[0], layer, group, self.backend)
+        if reason:
+            logger.warning("respsp: the draft head's keys/values are kept outside vLLM's KV cache (%s): "
+                           "vLLM's memory plan does not count them and the prefix cache does not keep them",
+                           reason)
+            return None
+        self.head_kv = "paged"
+        return PagedHeadKV(self.runner, layer, group, self.backend)
 
     # -- the attention backend ----------------------------------------------------------
     @functools.cached_property
@@ -321,7 +342,7 @@ class RespspRuntime:
         if start == 0 and held > 0:
             self.recomputed += 1  # preempted, now recomputed from the prompt: restart its cache
         if start > 0 and held == 0:
-            self.prefix_cached += 1  # its prompt began in vLLM's prefix cache (DraftContext)
+            self.prefix_cached += 1  # its prompt began in vLLM's prefix cache (see runtime.head_kv)
         elif start > 0 and held < start:
             self.broken.add(req_id)  # a step ran without us (e.g. near max_model_len)
             self._fallback("lost_draft_context")
@@ -435,6 +456,7 @@ class RespspRuntime:
                 "live_proposed_trees": len(self.proposed),
                 "live_policy_holds": self.choose.live_holds,
                 "tree_backend": type(self.backend).__name__ if self.backend is not None else None,
+                "head_kv": self.head_kv,
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}

@@ -1,0 +1,130 @@
+"""Where the draft head's keys and values of verified positions live.
+
+- `PagedHeadKV` (every engine whose attention has a respsp backend): in vLLM's own paged KV
+  cache, in the cache of the head's attention layer, which vLLM allocates for an EAGLE-3 head
+  in its memory plan exactly as for its own EAGLE-3 drafter. Each request's positions sit in its
+  own blocks (the block table of the layer's KV-cache group), so the memory is budgeted by vLLM,
+  freed with the request, and kept by the prefix cache: a prompt that starts in the prefix cache
+  drafts from its whole context, the cached part included. Rows are written and read through
+  the tree-attention backend, which knows the cache's layout.
+- `DenseHeadKV` (no such cache: unit tests, an engine without a respsp backend): one tensor per
+  request outside vLLM's cache. It holds only what this drafter computed, so a request whose
+  first step starts in the prefix cache drafts from the rest of its context.
+
+A cached block's last position holds the head's keys/values computed with the token that
+followed it in the request that filled the block (a head row reads the next token); another
+request sharing the block may continue differently. Like vLLM's EAGLE-3, which caches its draft
+KV the same way, that only weakens a draft, never an output: verification is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_respsp.backends.base import TreeAttentionBackend
+
+
+class HeadKV:
+    """The store interface `TreeDrafter` uses; positions are absolute (0 = the prompt's first)."""
+
+    # whether positions a request never ran the head over (vLLM's prefix cache hit them) are readable
+    keeps_prefix: bool = False
+
+    def write(self, req_ids: list[str], starts: list[int], sizes: list[int],
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, Hkv, D]: request i's `sizes[i]` rows, in request order, at positions
+        starts[i], starts[i] + 1, ..."""
+        raise NotImplementedError
+
+    def gather(self, req_ids: list[str], firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions first..first+length-1 of each request, zero-padded, fp32:
+        [R, max(lengths), Hkv, D] each."""
+        raise NotImplementedError
+
+    def forget(self, req_id: str) -> None:
+        """The request is gone or restarts from its prompt."""
+
+
+class DenseHeadKV(HeadKV):
+    """One tensor pair per request (grown by doubling), from the first position it wrote."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.row_shape = (num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.held: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # req -> (first position, k, v)
+
+    def write(self, req_ids, starts, sizes, k, v) -> None:
+        offset = 0
+        for req_id, start, n in zip(req_ids, starts, sizes):
+            first, keys, values = self.held.get(req_id, (start, None, None))
+            begin, end = start - first, start - first + n
+            if keys is None or end > keys.shape[0]:
+                cap = max(end, 64 if keys is None else 2 * keys.shape[0])
+                grown = [torch.empty(cap, *self.row_shape, dtype=self.dtype, device=self.device) for _ in "kv"]
+                if keys is not None:
+                    grown[0][:begin], grown[1][:begin] = keys[:begin], values[:begin]
+                keys, values = grown
+            keys[begin:end], values[begin:end] = k[offset:offset + n], v[offset:offset + n]
+            self.held[req_id] = (first, keys, values)
+            offset += n
+
+    def gather(self, req_ids, firsts, lengths):
+        shape = (len(req_ids), max(lengths), *self.row_shape)
+        keys, values = torch.zeros(shape), torch.zeros(shape)
+        for r, (req_id, first, length) in enumerate(zip(req_ids, firsts, lengths)):
+            held_first, k, v = self.held[req_id]
+            rows = slice(first - held_first, first - held_first + length)
+            keys[r, :length], values[r, :length] = k[rows], v[rows]
+        return keys, values
+
+    def forget(self, req_id: str) -> None:
+        self.held.pop(req_id, None)
+
+
+class PagedHeadKV(HeadKV):
+    """The head's rows in vLLM's paged cache of its attention layer (see the module doc)."""
+
+    keeps_prefix = True
+
+    def __init__(self, runner, layer, group: int, backend: TreeAttentionBackend):
+        self.runner, self.layer, self.group, self.backend = runner, layer, group, backend
+
+    @staticmethod
+    def unusable(runner, name: str, layer, group: int, backend: TreeAttentionBackend | None) -> str | None:
+        """Why the head's rows cannot live in this layer's paged cache, or None."""
+        if backend is None:
+            return "no tree-attention backend reads this engine's KV cache"
+        groups = runner.kv_cache_config.kv_cache_groups
+        if not 0 <= group < len(groups) or name not in groups[group].layer_names:
+            return f"vLLM's KV-cache plan has no group {group} holding {name}"
+        cache = getattr(layer, "kv_cache", None)
+        if not isinstance(cache, torch.Tensor) or cache.dim() != 4 or not cache.numel():
+            return "vLLM allocated no KV cache for the head's attention layer"
+        table = runner.input_batch.block_table[group]
+        if table.block_size != cache.shape[2]:
+            return f"the head's block table counts blocks of {table.block_size}, its cache {cache.shape[2]}"
+        return None
+
+    def _slots(self, req_ids: list[str], request: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch = self.runner.input_batch
+        table = batch.block_table[self.group]
+        device = table.block_table.gpu.device
+        rows = torch.tensor([batch.req_id_to_index[r] for r in req_ids], device=device)
+        request, positions = request.to(device), positions.to(device)
+        size = table.block_size
+        blocks = table.block_table.gpu[rows[request], positions // size].long()
+        return blocks * size + positions % size
+
+    def write(self, req_ids, starts, sizes, k, v) -> None:
+        request = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(sizes), output_size=sum(sizes))
+        positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, sizes)])
+        self.backend.write_rows(self.layer, self._slots(req_ids, request, positions), k, v)
+
+    def gather(self, req_ids, firsts, lengths):
+        longest = max(lengths)
+        offsets = torch.arange(longest)
+        # padding columns read position `first` again: they are masked by the caller
+        positions = torch.tensor(firsts)[:, None] + torch.minimum(offsets[None, :], torch.tensor(lengths)[:, None] - 1)
+        request = torch.arange(len(req_ids))[:, None].expand_as(positions)
+        k, v = self.backend.read_rows(self.layer, self._slots(req_ids, request.flatten(), positions.flatten()))
+        return k.view(len(req_ids), longest, *k.shape[1:]).float(), v.view(len(req_ids), longest, *v.shape[1:]).float()
