@@ -47,8 +47,8 @@ def test_head_rows_are_read_and_written_as_vllm_writes_them(isa, block_size, dty
     slots = torch.randperm(NUM_BLOCKS * block_size, generator=gen)[:50]
     cache, key_cache, value_cache, k, v = written_cache(isa, block_size, dtype, slots, gen)
     backend, layer = CpuTreeBackend(), SimpleNamespace(kv_cache=cache, isa=isa)
-    got_k, got_v = backend.read_rows(layer, slots)
-    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    got_k, got_v = backend.read_blocks(layer, torch.arange(NUM_BLOCKS)[None])  # every block, as one request
+    assert torch.equal(got_k[0, slots], k) and torch.equal(got_v[0, slots], v)
     new_k, new_v = (torch.randn(slots.numel(), H, D, generator=gen).to(dtype) for _ in "kv")
     ours = cache.clone()
     backend.write_rows(SimpleNamespace(kv_cache=ours, isa=isa), slots, new_k, new_v)

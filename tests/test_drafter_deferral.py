@@ -88,3 +88,17 @@ def test_context_length_counts_deferred_positions_and_a_restart_drops_them():
     assert lazy.deferred["a"].start == 0 and lazy.deferred_length("a") == 2
     lazy.forget({"b"})
     assert "a" not in lazy.deferred and "a" not in lazy.contexts and "a" not in lazy.kv.held
+
+
+def test_chain_attention_equals_the_tree_attention_it_shortcuts():
+    """A step of chains (one frontier row per request) attends without padding rows per request;
+    the result is the general tree attention's (forced here by a larger row bound)."""
+    drafter = TreeDrafter(ToyHead())
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 11, KV_HEADS, D, generator=g), torch.randn(3, 11, KV_HEADS, D, generator=g)
+    padded = (keys, values, torch.tensor([11, 5, 7]))
+    q = torch.randn(3, HEADS, D, generator=g)
+    path_k, path_v = torch.randn(3, 2, KV_HEADS, D, generator=g), torch.randn(3, 2, KV_HEADS, D, generator=g)
+    chains = drafter._attend_tree(q, torch.arange(3), padded, path_k, path_v, max_rows=1)
+    general = drafter._attend_tree(q, torch.arange(3), padded, path_k, path_v, max_rows=2)
+    assert torch.allclose(chains, general, atol=1e-6)

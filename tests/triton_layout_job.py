@@ -50,8 +50,8 @@ def main() -> None:
 
     # the draft head's rows (runtime.head_kv): read what vLLM wrote; written where vLLM writes
     backend, layer = TritonTreeBackend(), SimpleNamespace(kv_cache=cache)
-    got_k, got_v = backend.read_rows(layer, slots)
-    assert torch.equal(got_k, key) and torch.equal(got_v, value)
+    got_k, got_v = backend.read_blocks(layer, torch.arange(BLOCKS)[None])  # every block, as one request
+    assert torch.equal(got_k[0, slots], key) and torch.equal(got_v[0, slots], value)
     saved = raw.clone()
     new_k, new_v = torch.randn(40, HEADS, HS), torch.randn(40, HEADS, HS)
     backend.write_rows(layer, slots, new_k, new_v)
@@ -69,8 +69,8 @@ def main() -> None:
     raw.zero_()
     flash_attn.FlashAttentionImpl.do_kv_cache_update(impl, SimpleNamespace(_k_scale=one, _v_scale=one),
                                                      key, value, cache, slots)
-    got_k, got_v = FlashTreeBackend().read_rows(layer, slots)
-    assert torch.equal(got_k, key) and torch.equal(got_v, value)
+    got_k, got_v = FlashTreeBackend().read_blocks(layer, torch.arange(BLOCKS)[None])
+    assert torch.equal(got_k[0, slots], key) and torch.equal(got_v[0, slots], value)
 
     # tree attention through the views: two requests, prefixes 21 / 5, trees of 6 / 3 nodes
     block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)

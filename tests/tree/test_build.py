@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vllm_respsp.tree.build import build_trees
+from vllm_respsp.tree.build import TreeBuilder, build_trees
 from vllm_respsp.tree.shape import TreeShape, chain
 
 VOCAB = 50
@@ -143,3 +143,29 @@ def test_eagle3_default_tree_has_eagle3s_sixty_tokens():
     tree = batched_tree([EAGLE3_DEFAULT], [7], seed=0, calls=[])
     assert EAGLE3_DEFAULT == TreeShape(59, 8, 10)
     assert tree.request(0).tokens.numel() == 60 and max(len(p) for p in tree.paths(0)) <= 8
+
+
+@pytest.mark.parametrize("depth,batch", [(1, 1), (3, 1), (4, 5)])
+def test_plain_chains_skip_the_rerank_and_give_what_it_gives(depth, batch):
+    """A step of whole chains of one depth is laid out from its levels as they are; the result
+    equals the general rerank's on the same candidates."""
+    roots = list(range(7, 7 + batch))
+    builder = {}
+
+    def draft_fn(frontier, b):
+        builder["b"] = b
+        return torch.stack([path_logprobs((roots[int(r)],) + candidate_path(b, int(c)), 0)
+                            for r, c in zip(frontier.request, frontier.candidate)])
+
+    shapes = [chain(depth)] * batch
+    root_lp = torch.stack([path_logprobs((r,), 0) for r in roots])
+    fast = build_trees(shapes, torch.tensor(roots), root_lp, draft_fn)
+    b = builder.get("b") or TreeBuilder(shapes, torch.tensor(roots))
+    if "b" not in builder:  # depth 1: no draft call; grow the one level again
+        b.root_level(root_lp)
+    assert b._plain_chains()
+    slow = b._reranked()
+    for field in ("tokens", "parents", "depths", "scores", "cu_nodes"):
+        assert torch.equal(getattr(fast, field), getattr(slow, field)), field
+    assert not TreeBuilder([chain(2), chain(3)], torch.tensor([1, 2]))._plain_chains()
+    assert not TreeBuilder([TreeShape(3, 3, 1, 0.5)], torch.tensor([1]))._plain_chains()

@@ -12,9 +12,9 @@ knows one vLLM attention backend (by its `get_name()`, e.g. "CPU_ATTN", "TRITON_
   on the step's attention metadata (`plan`).
 - `compact(layers, src, dst)`: after verification, copy the accepted path's K/V from its tree
   slots to the contiguous slots vLLM's prefix rollback expects, in every layer.
-- `write_rows(layer, slots, k, v)` / `read_rows(layer, slots)`: one layer's K/V rows at cache
-  slots, as vLLM's own cache update writes them: the draft head's keys/values live in the cache
-  of its attention layer (`runtime.head_kv.PagedHeadKV`).
+- `write_rows(layer, slots, k, v)` / `read_blocks(layer, blocks)`: one layer's K/V rows written
+  at cache slots as vLLM's own cache update writes them, and read back by whole blocks: the
+  draft head's keys/values live in the cache of its attention layer (`runtime.head_kv`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class TreeAttentionBackend:
         """k, v [N, Hkv, D] into the layer's cache at `slots` (int64 [N])."""
         raise NotImplementedError
 
-    def read_rows(self, layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K and V at `slots`, [N, Hkv, D] each, in the cache's dtype."""
+    def read_blocks(self, layer, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V of whole cache blocks (int64 [R, B]): [R, B * block_size, Hkv, D]
+        each, token-major, in the cache's dtype (one gather of the blocks, not one per slot)."""
         raise NotImplementedError
 
     def attend(self, impl, layer, query, kv_cache, attn_metadata, output, trees: StepTrees) -> None:

@@ -17,7 +17,7 @@ from vllm_respsp.backends.cpu_paged_kv import (
     TreeAttentionPlan,
     compact_kv_cpu,
     kv_tiles,
-    read_slots,
+    kv_views,
     write_slots,
 )
 from vllm_respsp.tree.step_trees import StepTrees
@@ -54,6 +54,6 @@ class CpuTreeBackend(TreeAttentionBackend):
         for view, rows in zip(kv_tiles(layer.kv_cache, layer.isa), (k, v)):
             write_slots(view, slots, rows.to(view.dtype))
 
-    def read_rows(self, layer, slots):
-        keys, values = kv_tiles(layer.kv_cache, layer.isa)
-        return read_slots(keys, slots), read_slots(values, slots)
+    def read_blocks(self, layer, blocks):
+        gathered = layer.kv_cache[blocks.reshape(-1)]  # one contiguous copy of the blocks
+        return tuple(t.reshape(*blocks.shape[:-1], -1, *t.shape[2:]) for t in kv_views(gathered, layer.isa))

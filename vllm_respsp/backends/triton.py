@@ -82,9 +82,9 @@ class TritonTreeBackend(TreeAttentionBackend):
         keys, values, at = _rows_at(layer.kv_cache, slots)
         keys[at], values[at] = k.to(keys.dtype), v.to(values.dtype)  # indexing the views writes the cache
 
-    def read_rows(self, layer, slots):
-        keys, values, at = _rows_at(layer.kv_cache, slots)
-        return keys[at], values[at]
+    def read_blocks(self, layer, blocks):
+        blocks = blocks.to(layer.kv_cache.device)
+        return tuple(t[blocks].flatten(-4, -3) for t in kv_views(layer.kv_cache, layer.kv_cache.shape[-1] // 2))
 
 
 class FlashTreeBackend(TritonTreeBackend):

@@ -246,6 +246,8 @@ class TreeDrafter:
         rows, its top-k, so no count is read back), the path part per row; the two softmax
         pieces are merged through their log-sum-exps."""
         keys, values, lengths = padded
+        if max_rows == 1 and request.numel() == len(lengths):  # chains: row r is request r's one node
+            return self._attend_chains(q, padded, path_k, path_v)
         scale = self.head.scale
         counts = torch.zeros(len(lengths), dtype=torch.long, device=request.device).scatter_add_(
             0, request, torch.ones_like(request))
@@ -263,6 +265,19 @@ class TreeDrafter:
         p_ctx[request, local] = p[..., :keys.shape[1]]
         out = torch.einsum("rnhgl,rlhd->rnhgd", p_ctx, values)[request, local] + \
             torch.einsum("fhgt,fthd->fhgd", p[..., keys.shape[1]:], path_v.float())
+        return out.flatten(1, 2)
+
+    def _attend_chains(self, q, padded, path_k, path_v) -> torch.Tensor:
+        """`_attend_tree` when every request has one frontier row, in request order (a step of
+        chains): the same two softmax pieces without the padding of rows per request."""
+        keys, values, lengths = padded
+        qg = q.float().unflatten(1, (keys.shape[2], self.group))  # [R, Hkv, g, D]
+        s_ctx = torch.einsum("rhgd,rlhd->rhgl", qg, keys) * self.head.scale
+        s_ctx = s_ctx.masked_fill(torch.arange(keys.shape[1]) >= lengths[:, None, None, None], float("-inf"))
+        s_path = torch.einsum("rhgd,rthd->rhgt", qg, path_k.float()) * self.head.scale
+        p = torch.cat([s_ctx, s_path], dim=-1).softmax(-1)
+        out = torch.einsum("rhgl,rlhd->rhgd", p[..., :keys.shape[1]], values) + \
+            torch.einsum("rhgt,rthd->rhgd", p[..., keys.shape[1]:], path_v.float())
         return out.flatten(1, 2)
 
 

@@ -105,26 +105,26 @@ class PagedHeadKV(HeadKV):
             return f"the head's block table counts blocks of {table.block_size}, its cache {cache.shape[2]}"
         return None
 
-    def _slots(self, req_ids: list[str], request: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _table(self, req_ids: list[str]) -> tuple:
+        """(the head's block table on the device, its block size, the requests' rows in it)."""
         batch = self.runner.input_batch
         table = batch.block_table[self.group]
         device = table.block_table.gpu.device
         rows = torch.tensor([batch.req_id_to_index[r] for r in req_ids], device=device)
-        request, positions = request.to(device), positions.to(device)
-        size = table.block_size
-        blocks = table.block_table.gpu[rows[request], positions // size].long()
-        return blocks * size + positions % size
+        return table.block_table.gpu, table.block_size, rows
 
     def write(self, req_ids, starts, sizes, k, v) -> None:
+        table, size, rows = self._table(req_ids)
         request = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(sizes), output_size=sum(sizes))
         positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, sizes)])
-        self.backend.write_rows(self.layer, self._slots(req_ids, request, positions), k, v)
+        request, positions = request.to(table.device), positions.to(table.device)
+        slots = table[rows[request], positions // size].long() * size + positions % size
+        self.backend.write_rows(self.layer, slots, k, v)
 
     def gather(self, req_ids, firsts, lengths):
+        """Positions 0..length-1 (a context in this store starts at 0: `firsts` are 0), read as
+        whole blocks up to the longest; columns past a request's own length are masked by callers."""
+        table, size, rows = self._table(req_ids)
         longest = max(lengths)
-        offsets = torch.arange(longest)
-        # padding columns read position `first` again: they are masked by the caller
-        positions = torch.tensor(firsts)[:, None] + torch.minimum(offsets[None, :], torch.tensor(lengths)[:, None] - 1)
-        request = torch.arange(len(req_ids))[:, None].expand_as(positions)
-        k, v = self.backend.read_rows(self.layer, self._slots(req_ids, request.flatten(), positions.flatten()))
-        return k.view(len(req_ids), longest, *k.shape[1:]).float(), v.view(len(req_ids), longest, *v.shape[1:]).float()
+        k, v = self.backend.read_blocks(self.layer, table[rows, :-(-longest // size)].long())
+        return k[:, :longest].float(), v[:, :longest].float()

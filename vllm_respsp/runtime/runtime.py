@@ -83,6 +83,8 @@ class StepRoots:
         self.drafter = drafter
 
     def at(self, rows: list[int]) -> RootStates:
+        if self.states is not None and rows == list(range(self.states.hidden.shape[0])):
+            return self.states  # every extended row, in order (the common step): no copy
         index = torch.tensor(rows)
         if self.states is None:
             h = self.drafter.head.model.config.hidden_size

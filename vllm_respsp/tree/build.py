@@ -200,6 +200,30 @@ class TreeBuilder:
 
     def finish(self) -> DraftTree:
         """Rerank every request's candidates, keep its best T_b, order them breadth-first."""
+        if self._plain_chains():
+            return self._chains()
+        return self._reranked()
+
+    def _plain_chains(self) -> bool:
+        """Every request drafts a whole chain of one depth: its candidates are its tree, level
+        by level, and no rerank is needed (known on the host)."""
+        shallowest, deepest = self.depths_range
+        return self.k_max == 1 and not self.bounded and shallowest == deepest \
+            and all(s.total_tokens == s.depth for s in self.shapes)
+
+    def _chains(self) -> DraftTree:
+        """`_reranked`'s result for `_plain_chains` steps, from the levels as they are: the
+        candidates of level l are one per request, in request order."""
+        num_requests, nodes = len(self.shapes), self.depths_range[0] + 1
+        tokens = torch.cat([self.root_tokens[:, None], torch.stack(self.tokens, dim=1)], dim=1)
+        scores = torch.stack(self.scores, dim=1)
+        scores = torch.cat([scores.new_zeros(num_requests, 1), scores], dim=1)
+        levels = torch.arange(nodes, dtype=torch.int32, device=self.device)
+        cu = torch.arange(num_requests + 1, dtype=torch.int32, device=self.device) * nodes
+        return DraftTree(tokens.reshape(-1), (levels - 1).repeat(num_requests), levels.repeat(num_requests),
+                         scores.reshape(-1), cu)
+
+    def _reranked(self) -> DraftTree:
         tokens, parents, depths = torch.cat(self.tokens), torch.cat(self.parents), torch.cat(self.depths)
         scores, requests = torch.cat(self.scores), torch.cat(self.requests)
         # Order: request, then score descending, ties shallower first (stable sorts, last key first).
