@@ -68,7 +68,9 @@ class RunnerAttentionMetadata(Patch):
 
 
 class RunnerSample(Patch):
-    """Verify trees with the tree sampler; chains keep vLLM's rejection sampler."""
+    """Verify trees with the tree sampler; chains keep vLLM's rejection sampler; a step in which
+    no request has drafts samples as vLLM does without speculation (vLLM's own EAGLE-3 path
+    would still run its rejection sampler over zero drafts)."""
 
     name = "runner_sample"
     target = RUNNER + "._sample"
@@ -76,6 +78,8 @@ class RunnerSample(Patch):
     def replacement(self, original):
         def _sample(runner, logits, spec_decode_metadata, *args, **kwargs):
             runtime = runtime_of(runner)
+            if runtime is not None and spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+                return original(runner, logits, None, *args, **kwargs)  # one logit row per request
             if runtime is not None:
                 output = runtime.sample(logits, spec_decode_metadata, runner.input_batch.sampling_metadata,
                                         lambda: original(runner, logits, spec_decode_metadata, *args, **kwargs))

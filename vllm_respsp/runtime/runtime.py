@@ -36,7 +36,7 @@ from vllm_respsp.runtime.head_kv import PagedHeadKV
 from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
 from vllm_respsp.step_clock import SECONDS, timed
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
@@ -86,10 +86,10 @@ class StepRoots:
         if self.states is not None and rows == list(range(self.states.hidden.shape[0])):
             return self.states  # every extended row, in order (the common step): no copy
         index = torch.tensor(rows)
-        if self.states is None:
+        if self.states is None:  # every request deferred: zeros, one row expanded (nothing reads them)
             h = self.drafter.head.model.config.hidden_size
             vocab = self.drafter.head.draft_to_target.numel()
-            return RootStates(torch.zeros(len(rows), h), torch.zeros(len(rows), h), torch.zeros(len(rows), vocab))
+            return RootStates(*(torch.zeros(1, n).expand(len(rows), n) for n in (h, h, vocab)))
         picked = self.states[index.clamp(min=0)]
         if any(r < 0 for r in rows):
             deferred = index < 0
@@ -217,10 +217,10 @@ class RespspRuntime:
                                           index.num_computed, runner.input_batch.block_table[0].slot_mapping.gpu)
         if self.step_trees is not None:
             self.step_trees.rewrite_positions(runner.positions)
-        for req_id, drafts in spec_tokens.items():
+        for req_id, drafts in spec_tokens.items():  # (a request that proposed nothing: NO_DRAFTS)
             tree = self.proposed.get(req_id)
-            if tree is not None:
-                self.scheduled.setdefault(tree.shape, Counter())[len(drafts)] += 1
+            shape = tree.shape if tree is not None else str(NO_DRAFTS)
+            self.scheduled.setdefault(shape, Counter())[len(drafts)] += 1
 
     # -- verification -------------------------------------------------------------------
     def sample(self, logits, spec_decode_metadata, sampling_metadata, vllm_sample):
