@@ -37,8 +37,8 @@ class HeadKV:
         raise NotImplementedError
 
     def gather(self, req_ids: list[str], firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions first..first+length-1 of each request, zero-padded, fp32:
-        [R, max(lengths), Hkv, D] each."""
+        """Keys and values of positions first..first+length-1 of each request, fp32, padded to
+        [R, max(lengths), Hkv, D] each (padding columns hold finite values; callers mask them)."""
         raise NotImplementedError
 
     def forget(self, req_id: str) -> None:
