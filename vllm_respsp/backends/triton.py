@@ -79,7 +79,9 @@ class TritonTreeBackend(TreeAttentionBackend):
             compact_kv(caches, src.to(device).view(1, -1), dst.to(device).view(1, -1))
 
     def write_rows(self, layer, slots, k, v) -> None:
-        keys, values, at = _rows_at(layer.kv_cache, slots)
+        keys, values = kv_views(layer.kv_cache, layer.kv_cache.shape[-1] // 2)
+        slots = slots.to(keys.device)
+        at = (slots // keys.shape[1], slots % keys.shape[1])
         keys[at], values[at] = k.to(keys.dtype), v.to(values.dtype)  # indexing the views writes the cache
 
     def read_blocks(self, layer, blocks):
@@ -91,10 +93,3 @@ class FlashTreeBackend(TritonTreeBackend):
     """FLASH_ATTN: the layout and the metadata's `block_table` are TRITON_ATTN's (see above)."""
 
     vllm_backend = "FLASH_ATTN"
-
-
-def _rows_at(kv_cache: torch.Tensor, slots: torch.Tensor):
-    """The cache's K and V views and the (block, offset) index of `slots` into them."""
-    keys, values = kv_views(kv_cache, kv_cache.shape[-1] // 2)
-    slots = slots.to(keys.device)
-    return keys, values, (slots // keys.shape[1], slots % keys.shape[1])

@@ -132,7 +132,6 @@ class RespspRuntime:
         self.recomputed = 0
         self.prefix_cached = 0
         self.deferred_steps = 0  # request-steps whose head pass was deferred (NO_DRAFTS held)
-        self.head_kv = "dense"  # where the head's keys/values live: vLLM's "paged" cache or "dense" tensors
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -161,7 +160,6 @@ class RespspRuntime:
                            "vLLM's memory plan does not count them and the prefix cache does not keep them",
                            reason)
             return None
-        self.head_kv = "paged"
         return PagedHeadKV(self.runner, layer, group, self.backend)
 
     # -- the attention backend ----------------------------------------------------------
@@ -458,7 +456,7 @@ class RespspRuntime:
                 "live_proposed_trees": len(self.proposed),
                 "live_policy_holds": self.choose.live_holds,
                 "tree_backend": type(self.backend).__name__ if self.backend is not None else None,
-                "head_kv": self.head_kv,
+                "head_kv": "paged" if self._drafter and isinstance(self._drafter.kv, PagedHeadKV) else "dense",
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
                 "config": self.config.to_dict()}
