@@ -166,13 +166,14 @@ class TreeDrafter:
         counts, longest = torch.tensor(sizes), max(sizes)
 
         req_ids = [r.req_id for r in rows]
+        place = self.kv.locate(req_ids)
 
         def attend(step: StepInputs) -> torch.Tensor:
             nonlocal padded
-            self.kv.write(req_ids, [ctx.end for ctx in contexts], sizes, step.k, step.v)
+            self.kv.write(place, [ctx.end for ctx in contexts], sizes, step.k, step.v)
             for n, ctx in zip(sizes, contexts):
                 ctx.length += n
-            keys, values, lengths = self._padded(req_ids, contexts)
+            keys, values, lengths = self._padded(place, contexts)
             padded = PaddedContexts({r: i for i, r in enumerate(req_ids)}, keys, values, lengths)
             request, local = _ragged_index(counts, sum(sizes))
             queries = step.q.new_zeros(len(rows), longest, *step.q.shape[1:])
@@ -199,7 +200,8 @@ class TreeDrafter:
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
-        padded = (extended.of(req_ids) if extended is not None else None) or self._padded(req_ids, contexts)
+        padded = (extended.of(req_ids) if extended is not None else None) or \
+            self._padded(self.kv.locate(req_ids), contexts)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 
@@ -233,10 +235,11 @@ class TreeDrafter:
         tree.tokens = torch.where(tree.parents >= 0, in_target, tree.tokens)
         return tree
 
-    def _padded(self, req_ids: list[str], contexts: list[DraftContext]):
-        """Every request's context keys/values, padded: [R, L, Hkv, D] twice (fp32) + lengths."""
+    def _padded(self, place, contexts: list[DraftContext]):
+        """Every request's context keys/values, padded: [R, L, Hkv, D] twice (fp32) + lengths
+        (`place`: the requests' places in the store)."""
         lengths = [c.length for c in contexts]
-        keys, values = self.kv.gather(req_ids, [c.first for c in contexts], lengths)
+        keys, values = self.kv.gather(place, lengths)
         return keys, values, torch.tensor(lengths)
 
     def _attend_tree(self, q, request, padded, path_k, path_v, max_rows: int) -> torch.Tensor:
@@ -247,38 +250,48 @@ class TreeDrafter:
         pieces are merged through their log-sum-exps."""
         keys, values, lengths = padded
         if max_rows == 1 and request.numel() == len(lengths):  # chains: row r is request r's one node
-            return self._attend_chains(q, padded, path_k, path_v)
+            rows = _OneRowPerRequest()
+        else:
+            rows = _PaddedRows(request, len(lengths), max_rows)
         scale = self.head.scale
-        counts = torch.zeros(len(lengths), dtype=torch.long, device=request.device).scatter_add_(
-            0, request, torch.ones_like(request))
-        _, local = _ragged_index(counts, request.numel())
-        queries = q.new_zeros(len(lengths), max_rows, *q.shape[1:], dtype=torch.float32)
-        queries[request, local] = q.float()
-        qg = queries.unflatten(2, (keys.shape[2], self.group))  # [R, n, Hkv, g, D]
-        s_ctx = torch.einsum("rnhgd,rlhd->rnhgl", qg, keys) * scale
+        q_rows = q.float().unflatten(1, (keys.shape[2], self.group))  # [F, Hkv, g, D]
+        s_ctx = torch.einsum("rnhgd,rlhd->rnhgl", rows.pad(q_rows), keys) * scale
         s_ctx = s_ctx.masked_fill(torch.arange(keys.shape[1]) >= lengths[:, None, None, None, None], float("-inf"))
-        s_ctx = s_ctx[request, local]  # [F, Hkv, g, L]
-        q_rows = q.float().unflatten(1, (keys.shape[2], self.group))
         s_path = torch.einsum("fhgd,fthd->fhgt", q_rows, path_k.float()) * scale
-        p = torch.cat([s_ctx, s_path], dim=-1).softmax(-1)
-        p_ctx = torch.zeros(queries.shape[:2] + p.shape[1:3] + (keys.shape[1],))
-        p_ctx[request, local] = p[..., :keys.shape[1]]
-        out = torch.einsum("rnhgl,rlhd->rnhgd", p_ctx, values)[request, local] + \
+        p = torch.cat([rows.unpad(s_ctx), s_path], dim=-1).softmax(-1)
+        out = rows.unpad(torch.einsum("rnhgl,rlhd->rnhgd", rows.pad(p[..., :keys.shape[1]]), values)) + \
             torch.einsum("fhgt,fthd->fhgd", p[..., keys.shape[1]:], path_v.float())
         return out.flatten(1, 2)
 
-    def _attend_chains(self, q, padded, path_k, path_v) -> torch.Tensor:
-        """`_attend_tree` when every request has one frontier row, in request order (a step of
-        chains): the same two softmax pieces without the padding of rows per request."""
-        keys, values, lengths = padded
-        qg = q.float().unflatten(1, (keys.shape[2], self.group))  # [R, Hkv, g, D]
-        s_ctx = torch.einsum("rhgd,rlhd->rhgl", qg, keys) * self.head.scale
-        s_ctx = s_ctx.masked_fill(torch.arange(keys.shape[1]) >= lengths[:, None, None, None], float("-inf"))
-        s_path = torch.einsum("rhgd,rthd->rhgt", qg, path_k.float()) * self.head.scale
-        p = torch.cat([s_ctx, s_path], dim=-1).softmax(-1)
-        out = torch.einsum("rhgl,rlhd->rhgd", p[..., :keys.shape[1]], values) + \
-            torch.einsum("rhgt,rthd->rhgd", p[..., keys.shape[1]:], path_v.float())
-        return out.flatten(1, 2)
+
+class _PaddedRows:
+    """A frontier's rows [F, ...] laid out per request, [R, max_rows, ...] (zero padding)."""
+
+    def __init__(self, request: torch.Tensor, num_requests: int, max_rows: int):
+        counts = torch.zeros(num_requests, dtype=torch.long, device=request.device).scatter_add_(
+            0, request, torch.ones_like(request))
+        _, self.local = _ragged_index(counts, request.numel())
+        self.request, self.shape = request, (num_requests, max_rows)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(self.shape + x.shape[1:])
+        padded[self.request, self.local] = x
+        return padded
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.request, self.local]
+
+
+class _OneRowPerRequest:
+    """The layout of a step of chains: row r is request r's only frontier node (no padding)."""
+
+    @staticmethod
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return x[:, None]
+
+    @staticmethod
+    def unpad(x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
 
 
 def _ragged_index(counts: torch.Tensor, total: int):

@@ -30,15 +30,19 @@ class HeadKV:
     # whether positions a request never ran the head over (vLLM's prefix cache hit them) are readable
     keeps_prefix: bool = False
 
-    def write(self, req_ids: list[str], starts: list[int], sizes: list[int],
-              k: torch.Tensor, v: torch.Tensor) -> None:
+    def locate(self, req_ids: list[str]):
+        """The requests' places in the store, looked up once for a pass's `write` and `gather`."""
+        return req_ids
+
+    def write(self, place, starts: list[int], sizes: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [N, Hkv, D]: request i's `sizes[i]` rows, in request order, at positions
-        starts[i], starts[i] + 1, ..."""
+        starts[i], starts[i] + 1, ... (`place`: from `locate`)."""
         raise NotImplementedError
 
-    def gather(self, req_ids: list[str], firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions first..first+length-1 of each request, fp32, padded to
-        [R, max(lengths), Hkv, D] each (padding columns hold finite values; callers mask them)."""
+    def gather(self, place, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `lengths[i]` positions request i holds here (from its
+        context's first position), fp32, padded to [R, max(lengths), Hkv, D] each (padding
+        columns hold finite values; callers mask them)."""
         raise NotImplementedError
 
     def forget(self, req_id: str) -> None:
@@ -68,13 +72,12 @@ class DenseHeadKV(HeadKV):
             self.held[req_id] = (first, keys, values)
             offset += n
 
-    def gather(self, req_ids, firsts, lengths):
+    def gather(self, req_ids, lengths):
         shape = (len(req_ids), max(lengths), *self.row_shape)
         keys, values = torch.zeros(shape), torch.zeros(shape)
-        for r, (req_id, first, length) in enumerate(zip(req_ids, firsts, lengths)):
-            held_first, k, v = self.held[req_id]
-            rows = slice(first - held_first, first - held_first + length)
-            keys[r, :length], values[r, :length] = k[rows], v[rows]
+        for r, (req_id, length) in enumerate(zip(req_ids, lengths)):
+            _, k, v = self.held[req_id]
+            keys[r, :length], values[r, :length] = k[:length], v[:length]
         return keys, values
 
     def forget(self, req_id: str) -> None:
@@ -105,26 +108,28 @@ class PagedHeadKV(HeadKV):
             return f"the head's block table counts blocks of {table.block_size}, its cache {cache.shape[2]}"
         return None
 
-    def _table(self, req_ids: list[str]) -> tuple:
-        """(the head's block table on the device, its block size, the requests' rows in it)."""
-        batch = self.runner.input_batch
-        table = batch.block_table[self.group]
-        device = table.block_table.gpu.device
-        rows = torch.tensor([batch.req_id_to_index[r] for r in req_ids], device=device)
-        return table.block_table.gpu, table.block_size, rows
+    def _blocks(self) -> tuple[torch.Tensor, int]:
+        """The head's block table (on the device) and its block size."""
+        table = self.runner.input_batch.block_table[self.group]
+        return table.block_table.gpu, table.block_size
 
-    def write(self, req_ids, starts, sizes, k, v) -> None:
-        table, size, rows = self._table(req_ids)
-        request = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(sizes), output_size=sum(sizes))
+    def locate(self, req_ids: list[str]) -> torch.Tensor:
+        """The requests' rows in the head's block table (on its device)."""
+        index = self.runner.input_batch.req_id_to_index
+        return torch.tensor([index[r] for r in req_ids], device=self._blocks()[0].device)
+
+    def write(self, rows, starts, sizes, k, v) -> None:
+        table, size = self._blocks()
+        request = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes), output_size=sum(sizes))
         positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, sizes)])
         request, positions = request.to(table.device), positions.to(table.device)
         slots = table[rows[request], positions // size].long() * size + positions % size
         self.backend.write_rows(self.layer, slots, k, v)
 
-    def gather(self, req_ids, firsts, lengths):
-        """Positions 0..length-1 (a context in this store starts at 0: `firsts` are 0), read as
-        whole blocks up to the longest; columns past a request's own length are masked by callers."""
-        table, size, rows = self._table(req_ids)
+    def gather(self, rows, lengths):
+        """Positions 0..length-1 (a context in this store starts at 0), read as whole blocks up
+        to the longest; columns past a request's own length are masked by callers."""
+        table, size = self._blocks()
         longest = max(lengths)
         k, v = self.backend.read_blocks(self.layer, table[rows, :-(-longest // size)].long())
         return k[:, :longest].float(), v[:, :longest].float()
