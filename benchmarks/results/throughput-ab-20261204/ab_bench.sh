@@ -1,5 +1,6 @@
 #!/bin/bash
 # old (6b2fa5a, before the backend seam) and new code, alternately: throughput of the respsp columns
+# It expects checkouts of the two commits at /tmp/old and /tmp/new and this repo at /work/main.
 set -e
 OUT=/work/main/benchmarks/results/throughput-ab-20261204
 mkdir -p $OUT

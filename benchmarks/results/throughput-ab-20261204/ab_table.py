@@ -1,23 +1,29 @@
-"""Old/new A/B table from alternated throughput runs (each run: one rep of every column)."""
-import json, sys, statistics
+"""The old/new table of README.md, from the four alternated runs (one repetition of every
+column each): python ab_table.py <this folder>"""
+
+import json
+import statistics
+import sys
 from pathlib import Path
-root = Path(sys.argv[1])
-runs = {tag: json.loads((root / tag / "throughput.json").read_text()) for tag in ["old_1", "new_1", "old_2", "new_2"]}
-names = None
-rows = []
-for b_i, cell in enumerate(runs["old_1"]["cells"]):
-    batch = cell["batch_size"]
-    for name in cell["configs"]:
-        vals, rel, acc = {}, {}, {}
-        for tag, d in runs.items():
-            c = d["cells"][b_i]["configs"][name]
-            vals[tag] = c["tokens_per_s"]
-            rel[tag] = c["tokens_per_s"] / d["cells"][b_i]["configs"]["none"]["tokens_per_s"]
-            acc[tag] = c["acceptance_length"]
-        old = statistics.mean([vals["old_1"], vals["old_2"]]); new = statistics.mean([vals["new_1"], vals["new_2"]])
-        rows.append((batch, runs["old_1"]["cells"][b_i]["configs"][name].get("describe", name), name, vals, rel, acc, new / old))
-print("| batch | configuration | old run 1 | new run 1 | old run 2 | new run 2 | new / old (mean of runs) | acceptance old / new |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|")
-for batch, desc, name, vals, rel, acc, ratio in rows:
-    cells = " | ".join(f"{vals[t]:.1f} ({rel[t]:.2f}x)" for t in ["old_1", "new_1", "old_2", "new_2"])
-    print(f"| {batch} | {name} | {cells} | {ratio:.3f} | {acc['old_1']:.2f} / {acc['new_1']:.2f} |")
+
+RUNS = ["old_1", "new_1", "old_2", "new_2"]
+
+
+def main(root: Path) -> None:
+    runs = {tag: json.loads((root / tag / "throughput.json").read_text()) for tag in RUNS}
+    print("| batch | configuration | old run 1 | new run 1 | old run 2 | new run 2 | new / old (mean of runs) "
+          "| acceptance old / new |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for i, cell in enumerate(runs["old_1"]["cells"]):
+        for name in cell["configs"]:
+            per_run = {tag: run["cells"][i]["configs"] for tag, run in runs.items()}
+            speed = {tag: c[name]["tokens_per_s"] for tag, c in per_run.items()}
+            shown = " | ".join(f"{speed[t]:.1f} ({speed[t] / per_run[t]['none']['tokens_per_s']:.2f}x)" for t in RUNS)
+            ratio = statistics.mean([speed["new_1"], speed["new_2"]]) / \
+                statistics.mean([speed["old_1"], speed["old_2"]])
+            accept = " / ".join(f"{per_run[t][name]['acceptance_length']:.2f}" for t in ("old_1", "new_1"))
+            print(f"| {cell['batch_size']} | {name} | {shown} | {ratio:.3f} | {accept} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
