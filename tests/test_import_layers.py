@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from vllm_respsp import envs
+
 ROOT = Path(__file__).resolve().parents[1] / "vllm_respsp"
 
 
@@ -84,3 +86,9 @@ def test_only_envs_reads_respsp_variables():
                     and node.value.startswith("VLLM_RESPSP_"):
                 offenders.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.value}")
     assert offenders == []
+
+
+def test_readme_lists_every_respsp_variable():
+    """The README's table of variables is the one envs.py declares (regenerate it with
+    `python -m vllm_respsp.envs`)."""
+    assert envs.markdown_table() in (ROOT.parent / "README.md").read_text()

@@ -23,10 +23,12 @@ The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
 file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
 
-The `note` of a row gives the number of steps and their quartiles; `phases_ms` the runtime's own
-step-clock phases (`vllm_respsp.step_clock`: draft, draft_extend, choose_shapes, tree_attention,
-verify, compact_kv, ...) in ms per engine step of its runs at that batch size (prefill steps
-included), from the stats file each engine rewrites.
+The `note` of a row gives the number of steps and their quartiles. With `--phases`, `phases_ms`
+gives the runtime's own step-clock phases (`vllm_respsp.step_clock`: draft, draft_extend,
+choose_shapes, tree_attention, verify, compact_kv, ...) in ms per engine step of its runs at that
+batch size (prefill steps included), from the stats file each respsp engine then rewrites every
+step. That write is instrumentation a user does not pay (~0.2 ms a step on this CPU, on respsp's
+steps only), so it is off by default: the rows are then what a served step costs.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--phases", action="store_true",
+                        help="also record respsp's per-phase times (a stats-file write every respsp step)")
     args = parser.parse_args(argv)
 
     from vllm_respsp.draft import shipped_head_path
@@ -165,10 +169,11 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             spec = {"method": "respsp", "model": head, "shape": shape.to_dict()}
         clock = stats_dir / f"{name.replace('/', '_')}.steps"
         os.environ[envs.STEP_TIMES] = str(clock)
-        os.environ[envs.STATS_FILE] = str(clock.with_suffix(".stats.json"))
+        if args.phases:
+            os.environ[envs.STATS_FILE] = str(clock.with_suffix(".stats.json"))
         workers.append((shape, clock, EngineWorker(model, EngineConfig(name, spec, engine))))
     os.environ.pop(envs.STEP_TIMES)
-    os.environ.pop(envs.STATS_FILE)
+    os.environ.pop(envs.STATS_FILE, None)
     rows = []
     try:
         for *_, w in workers:
@@ -191,7 +196,9 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
                 row = {"batch": batch, "context": context, "seconds": round(median, 6),
                        "note": f"median of {len(steps[i])} decode steps: {median * 1e3:.1f} ms "
                                f"(quartiles {q1 * 1e3:.1f}-{q3 * 1e3:.1f})"}
-                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict(), "phases_ms": phases[i]})
+                row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
+                if shape is not None and args.phases:
+                    row["phases_ms"] = phases[i]
                 rows.append(row)
     finally:
         for *_, w in workers:

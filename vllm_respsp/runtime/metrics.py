@@ -40,6 +40,7 @@ _private_dir: tempfile.TemporaryDirectory | None = None
 _collector = None
 _file = None  # (pid, directory, MmapedDict) of this process
 _values: dict[str, float] = {}
+_keys: dict[tuple[str, str], str] = {}  # (metric, label) -> its key in the mmap file
 
 
 def metrics_dir() -> str | None:
@@ -71,19 +72,22 @@ def setup_frontend() -> str:
 
 
 def _increment(metric: tuple[str, str, str], label: str, count: float) -> None:
+    """Runs every engine step (shapes): the file is opened and the key built once, not per call."""
     global _file
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
     name, label_name, help_text = metric
     with _lock:
         path, pid = metrics_dir(), os.getpid()
-        if not path or not os.path.isdir(path):
-            return  # no front end collects them (e.g. an engine started without setup_frontend)
         if _file is None or _file[:2] != (pid, path):
+            if not path or not os.path.isdir(path):
+                return  # no front end collects them (e.g. an engine started without setup_frontend)
             # Not `counter_<pid>.db`: prometheus_client's own counters of this process may own that.
             _file = (pid, path, MmapedDict(os.path.join(path, f"counter_respsp-{pid}.db")))
             _values.clear()
-        key = mmap_key(name, name + "_total", [label_name], [label], help_text)
+        key = _keys.get((name, label))
+        if key is None:
+            key = _keys[name, label] = mmap_key(name, name + "_total", [label_name], [label], help_text)
         if key not in _values:
             _values[key] = _file[2].read_value(key)[0]
         _values[key] += count
