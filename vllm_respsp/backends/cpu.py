@@ -55,5 +55,5 @@ class CpuTreeBackend(TreeAttentionBackend):
             write_slots(view, slots, rows.to(view.dtype))
 
     def read_blocks(self, layer, blocks):
-        gathered = layer.kv_cache[blocks.reshape(-1)]  # one contiguous copy of the blocks
+        gathered = layer.kv_cache.index_select(0, blocks.reshape(-1))  # one copy per block
         return tuple(t.reshape(*blocks.shape[:-1], -1, *t.shape[2:]) for t in kv_views(gathered, layer.isa))
