@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_engine
+from conftest import run_engine, run_requests
 from test_reliability import engine_config
 from test_respsp_trees import BIG_TREE, CHAIN4, PROMPTS, SMALL_TREE
 
@@ -26,7 +26,8 @@ STATIC = {"total_tokens": 8, "depth": 4, "top_k": 2}
 COORDINATION = Coordination((1, 8), (0.0, 0.0), (1.0, 1.0), (100.0, 100.0), 0.005)
 
 
-def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: int = 0):
+def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: int = 0,
+                  max_draft_load: int | None = None):
     """An untrained but well-formed policy file: its picks vary with the features."""
     torch.manual_seed(seed)
     spec = feature_spec(DEFAULT_FEATURES, hidden_size)
@@ -34,7 +35,7 @@ def random_policy(stem, hidden_size: int, actions=ACTIONS, hold: int = 2, seed: 
     with torch.no_grad():
         net.head.weight.mul_(20)  # spread the scores so that the argmax moves between actions
     return save_policy(stem, net, actions, spec, hold=hold, target={"hidden_size": hidden_size},
-                       coordination=COORDINATION)
+                       coordination=COORDINATION, max_draft_load=max_draft_load)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,27 @@ def test_no_drafts_skips_the_head_and_catches_up_exactly(fixture_models, tmp_pat
     assert lazy["spec"]["accepted_tokens"] == eager["spec"]["accepted_tokens"]
     assert lazy_stats["deferred_request_steps"] > 10 and eager_stats["deferred_request_steps"] == 0
     assert {"T0/D0/K0", "T6/D3/K2"} <= set(lazy_stats["shapes"]) and not lazy_stats["fallbacks"]
+
+
+def test_above_the_load_gate_nothing_drafts_until_the_load_falls(fixture_models, tmp_path):
+    """A policy with max_draft_load 1: while three requests run, none drafts and the head runs
+    over none of their positions (deferred, no policy call); once two finish, the last catches
+    up in one pass and drafts trees again. Lossless throughout."""
+    policy = random_policy(tmp_path / "policy" / "gated", hidden_size=128, max_draft_load=1)
+    lengths = {(3,): 40, (4,): 8, (5,): 8}
+    requests = [{"prompt": list(p), "sampling": {"temperature": 0.0, "max_tokens": n, "ignore_eos": True}}
+                for p, n in lengths.items()]
+    stats = tmp_path / "stats.json"
+    job = {"model": str(fixture_models["successor"]), "phases": [requests],
+           "engine": {"dtype": "float32", "max_model_len": 256},
+           "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
+                                  "shape": STATIC, "policy": str(policy)}}
+    result = run_requests(job, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
+    outputs = [c[0] for c in result["phases"][0]["token_ids"]]
+    assert outputs == [[(p[-1] + 1 + i) % 128 for i in range(n)] for p, n in lengths.items()]
+    stats = json.loads(stats.read_text())
+    # ~7 gated steps of 3 requests (their first step loads the policy), then the long one drafts
+    assert stats["deferred_request_steps"] >= 3 * 6 and stats["shapes"]["T0/D0/K0"] >= 3 * 6
+    drafted = sum(n for shape, n in stats["shapes"].items() if shape != "T0/D0/K0")
+    assert drafted >= 3 and not stats["fallbacks"]
+    assert sum(v for k, v in result["metrics"].items() if k.startswith("vllm:spec_decode_num_accepted_tokens{")) > 0

@@ -174,7 +174,7 @@ def inject_fault(kind: str) -> None:
     elif kind == "never_defer":
         from vllm_respsp.runtime.choose import ShapeChooser
 
-        ShapeChooser.drafts_nothing_next = lambda self, req_id: False
+        ShapeChooser.drafts_nothing_next = lambda self, req_id, batch_load: False
     elif kind == "wrong_bonus":
         from vllm_respsp.runtime import sampler
 

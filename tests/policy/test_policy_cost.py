@@ -106,3 +106,25 @@ def test_tree_terms_charge_trees_not_chains():
     np.testing.assert_allclose(model.coefficients, list(TRUE.values()) + [0.010, 0.004, 0.0001], rtol=1e-6)
     assert model.step_seconds(chain(5), 4) == pytest.approx(
         fit(parse_profile(synthetic_profile())).step_seconds(chain(5), 4))
+
+
+def test_a_held_no_drafts_row_prices_a_plain_step_plus_a_deferred_row():
+    """NO_DRAFTS timed with the choice held (the profile's constant policy) runs no root pass:
+    its row is fitted as StepWork.held, not as a step that drafts."""
+    raw = synthetic_profile()
+    for batch in (1, 4, 16):
+        t = TRUE["step"] + (TRUE["verify_tokens"] + TRUE["sequences"] + TRUE["draft_rows"]) * batch
+        raw["rows"].append({"shape": NO_DRAFTS.to_dict(), "batch": batch, "seconds": t, "held": True})
+    model = fit(parse_profile(raw))
+    np.testing.assert_allclose(model.coefficients, list(TRUE.values()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"shape": {"total_tokens": 2, "depth": 2, "top_k": 1}, "held": True}, "true only for NO_DRAFTS"),
+    ({"shape": {"total_tokens": 0, "depth": 0, "top_k": 0}, "held": "yes"}, "held must be true or false"),
+])
+def test_held_is_only_for_no_drafts_rows(row, match):
+    raw = synthetic_profile()
+    raw["rows"].append({**row, "batch": 1, "seconds": 0.03})
+    with pytest.raises(ProfileError, match=f"rows\\[{len(raw['rows']) - 1}\\].*{match}"):
+        parse_profile(raw)

@@ -108,3 +108,14 @@ def test_constant_policy_picks_its_shape_for_every_request(tmp_path):
     shapes = policy.choose(list(range(16)), torch.rand(16, 8), torch.rand(16) * 3, batch_load=16)
     assert shapes == [NO_DRAFTS] * 16 and policy.fallback_count == 0
     assert ShapePolicy.from_file(constant_policy(tmp_path / "c1", chain(1), chain(1))).actions == [chain(1)]
+
+
+def test_max_draft_load_round_trips_and_is_checked(policy_path):
+    assert load_policy(policy_path).max_draft_load is None  # absent: no load gate
+    for value in (0, 8):
+        edit(policy_path, max_draft_load=value)
+        assert load_policy(policy_path).max_draft_load == value
+    for bad in (-1, 2.5, "8", True):
+        edit(policy_path, max_draft_load=bad)
+        with pytest.raises(PolicyFileError, match="'max_draft_load': must be null or an integer >= 0"):
+            load_policy(policy_path)

@@ -10,7 +10,7 @@ from vllm_respsp.policy.policy_file import save_policy
 from vllm_respsp.policy.shape_policy import FALLBACK, ShapePolicy
 from vllm_respsp.policy.simulator import extra_features
 from vllm_respsp.policy.traces import FeatureSpec
-from vllm_respsp.tree.shape import TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 ACTIONS = [chain(1), chain(2), chain(4), TreeShape(8, 3, 4), TreeShape(16, 5, 4)]
 F = 12
@@ -83,3 +83,20 @@ def test_from_file_uses_config_fallback_and_checks_width(tmp_path):
     feats = torch.randn(7, F)
     assert policy(feats, torch.zeros(7), 7).tolist() == make_policy().net(
         torch.cat([feats, torch.tensor([[np.log2(7) / 6, 0.0]] * 7, dtype=torch.float32)], 1)).argmax(-1).tolist()
+
+
+def test_above_the_load_gate_every_request_drafts_nothing_without_the_network():
+    policy = make_policy(hold=3)
+    policy.max_draft_load = 4
+    calls = []
+    real_forward = policy.forward
+    policy.forward = lambda f, r, b: calls.append(b) or real_forward(f, r, b)
+    first = policy.choose(["a", "b"], torch.randn(2, F), torch.zeros(2), batch_load=4)
+    assert calls == [4] and policy.held("a") is not None
+    # load 5: no network call (no features needed), no fallback, and the holds are dropped
+    assert policy.choose(["a", "b"], torch.empty(0), torch.zeros(2), batch_load=5) == [NO_DRAFTS] * 2
+    assert calls == [4] and policy.fallback_count == 0
+    assert policy.held("a") is None and not policy.drafts_at(5) and policy.drafts_at(4)
+    # back under the gate: the network is asked afresh
+    again = policy.choose(["a", "b"], torch.randn(2, F), torch.zeros(2), batch_load=1)
+    assert calls == [4, 1] and all(s in ACTIONS for s in first + again)

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from vllm_respsp.policy.cost import CostModel, load_cost_model
-from vllm_respsp.policy.simulator import best_static, oracle, simulate, static_results, summary
+from vllm_respsp.policy.simulator import (
+    GATE_LOADS,
+    best_static,
+    draft_load_limit,
+    drafts_at,
+    held_rate,
+    oracle,
+    simulate,
+    simulate_gated,
+    static_results,
+    summary,
+)
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, synthetic_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, NO_DRAFTS, TreeShape, chain
 
@@ -91,3 +102,26 @@ def test_no_drafts_gains_one_token_per_step():
     assert res.tokens == res.steps == sum(g.num_positions for g in traces.generations)
     # it beats drafting only by what verification saves, never no speculation itself
     assert res.tokens_per_s < summary(traces, cost, 8)["no_speculation"]
+
+
+def test_load_gate_drafts_only_where_the_policy_beats_drafting_nothing():
+    traces = synthetic_traces([chain(1), chain(3), NO_DRAFTS], num_generations=4, positions=64, seed=2)
+    cost = load_cost_model("cpu-smollm2-135m")  # speculation pays at load 1, not at 64 (design.md §5)
+    chain3 = 1
+    limit = draft_load_limit(traces, cost, chain3)
+    assert limit is not None and 1 <= limit < 64
+    for load in GATE_LOADS:
+        if load <= limit:
+            assert simulate(traces, cost, chain3, load).tokens_per_s > held_rate(cost, load) * 1.03
+        gated = simulate_gated(traces, cost, chain3, load, 1, limit)
+        if load <= limit:
+            assert gated.tokens_per_s == simulate(traces, cost, chain3, load).tokens_per_s
+        else:
+            assert gated.tokens_per_s == pytest.approx(held_rate(cost, load))
+            assert gated.acceptance_length == 1.0 and gated.action_counts.sum() == 0
+    next_load = min(b for b in GATE_LOADS if b > limit)  # the upward walk stopped at its first loss
+    assert simulate(traces, cost, chain3, next_load).tokens_per_s <= held_rate(cost, next_load) * 1.03
+    # drafting costs nothing extra: it pays at every load; drafting nothing never beats holding it
+    assert draft_load_limit(traces, CostModel(("step",), np.array([0.01])), chain3) is None
+    assert draft_load_limit(traces, cost, 2) == 0
+    assert drafts_at(64, None) and drafts_at(4, 4) and not drafts_at(5, 4) and not drafts_at(1, 0)

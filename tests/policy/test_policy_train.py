@@ -11,7 +11,7 @@ import torch
 from vllm_respsp.policy.cost import load_cost_model
 from vllm_respsp.policy.policy_file import load_policy
 from vllm_respsp.policy.shape_policy import ShapePolicy
-from vllm_respsp.policy.simulator import best_static, simulate
+from vllm_respsp.policy.simulator import best_static, drafts_at, simulate
 from vllm_respsp.policy.traces import save_traces, synthetic_traces
 from vllm_respsp.policy.train import main, make_net, train_bandit, train_ppo
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
@@ -75,6 +75,11 @@ def test_cli_writes_loadable_reproducible_policies(tmp_path):
     policy = ShapePolicy.from_file(tmp_path / "a" / "bandit.json")
     shapes = policy.choose([0, 1], torch.randn(2, 12), torch.zeros(2), 64)
     assert all(s in ACTIONS + [NO_DRAFTS] for s in shapes) and policy.fallback_count == 0
+    gate = load_policy(tmp_path / "a" / "bandit.json").max_draft_load  # the load gate, tuned and served
+    for load, row in report["tokens_per_s_on_eval"]["eval"].items():
+        assert row["bandit_drafts"] == drafts_at(int(load), gate)
+        if not row["bandit_drafts"]:
+            assert row["bandit"] == pytest.approx(row["held_no_drafts"])
     main(args + ["--out", str(tmp_path / "c"), "--algo", "bandit", "--no-drafts", "off"])
     assert load_policy(tmp_path / "c" / "bandit.json").actions == ACTIONS
 

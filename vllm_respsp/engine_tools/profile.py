@@ -20,8 +20,9 @@ shape. Random tokens (`--prompts random`, --context of them) accept almost nothi
 chain-3 step measured 24-28 ms where the same engine's step on MT-Bench prompts took 33-38 ms
 (plain steps 20-28 ms on both), so a profile on them under-prices speculation.
 The rows record q = tokens per sequence in the target pass.
-The shape `none` (NO_DRAFTS: the head's root pass, no draft tokens) is timed through a policy
-file that always picks it (policy_file.constant_policy), the only way the runtime reaches it.
+The shape `none` (NO_DRAFTS) is timed through a policy file that always picks it and holds the
+choice (policy_file.constant_policy), the only way the runtime reaches it: no root pass runs,
+the head's context is deferred, and the row is marked `"held": true` (cost.StepWork.held).
 
 The `note` of a row gives the number of steps and their quartiles. With `--phases`, `phases_ms`
 gives the runtime's own step-clock phases (`vllm_respsp.step_clock`: draft, draft_extend,
@@ -182,7 +183,7 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             prompts = pool[:batch]
             context = round(sum(map(len, prompts)) / batch + args.tokens / 2)
             steps: dict[int, list[float]] = {i: [] for i in range(len(workers))}
-            before = [phase_seconds(clock) for _, clock, _ in workers]
+            before = [phase_seconds(clock) for _, clock, _ in workers] if args.phases else []
             for _ in range(args.reps):
                 for i, (shape, clock, w) in enumerate(workers):
                     steps[i] += timed_run(w, clock, prompts, args.tokens, max_tokens_per_request(shape))
@@ -197,6 +198,8 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
                        "note": f"median of {len(steps[i])} decode steps: {median * 1e3:.1f} ms "
                                f"(quartiles {q1 * 1e3:.1f}-{q3 * 1e3:.1f})"}
                 row.update({"q_tokens": 1} if shape is None else {"shape": shape.to_dict()})
+                if shape == NO_DRAFTS:
+                    row["held"] = True  # constant_policy holds it: no root pass (cost.StepWork.held)
                 if shape is not None and args.phases:
                     row["phases_ms"] = phases[i]
                 rows.append(row)

@@ -18,9 +18,11 @@ Profile file:
     {"name": "...", "source": "where the numbers come from", "hardware": "...",
      "default_context": 256, "terms": ["step", ...],
      "rows": [{"shape": {"total_tokens": T, "depth": D, "top_k": K} | "q_tokens": q,
-               "batch": B, "context": C, "seconds": s, "note": "..."}, ...]}
+               "batch": B, "context": C, "seconds": s, "held": false, "note": "..."}, ...]}
 A row with "q_tokens" is a plain forward over q new tokens per sequence (no drafting); a row
-with "shape" is a whole speculative step with that tree.
+with "shape" is a whole speculative step with that tree. A NO_DRAFTS row with "held": true was
+timed with the choice held for the whole run (no root pass: `StepWork.held`); without it, the
+root pass ran every step (a policy deciding every step, or the runtime before deferral).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_respsp.tree.shape import ShapeError, TreeShape
+from vllm_respsp.tree.shape import NO_DRAFTS, ShapeError, TreeShape
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -42,7 +44,8 @@ class StepWork:
     """What one request does in a step; every field a number or equally shaped arrays.
 
     speculates  1 when the request runs the drafter at all (0: no speculation)
-    levels      draft-head passes: tree levels grown, the root's included (NO_DRAFTS: 1)
+    levels      draft-head passes: tree levels grown, the root's included (NO_DRAFTS: 1, the
+                root that gives the policy its features; held NO_DRAFTS: 0, see `held`)
     rows        draft-head rows: the root's, then the expanded frontier nodes of each level
     nodes       draft nodes verified (the target forward runs nodes + 1 tokens: the bonus too)
     tree        1 when the verified nodes are a real tree, not a chain (tree-attention terms)
@@ -65,6 +68,13 @@ class StepWork:
         levels = max(shape.depth, 1)  # NO_DRAFTS still runs the root's pass
         return cls(1, levels, 1 + (levels - 1) * shape.top_k, shape.total_tokens,
                    int(shape.top_k > 1 and shape.total_tokens > shape.depth))
+
+    @classmethod
+    def held(cls) -> StepWork:
+        """A step of a request already known to draft nothing (a held NO_DRAFTS, or a load above
+        the policy's `max_draft_load`): no root pass, no speculation setup; its one new row
+        still costs a head row, paid when it catches up in a later pass."""
+        return cls(0, 0, 1, 0, 0)
 
 
 # name -> basis value for (work w, batch b, context c); w's fields may be arrays
@@ -104,6 +114,11 @@ class ProfileRow:
     batch: int
     context: int
     seconds: float
+    held: bool = False  # a NO_DRAFTS row timed with the choice held (no root pass): StepWork.held
+
+    @property
+    def work(self) -> StepWork:
+        return StepWork.held() if self.held else StepWork.of(self.shape, self.q_tokens)
 
 
 @dataclass(frozen=True)
@@ -166,7 +181,10 @@ def parse_profile(raw: dict, where: str = "profile") -> CostProfile:
             raise ProfileError(f"{tag}: q_tokens and batch must be positive integers")
         if not isinstance(seconds, (int, float)) or not seconds > 0:
             raise ProfileError(f"{tag}: seconds must be a positive number, got {seconds!r}")
-        rows.append(ProfileRow(shape, q, batch, int(context), float(seconds)))
+        held = r.get("held", False)
+        if held not in (True, False) or (held and shape != NO_DRAFTS):
+            raise ProfileError(f"{tag}: held must be true or false, and true only for NO_DRAFTS, got {held!r}")
+        rows.append(ProfileRow(shape, q, batch, int(context), float(seconds), held))
     if len(rows) < len(terms):
         raise ProfileError(f"{where}: {len(rows)} rows cannot fit {len(terms)} terms")
     canonical = json.dumps({k: raw[k] for k in ("name", "terms", "rows")}, sort_keys=True)
@@ -236,7 +254,7 @@ def fit(profile: CostProfile) -> CostModel:
     Non-negativity by a small active-set loop: a term that fits negative (noise, or a term the
     rows barely vary) is pinned at 0 and the rest refitted; a cost never decreases with work.
     """
-    X = np.stack([basis(profile.terms, r.shape, r.batch, r.context, r.q_tokens) for r in profile.rows])
+    X = np.stack([work_basis(profile.terms, r.work, r.batch, r.context) for r in profile.rows])
     y = np.array([r.seconds for r in profile.rows])
     w = 1.0 / y
     active = np.ones(len(profile.terms), dtype=bool)

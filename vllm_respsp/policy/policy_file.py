@@ -4,7 +4,9 @@ respsp config points at the JSON).
     <stem>.json          format, version, action set, feature spec + extras, target/head ids,
                          architecture, hold (action persistence), cost profile name + digest,
                          training info, the weights file's name and sha256, and for a bandit
-                         the units of its scores (`coordination`, see policy/coordinate.py)
+                         the units of its scores (`coordination`, see policy/coordinate.py),
+                         and `max_draft_load` when drafting stops paying above some batch load
+                         (policy/simulator.py: the load gate)
     <stem>.safetensors   PolicyNet's state dict
 
 Loading checks everything before the engine serves a request, and every error names the field:
@@ -47,6 +49,7 @@ class PolicyFile:
     feature_spec: list[FeatureSpec]
     hold: int
     coordination: Coordination | None = None
+    max_draft_load: int | None = None  # above this batch load nothing drafts (simulator.draft_load_limit)
 
 
 def _sha256(path: Path) -> str:
@@ -56,7 +59,8 @@ def _sha256(path: Path) -> str:
 def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
                 feature_spec: list[FeatureSpec], *, hold: int = 1, target: dict | None = None,
                 head: dict | None = None, cost_profile: dict | None = None,
-                training: dict | None = None, coordination: Coordination | None = None) -> Path:
+                training: dict | None = None, coordination: Coordination | None = None,
+                max_draft_load: int | None = None) -> Path:
     """Write <stem>.safetensors and <stem>.json; return the JSON's path (the policy file)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +78,8 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
     }
     if coordination is not None:
         meta["coordination"] = coordination.to_dict()
+    if max_draft_load is not None:
+        meta["max_draft_load"] = max_draft_load
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(meta, indent=1))
     return path
@@ -127,10 +133,13 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
             coordination = Coordination.from_dict(meta["coordination"])
         except ValueError as e:
             _fail(path, "coordination", str(e))
+    max_draft_load = meta.get("max_draft_load")
+    if max_draft_load is not None and (type(max_draft_load) is not int or max_draft_load < 0):
+        _fail(path, "max_draft_load", f"must be null or an integer >= 0 (a batch load), got {max_draft_load!r}")
     net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
                     tuple(arch["hidden"]), arch["activation"])
     net.load_state_dict(_load_weights(path, meta, net))
-    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination)
+    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination, max_draft_load)
 
 
 def _read_meta(path: Path) -> dict:

@@ -7,6 +7,9 @@
   units, the argmax under one shared number of draft passes for the batch (policy/coordinate.py).
 - Persistence: a request keeps its chosen action for `hold` steps (from the policy file); only
   requests whose hold ran out go through the network, still in one batched call.
+- Load gate: above the file's `max_draft_load` every request gets NO_DRAFTS without the network
+  (simulator.draft_load_limit); the runtime asks `drafts_at(load)` before the head runs, so such
+  a step does no draft work at all.
 - Never raises at run time: an exception, a wrong feature width or a non-finite score sends the
   affected requests to the static fallback shape (the respsp config's `shape`), counts them in
   `fallback_count`, and does not hold the fallback (the next step asks the network again).
@@ -25,7 +28,8 @@ from torch import nn
 from vllm_respsp.policy.coordinate import Coordination, action_levels, coordinated_choice
 from vllm_respsp.policy.network import PolicyNet
 from vllm_respsp.policy.policy_file import load_policy
-from vllm_respsp.tree.shape import DEFAULT_SHAPE, TreeShape
+from vllm_respsp.policy.simulator import drafts_at
+from vllm_respsp.tree.shape import DEFAULT_SHAPE, NO_DRAFTS, TreeShape
 
 logger = logging.getLogger(__name__)
 FALLBACK = -1  # action index meaning "use the static fallback shape"
@@ -33,7 +37,8 @@ FALLBACK = -1  # action index meaning "use the static fallback shape"
 
 class ShapePolicy(nn.Module):
     def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1,
-                 feature_spec: list | None = None, coordination: Coordination | None = None):
+                 feature_spec: list | None = None, coordination: Coordination | None = None,
+                 max_draft_load: int | None = None):
         super().__init__()
         self.feature_spec = list(feature_spec or [])  # the FeatureSpec blocks `features` must hold
         self.net = net.eval()
@@ -42,6 +47,7 @@ class ShapePolicy(nn.Module):
         self.hold = hold
         self.max_depth = max(a.depth for a in actions)
         self.coordination = coordination
+        self.max_draft_load = max_draft_load
         self.levels = torch.tensor(action_levels(self.actions))
         self.fallback_count = 0
         self._held: dict[object, list[int]] = {}  # request id -> [action index, steps left]
@@ -52,7 +58,11 @@ class ShapePolicy(nn.Module):
                   feature_dims: dict[str, int] | None = None) -> ShapePolicy:
         pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
         return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold,
-                   pf.feature_spec, pf.coordination)
+                   pf.feature_spec, pf.coordination, pf.max_draft_load)
+
+    def drafts_at(self, batch_load: int) -> bool:
+        """Whether the network is asked at this load (else every request gets NO_DRAFTS)."""
+        return drafts_at(batch_load, self.max_draft_load)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:
@@ -86,6 +96,10 @@ class ShapePolicy(nn.Module):
         """Shapes for this step's requests, in order. batch_load defaults to len(request_ids)."""
         try:
             load = batch_load or len(request_ids)
+            if not self.drafts_at(load):
+                for r in request_ids:  # ask afresh when the load falls again
+                    self._held.pop(r, None)
+                return [NO_DRAFTS] * len(request_ids)
             need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
             if need:
                 if len(need) == len(request_ids):  # nothing held: skip the row gather (a copy)

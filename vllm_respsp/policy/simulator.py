@@ -14,6 +14,13 @@ Dinkelbach's parametric search: for a rate r, a backward DP over positions maxim
 Σ(g - r t); the best path's own rate is the next r; the iteration stops when the optimum of
 Σ(g - r t) is 0, and r is then the highest tokens/s any choice of actions reaches on these
 traces. It is the upper bound for every policy, held actions included.
+
+The load gate (`draft_load_limit`): above some batch load no action pays on a given machine,
+NO_DRAFTS included when it is decided every step (its root pass gives the policy its features).
+A policy file then carries `max_draft_load`, the largest load at which the policy, simulated
+here, beats a batch that drafts nothing at all (`held_rate`); above it the engine's ShapePolicy
+holds every request on NO_DRAFTS without running the head or the network, so the step costs
+what vLLM's step without speculation costs (the head catches up when the load falls again).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_respsp.policy.cost import CostModel
+from vllm_respsp.policy.cost import CostModel, StepWork
 from vllm_respsp.policy.traces import Generation, TraceError, TraceSet
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
@@ -152,6 +159,44 @@ def eagle3_default_rate(traces: TraceSet, cost: CostModel, batch: int = 1,
 
 def no_speculation_rate(cost: CostModel, batch: int = 1, context: int | None = None) -> float:
     return 1.0 / cost.request_seconds(None, batch, context)
+
+
+def held_rate(cost: CostModel, batch: int = 1, context: int | None = None) -> float:
+    """tokens/s of a batch whose requests are all known to draft nothing (StepWork.held)."""
+    return 1.0 / float(cost.work_seconds(StepWork.held(), batch, context))
+
+
+GATE_LOADS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def draft_load_limit(traces: TraceSet, cost: CostModel, policy: Policy, hold: int = 1,
+                     loads=GATE_LOADS, margin: float = 0.03) -> int | None:
+    """The policy file's `max_draft_load` (module doc): the largest of `loads`, walked upward,
+    up to which the simulated policy beats `held_rate` by more than `margin` at every load
+    (a margin because the simulator is a model: a near tie is not worth the risk); 0 when it
+    does not even at the first load, None when it does at every load tried."""
+    limit = 0
+    for load in sorted(loads):
+        if simulate(traces, cost, policy, load, hold).tokens_per_s <= held_rate(cost, load) * (1 + margin):
+            return limit
+        limit = load
+    return None
+
+
+def drafts_at(load: int, max_draft_load: int | None) -> bool:
+    """Whether a policy with this `max_draft_load` asks its network at this batch load."""
+    return max_draft_load is None or load <= max_draft_load
+
+
+def simulate_gated(traces: TraceSet, cost: CostModel, policy: Policy, batch: int, hold: int,
+                   max_draft_load: int | None, context: int | None = None) -> SimResult:
+    """`simulate`, with the load gate: above `max_draft_load` every position is a held
+    NO_DRAFTS step (one token, `StepWork.held`'s seconds; no action counted)."""
+    if drafts_at(batch, max_draft_load):
+        return simulate(traces, cost, policy, batch, hold, context)
+    positions = sum(g.num_positions for g in traces.generations)
+    seconds = positions * float(cost.work_seconds(StepWork.held(), batch, context))
+    return SimResult(positions, seconds, positions, np.zeros(traces.num_actions, dtype=np.int64))
 
 
 def _best_path(accepted: np.ndarray, costs: np.ndarray, rate: float) -> tuple[float, float, np.ndarray]:

@@ -6,7 +6,9 @@
 
 Writes <out>/<algo>.json + .safetensors per algorithm (the JSON is the policy file) and
 <out>/report.json: tokens/s on held-out generations for no speculation, the best static shape
-(tuned on the training generations), EAGLE-3's default, the exact oracle and each policy.
+(tuned on the training generations), EAGLE-3's default, the exact oracle and each policy, the
+policy behind its load gate (`max_draft_load`, tuned on the training generations:
+simulator.draft_load_limit).
 
 (a) bandit: the trace table gives the outcome of *every* action at every position, so the
     contextual bandit has full feedback and reduces to regression: an MLP predicts, per action,
@@ -40,11 +42,15 @@ from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.simulator import (
     EXTRA_FEATURES,
     best_static,
+    draft_load_limit,
+    drafts_at,
     eagle3_default_rate,
     extra_features,
+    held_rate,
     no_speculation_rate,
     oracle,
     simulate,
+    simulate_gated,
     step_costs,
     update_recent,
 )
@@ -248,7 +254,7 @@ def train_ppo(net: PolicyNet, traces: TraceSet, cost: CostModel, batch_loads, ho
 
 
 def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, batch_loads,
-             policies: dict[str, tuple[PolicyNet, int, Coordination | None]]) -> dict:
+             policies: dict[str, tuple[PolicyNet, int, Coordination | None, int | None]]) -> dict:
     """Per batch load, tokens/s on `traces_eval` of the baselines and each policy. Fixed
     actions are tuned on `traces_train` only: the best static shape (or NO_DRAFTS), and where
     the action set has confidence-bounded shapes, the best one of those for every step.
@@ -256,15 +262,17 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
     Above load 1, also in mixed batches (batch_sim: the deepest tree sets a step's draft
     passes): the best static shape and each policy as the engine runs it (`<name>_in_batch`),
     and a bandit that chooses per request without coordination (`<name>_in_batch_per_request`).
+    Each policy runs behind its load gate (`<name>_drafts`: whether it drafts at that load).
     """
     out = {}
     bounded = any(a.min_prob for a in traces_train.actions)
     for batch in batch_loads:
         static, _ = best_static(traces_train, cost, batch, kind="static")
-        row = {"no_speculation": no_speculation_rate(cost, batch),
+        row = {"no_speculation": no_speculation_rate(cost, batch), "held_no_drafts": held_rate(cost, batch),
                "best_static": simulate(traces_eval, cost, static, batch).tokens_per_s,
                "best_static_action": str(traces_train.actions[static]),
-               "oracle": oracle(traces_eval, cost, batch).tokens_per_s}
+               # the best per-step choices, or drafting nothing at all (the load gate's held steps)
+               "oracle": max(oracle(traces_eval, cost, batch).tokens_per_s, held_rate(cost, batch))}
         if bounded:
             fixed, _ = best_static(traces_train, cost, batch, kind="bounded")
             row["best_bounded"] = simulate(traces_eval, cost, fixed, batch).tokens_per_s
@@ -274,11 +282,16 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
             row["eagle3_default"] = default
         if batch > 1:
             row["best_static_in_batch"] = simulate_batch(traces_eval, cost, static, batch).tokens_per_s
-        for name, (net, hold, coordination) in policies.items():
-            res = simulate(traces_eval, cost, net.act, batch, hold)
+        for name, (net, hold, coordination, max_draft_load) in policies.items():
+            res = simulate_gated(traces_eval, cost, net.act, batch, hold, max_draft_load)
             row[name] = res.tokens_per_s
             row[f"{name}_acceptance_length"] = res.acceptance_length
-            if batch > 1:
+            row[f"{name}_drafts"] = drafts_at(batch, max_draft_load)
+            if batch > 1 and not drafts_at(batch, max_draft_load):  # held on NO_DRAFTS, however it runs
+                row[f"{name}_in_batch"] = res.tokens_per_s
+                if coordination is not None:
+                    row[f"{name}_in_batch_per_request"] = res.tokens_per_s
+            elif batch > 1:
                 engine = ShapePolicy(net, traces_eval.actions, traces_eval.actions[static], hold,
                                      coordination=coordination)
                 row[f"{name}_in_batch"] = simulate_batch(traces_eval, cost, policy_chooser(engine),
@@ -312,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--algo", nargs="+", choices=["bandit", "ppo"], default=["bandit", "ppo"])
     ap.add_argument("--batch-loads", nargs="+", type=int, default=[1, 8, 64])
     ap.add_argument("--hold", type=int, default=1, help="action persistence N (PPO and serving)")
+    ap.add_argument("--gate-margin", type=float, default=0.03,
+                    help="the load gate: draft only at loads where the simulated policy beats a batch "
+                         "that drafts nothing by more than this share (simulator.draft_load_limit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-fraction", type=float, default=0.2)
     ap.add_argument("--bandit-epochs", type=int, default=20)
@@ -375,13 +391,14 @@ def main(argv: list[str] | None = None) -> dict:
                              args.ppo_steps, seed=args.seed)
             coordination = None  # an actor's logits are not values: nothing to add up
             hold = args.hold
+        max_draft_load = draft_load_limit(train_set, cost, net.act, hold, margin=args.gate_margin)
         info.update(seed=args.seed, batch_loads=args.batch_loads, reference_rates=rates,
-                    traces=args.traces or "synthetic",
+                    traces=args.traces or "synthetic", gate_margin=args.gate_margin,
                     train_generations=len(train_set.generations))
         files[algo] = str(save_policy(out / algo, net, traces.actions, traces.feature_spec,
                                       hold=hold, training=info, coordination=coordination,
-                                      **common))
-        policies[algo] = (net, hold, coordination)
+                                      max_draft_load=max_draft_load, **common))
+        policies[algo] = (net, hold, coordination, max_draft_load)
     report = {"profile": cost.profile_name, "cost_model": cost.describe(), "files": files,
               "features": [f.name for f in traces.feature_spec],
               "tokens_per_s_on_eval": {name: evaluate(train_set, eval_set, cost, args.batch_loads, policies)

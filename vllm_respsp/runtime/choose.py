@@ -53,10 +53,13 @@ class ShapeChooser:
             if self.policy is not None:
                 self.policy.release(req_id)
 
-    def drafts_nothing_next(self, req_id: str) -> bool:
+    def drafts_nothing_next(self, req_id: str, batch_load: int) -> bool:
         """Whether this request's next shape is already known to be NO_DRAFTS (a held policy
-        decision, its cycle action, or a static NO_DRAFTS): then it needs no root this step."""
+        decision, a load above the policy's `max_draft_load`, its cycle action, or a static
+        NO_DRAFTS): then it needs no root this step."""
         if self.learned:
+            if self.policy is not None and not self.policy.drafts_at(batch_load):
+                return True
             held = self.policy.held(req_id) if self.policy is not None else None
             return held is not None and not held.drafts
         if self.config.policy == "cycle":
@@ -102,8 +105,9 @@ class ShapeChooser:
         before = self.policy.fallback_count
         features = torch.empty(0)
         # Features only when the network runs: a step where every request holds its shape
-        # (e.g. all held on NO_DRAFTS, whose roots are zeros) asks nothing of it.
-        if any(self.policy.held(r) is None for r in req_ids):
+        # (e.g. all held on NO_DRAFTS, whose roots are zeros) or the load gate is shut asks
+        # nothing of it.
+        if self.policy.drafts_at(batch_load) and any(self.policy.held(r) is None for r in req_ids):
             try:
                 features = policy_features(self.policy.feature_spec, roots)
             except Exception:  # ShapePolicy turns a bad feature tensor into fallbacks, never raises

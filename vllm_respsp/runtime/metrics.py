@@ -39,8 +39,8 @@ _lock = threading.Lock()
 _private_dir: tempfile.TemporaryDirectory | None = None
 _collector = None
 _file = None  # (pid, directory, MmapedDict) of this process
-_values: dict[str, float] = {}
-_keys: dict[tuple[str, str], str] = {}  # (metric, label) -> its key in the mmap file
+# (metric, label) -> [its key in the mmap file, its value]; values are of the open file only
+_counters: dict[tuple[str, str], list] = {}
 
 
 def metrics_dir() -> str | None:
@@ -84,14 +84,13 @@ def _increment(metric: tuple[str, str, str], label: str, count: float) -> None:
                 return  # no front end collects them (e.g. an engine started without setup_frontend)
             # Not `counter_<pid>.db`: prometheus_client's own counters of this process may own that.
             _file = (pid, path, MmapedDict(os.path.join(path, f"counter_respsp-{pid}.db")))
-            _values.clear()
-        key = _keys.get((name, label))
-        if key is None:
-            key = _keys[name, label] = mmap_key(name, name + "_total", [label_name], [label], help_text)
-        if key not in _values:
-            _values[key] = _file[2].read_value(key)[0]
-        _values[key] += count
-        _file[2].write_value(key, _values[key], 0.0)
+            _counters.clear()
+        counter = _counters.get((name, label))
+        if counter is None:
+            key = mmap_key(name, name + "_total", [label_name], [label], help_text)
+            counter = _counters[name, label] = [key, _file[2].read_value(key)[0]]
+        counter[1] += count
+        _file[2].write_value(counter[0], counter[1], 0.0)
 
 
 def record_fallback(kind: str, count: int = 1) -> None:

@@ -280,7 +280,7 @@ class RespspRuntime:
         if not new_rows:
             return [[] for _ in index.req_ids]
         aux = torch.cat([h[:index.num_tokens] for h in aux_hidden_states], dim=-1)
-        roots, root_states = self._extend(aux, new_rows, roots)
+        roots, root_states = self._extend(aux, new_rows, roots, index.num_reqs)
         if not roots:
             return [[] for _ in index.req_ids]
         roots_at = root_states.at([r.context_row for r in roots])
@@ -291,13 +291,13 @@ class RespspRuntime:
         self._grow(roots, shapes, root_states)
         return [self.proposed[r].tokens[1:] if r in self.proposed else [] for r in index.req_ids]
 
-    def _extend(self, aux: torch.Tensor, new_rows: list[NewRows], roots: list[RootRequest]):
+    def _extend(self, aux: torch.Tensor, new_rows: list[NewRows], roots: list[RootRequest], batch_load: int):
         """Run the head over the verified positions of the requests that may draft this step;
         defer those of requests already known to draft nothing (no head pass, no root: they
         catch up in one batched pass when they draft again). Returns the roots, renumbered over
         the extended rows (-1: deferred), and their states."""
         skip = set() if self.recorder is not None else \
-            {r.req_id for r in roots if self.choose.drafts_nothing_next(r.req_id)
+            {r.req_id for r in roots if self.choose.drafts_nothing_next(r.req_id, batch_load)
              and self.drafter.deferred_length(r.req_id) < MAX_DEFERRED}
         self.drafter.defer(aux, [rows for rows in new_rows if rows.req_id in skip])
         self.deferred_steps += len(skip)
