@@ -258,3 +258,15 @@ def test_scaling_curve_plot_and_ablation_names(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     fields = set(TrainConfig.__dataclass_fields__)
     assert all(set(o) <= fields for o in scaling.ABLATIONS.values())  # every lever is a real field
+
+
+def test_the_default_recipe_point_shares_the_main_training(tmp_path):
+    from vllm_respsp.draft import scaling
+
+    scaling.share_main_training("fraction-1", {"data_fraction": 1.0}, tmp_path)
+    scaling.share_main_training("fraction-0.5", {"data_fraction": 0.5}, tmp_path)
+    linked = tmp_path / "runs" / "fraction-1" / "train"
+    assert linked.is_symlink() and linked.resolve() == (tmp_path / "train").resolve()
+    (tmp_path / "train" / "checkpoint.pt").write_bytes(b"x")  # what the main run writes, the point reads
+    assert (linked / "checkpoint.pt").read_bytes() == b"x"
+    assert not (tmp_path / "runs" / "fraction-0.5").exists()  # another recipe trains on its own

@@ -5,8 +5,8 @@
 
 replies (vLLM, greedy; committed under data/draft-head/replies) -> features (aux hidden
 states, recomputed) -> draft vocab -> training (TTT) -> export (vLLM checkpoint) -> offline
-acceptance estimate -> vLLM evaluation -> MODEL_CARD.md. The defaults reproduce the shipped
-head. Every stage resumes: finished reply and feature shards, the vocab and the training
+acceptance estimate -> vLLM evaluation -> MODEL_CARD.md. The defaults are the current recipe
+(the shipped head's own settings are in its pipeline_summary.json). Every stage resumes: finished reply and feature shards, the vocab and the training
 checkpoint (weights, optimizer, data position, RNG) are reused, so re-running after an
 interruption (or in the next session) continues where it stopped. Stage wall times are kept in
 <work>/stage_times.json.
@@ -89,11 +89,10 @@ def train_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def heldout_curve(train_log: Path, every: int = 400) -> list[dict]:
-    """Every `every`-th held-out evaluation of the training log, and the last one."""
+def heldout_curve(train_log: Path) -> list[dict]:
+    """Every held-out evaluation of the training log (each `eval_every` steps, and the last)."""
     rows = [r for r in map(json.loads, train_log.read_text().splitlines()) if "heldout_acc" in r]
-    kept = [r for r in rows if r["step"] % every == 0 or r is rows[-1]]
-    return [{"step": r["step"], "heldout_acc": r["heldout_acc"]} for r in kept]
+    return [{"step": r["step"], "heldout_acc": r["heldout_acc"]} for r in rows]
 
 
 def reexec_with_intel_openmp() -> None:

@@ -1,11 +1,13 @@
 """The draft head's scaling curve and recipe ablations: each point is one resumable pipeline run.
 
     python -m vllm_respsp.draft.scaling curve  [--fractions 0.125 0.25 0.5 1] [--mtbench N]
-    python -m vllm_respsp.draft.scaling ablate [--fraction 0.25] [--only NAME ...] [--mtbench N]
+    python -m vllm_respsp.draft.scaling ablate [--fraction 0.125] [--only NAME ...] [--mtbench N]
 
 A point is `python -m vllm_respsp.draft --skip-replies --skip-eval --run NAME --set ...` over
 the reply shards already there (committed or generated), in a process of its own; a finished
-point is reused, an interrupted one resumes from its checkpoint. Each point is then measured
+point is reused, an interrupted one resumes from its checkpoint; the default recipe's point shares
+the main run's training (`share_main_training`) and the ablations' baseline is the curve's point
+of the same data share. Each point is then measured
 the same way: held-out per-step accuracy (teacher-forced, on the same held-out slice for every
 point: `train.split_sequences`), the offline chain-5 estimate, and vLLM's chain-5 acceptance
 length on the first `--mtbench` MT-Bench prompts (greedy, 256 tokens). Writes
@@ -19,10 +21,12 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
 from vllm_respsp.draft.data import default_work_dir
+from vllm_respsp.draft.train import TrainConfig
 
 # name -> TrainConfig overrides: the levers of the EAGLE-3 recipe, each against the baseline
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -37,10 +41,25 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+def share_main_training(name: str, overrides: dict, work: Path) -> None:
+    """A point whose recipe is the default one (the curve's "all the data") is the main run of
+    `make draft-head`: its training folder is linked, not trained again (an hour here). The
+    checkpoint is keyed by the whole config, so whichever of the two runs first, the other resumes
+    it or finds it finished."""
+    if replace(TrainConfig(), **overrides) != TrainConfig():
+        return
+    main, point = work / "train", work / "runs" / name / "train"
+    if not point.exists():
+        main.mkdir(parents=True, exist_ok=True)
+        point.parent.mkdir(parents=True, exist_ok=True)
+        point.symlink_to(main.resolve(), target_is_directory=True)
+
+
 def run_point(name: str, overrides: dict, work: Path) -> dict:
     """Train (or resume, or reuse) one variant; its pipeline summary."""
     summary = work / "runs" / name / "head" / "pipeline_summary.json"
     if not summary.exists():
+        share_main_training(name, overrides, work)
         command = [sys.executable, "-m", "vllm_respsp.draft", "--skip-replies", "--skip-eval", "--work", str(work),
                    "--run", name, *[arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]]
         subprocess.run(command, check=True)
@@ -108,7 +127,7 @@ def main() -> None:
     parser.add_argument("what", choices=["curve", "ablate"])
     parser.add_argument("--work", type=Path, default=default_work_dir())
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0])
-    parser.add_argument("--fraction", type=float, default=0.25, help="the data share every ablation trains on")
+    parser.add_argument("--fraction", type=float, default=0.125, help="the data share every ablation trains on")
     parser.add_argument("--only", nargs="*", default=None, help=f"ablations to run (of {sorted(ABLATIONS)})")
     parser.add_argument("--mtbench", type=int, default=80, help="MT-Bench prompts for vLLM (0: offline only)")
     args = parser.parse_args()
@@ -123,8 +142,10 @@ def main() -> None:
         unknown = sorted(set(names) - set(ABLATIONS))
         if unknown:
             parser.error(f"--only: unknown ablation(s) {unknown}; allowed: {sorted(ABLATIONS)}")
-        points = [measure(f"ablate-{n}-{args.fraction:g}", {"data_fraction": args.fraction, **ABLATIONS[n]},
-                          args.work, args.mtbench) for n in names]
+        # the baseline is the curve's point of that data share: trained once for both
+        points = [measure(f"fraction-{args.fraction:g}" if n == "baseline" else f"ablate-{n}-{args.fraction:g}",
+                          {"data_fraction": args.fraction, **ABLATIONS[n]}, args.work, args.mtbench)
+                  for n in names]
         (out / "ablations.json").write_text(json.dumps(points, indent=1))
     print(json.dumps(points, indent=1))
 
