@@ -7,8 +7,9 @@ replies (vLLM, greedy; committed under data/draft-head/replies) -> features (aux
 states, recomputed) -> draft vocab -> training (TTT) -> export (vLLM checkpoint) -> offline
 acceptance estimate -> vLLM evaluation -> MODEL_CARD.md. The defaults are the current recipe
 (the shipped head's own settings are in its pipeline_summary.json). Every stage resumes:
-finished reply and feature shards, the vocab and the training checkpoint (weights, optimizer, data position, RNG) are reused, so re-running after an
-interruption (or in the next session) continues where it stopped. Stage wall times are kept in
+finished reply and feature shards, the vocab and the training checkpoint (weights, optimizer,
+data position, RNG) are reused, so re-running after an interruption (or in the next session)
+continues where it stopped. Stage wall times are kept in
 <work>/stage_times.json.
 
 `--run NAME` trains a variant (a scaling-curve point or an ablation: `--set` overrides
