@@ -5,7 +5,7 @@
         --request-rates 0.5 --chains 3 5 --respsp chain3 T4/D2/K2
 
 For each configuration (no speculation, vLLM's EAGLE-3 chain for each --chains length, respsp
-static shapes, respsp policy files) the benchmark starts `respsp-vllm serve` on loopback
+static shapes, respsp policy files, vLLM's EAGLE-3 with a --k-by-batch schedule) the benchmark starts `respsp-vllm serve` on loopback
 (`vllm_respsp.testbed.server`), sends one short warm-up request, then drives the server once per
 prompt set and load: each --concurrencies value (requests sent back to back, at most that many in
 flight) and each --request-rates value (Poisson arrivals, no cap). Servers run one at a time
@@ -240,8 +240,20 @@ def warm_up(base: str, model: str) -> None:
     urllib.request.urlopen(req, timeout=300).read()
 
 
+def serving_configs(head: str | None, args) -> list:
+    """The configurations to serve: throughput.engine_configs, then vLLM's K-by-batch-size
+    schedule when --k-by-batch gives one (a server cannot tune it: take the schedule a throughput
+    run tuned on the same machine, its `k_by_batch_tuning`)."""
+    from benchmarks.throughput import engine_configs, k_by_batch_config, parse_k_schedule
+
+    configs = engine_configs(head, args.chains, {}, args.respsp, args.policies, args.policy_shape)
+    if head and args.k_by_batch != "none":
+        configs.append(k_by_batch_config(head, parse_k_schedule(args.k_by_batch), {}))
+    return configs
+
+
 def main(argv: list[str] | None = None) -> Path:
-    from benchmarks.throughput import engine_configs, machine_info
+    from benchmarks.throughput import machine_info, parse_k_schedule
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
@@ -266,6 +278,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policies", nargs="*", default=[],
                         help="respsp policy files, one column each (shape: --policy-shape)")
     parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
+    parser.add_argument("--k-by-batch", default="none", metavar="SCHEDULE",
+                        help="add vLLM EAGLE-3 with K chosen by batch size (num_speculative_tokens_per_batch_size), "
+                             "e.g. '1-2:3,3-1024:0' (START-END:K ranges; K=0: no drafts), as tuned by a "
+                             "throughput run on this machine; 'none' leaves it out")
     parser.add_argument("--reps", type=int, default=1, help="each repetition restarts every server")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default=None, help="server --dtype (default: the model's)")
@@ -281,6 +297,11 @@ def main(argv: list[str] | None = None) -> Path:
             varying_load(args.varying_load)
         except ValueError as e:
             parser.error(str(e))
+    if args.k_by_batch != "none":
+        try:
+            parse_k_schedule(args.k_by_batch)
+        except ValueError as e:
+            parser.error(f"--k-by-batch: {e}")
     if (not args.concurrencies and not args.request_rates and not args.varying_load) \
             or any(c < 1 for c in args.concurrencies) \
             or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
@@ -303,7 +324,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Servers inherit this process's environment: the CPU defaults measured fastest here.
     prepare_cpu_env(1)
 
-    configs = engine_configs(head, args.chains, {}, args.respsp, args.policies, args.policy_shape)
+    configs = serving_configs(head, args)
     loads = make_loads(args.concurrencies, args.request_rates)
     if args.varying_load:
         loads.append(varying_load(args.varying_load))

@@ -49,12 +49,20 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
 
 
 def parse_k_schedule(text: str) -> list[list[int]]:
-    """"1-2:3,3-1024:0" -> [[1, 2, 3], [3, 1024, 0]] (vLLM's num_speculative_tokens_per_batch_size)."""
+    """"1-2:3,3-1024:0" -> [[1, 2, 3], [3, 1024, 0]] (vLLM's num_speculative_tokens_per_batch_size).
+    Raises ValueError naming the part that is not START-END:K (or START:K) with 1 <= START <= END, K >= 0."""
     rows = []
     for part in text.split(","):
         span, _, k = part.partition(":")
         start, _, end = span.partition("-")
-        rows.append([int(start), int(end or start), int(k)])
+        try:
+            row = [int(start), int(end or start), int(k)]
+        except ValueError:
+            row = None
+        if row is None or not 1 <= row[0] <= row[1] or row[2] < 0:
+            raise ValueError(f"K-by-batch schedule {text!r}: part {part!r} is not START-END:K "
+                             "(batch sizes 1 <= START <= END, K >= 0), e.g. '1-2:3,3-1024:0'")
+        rows.append(row)
     return rows
 
 
@@ -212,6 +220,11 @@ def main(argv: list[str] | None = None) -> Path:
         args.respsp = args.respsp[:1]
     if any(b < 1 for b in args.batch_sizes) or args.num_prompts < 1 or args.reps < 1:
         parser.error("--batch-sizes, --num-prompts and --reps must be positive")
+    if args.k_by_batch not in ("auto", "none"):
+        try:
+            parse_k_schedule(args.k_by_batch)
+        except ValueError as e:
+            parser.error(f"--k-by-batch: {e}")
 
     from tqdm import tqdm
 

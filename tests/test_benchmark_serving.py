@@ -1,6 +1,7 @@
 """The serving benchmark's own logic: summaries and report on made-up samples, then one tiny
 end-to-end run on the successor fixture (two servers, started and stopped by the benchmark)."""
 
+import argparse
 import json
 import socket
 
@@ -55,6 +56,18 @@ def test_loads_summaries_speedups_and_report(tmp_path):
     assert "| 200/" in table  # TTFT p50 in ms
     for png in ("serving_throughput.png", "serving_latency.png", "serving_acceptance.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_k_by_batch_schedule_is_a_served_configuration(capsys):
+    args = argparse.Namespace(chains=[3], respsp=[], policies=[], policy_shape="chain3", k_by_batch="1-2:3,3-64:0")
+    configs = serving.serving_configs("head", args)
+    assert [c.name for c in configs] == ["none", "eagle3-3", "eagle3-k-by-batch"]
+    assert configs[-1].speculative_config["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 64, 0]]
+    assert [c.name for c in serving.serving_configs("head", argparse.Namespace(**{**vars(args), "k_by_batch": "none"}))] \
+        == ["none", "eagle3-3"]
+    with pytest.raises(SystemExit):
+        serving.main(["--k-by-batch", "3-1:2"])
+    assert "--k-by-batch: K-by-batch schedule '3-1:2'" in capsys.readouterr().err
 
 
 def test_failed_server_start_is_reported_and_cleaned_up(tmp_path):

@@ -91,6 +91,10 @@ def test_a_real_mismatch_fails_the_run_and_near_ties_are_told_apart(fixture_mode
 
 def test_k_by_batch_schedules():
     assert throughput.parse_k_schedule("1-2:3,3-1024:0") == [[1, 2, 3], [3, 1024, 0]]
+    assert throughput.parse_k_schedule("1:2,2-8:0") == [[1, 1, 2], [2, 8, 0]]
+    for bad in ("1-2", "0-4:2", "4-2:1", "1-2:-1", "a-2:1"):
+        with pytest.raises(ValueError, match=f"part '{bad}' is not START-END:K"):
+            throughput.parse_k_schedule(bad)
     assert throughput.schedule_from_best({1: 3, 4: 2, 16: 0}, 64) == [[1, 3, 3], [4, 15, 2], [16, 64, 0]]
     config = throughput.k_by_batch_config("h", [[1, 64, 0]], {})
     assert config.speculative_config["num_speculative_tokens"] == 1  # vLLM needs K > 0 to load the head
