@@ -5,9 +5,9 @@
         --request-rates 0.5 --chains 3 5 --respsp chain3 T4/D2/K2
 
 For each configuration (no speculation, vLLM's EAGLE-3 chain for each --chains length, respsp
-static shapes, respsp policy files, vLLM's EAGLE-3 with a --k-by-batch schedule) the benchmark starts `respsp-vllm serve` on loopback
-(`vllm_respsp.testbed.server`), sends one short warm-up request, then drives the server once per
-prompt set and load: each --concurrencies value (requests sent back to back, at most that many in
+static shapes, respsp policy files, vLLM's EAGLE-3 with a --k-by-batch schedule) the benchmark
+starts `respsp-vllm serve` on loopback (`vllm_respsp.testbed.server`), sends one short warm-up
+request, then drives the server once per prompt set and load: each --concurrencies value (requests sent back to back, at most that many in
 flight) and each --request-rates value (Poisson arrivals, no cap). Servers run one at a time
 (the machine has 2 cores); each repetition starts every configuration again, in a rotated order,
 so slow minutes on the machine do not all land on one configuration. Every server it started is
@@ -252,8 +252,34 @@ def serving_configs(head: str | None, args) -> list:
     return configs
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with --quick applied; a bad load or schedule is a usage error naming it."""
+    from benchmarks.throughput import parse_k_schedule
+
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
+        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
+        args.respsp = args.respsp[:1]
+    if args.varying_load:
+        try:
+            varying_load(args.varying_load)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.k_by_batch != "none":
+        try:
+            parse_k_schedule(args.k_by_batch)
+        except ValueError as e:
+            parser.error(f"--k-by-batch: {e}")
+    if (not args.concurrencies and not args.request_rates and not args.varying_load) \
+            or any(c < 1 for c in args.concurrencies) \
+            or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
+        parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
+    return args
+
+
 def main(argv: list[str] | None = None) -> Path:
-    from benchmarks.throughput import machine_info, parse_k_schedule
+    from benchmarks.throughput import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
@@ -287,25 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", default=None, help="server --dtype (default: the model's)")
     parser.add_argument("--startup-timeout", type=float, default=400)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
-        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
-        args.respsp = args.respsp[:1]
-    if args.varying_load:
-        try:
-            varying_load(args.varying_load)
-        except ValueError as e:
-            parser.error(str(e))
-    if args.k_by_batch != "none":
-        try:
-            parse_k_schedule(args.k_by_batch)
-        except ValueError as e:
-            parser.error(f"--k-by-batch: {e}")
-    if (not args.concurrencies and not args.request_rates and not args.varying_load) \
-            or any(c < 1 for c in args.concurrencies) \
-            or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
-        parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
+    args = parse_args(parser, argv)
 
     from tqdm import tqdm
     from transformers import AutoTokenizer
