@@ -7,11 +7,12 @@
 For each configuration (no speculation, vLLM's EAGLE-3 chain for each --chains length, respsp
 static shapes, respsp policy files, vLLM's EAGLE-3 with a --k-by-batch schedule) the benchmark
 starts `respsp-vllm serve` on loopback (`vllm_respsp.testbed.server`), sends one short warm-up
-request, then drives the server once per prompt set and load: each --concurrencies value (requests sent back to back, at most that many in
-flight) and each --request-rates value (Poisson arrivals, no cap). Servers run one at a time
-(the machine has 2 cores); each repetition starts every configuration again, in a rotated order,
-so slow minutes on the machine do not all land on one configuration. Every server it started is
-stopped when it is done with it, on errors and on Ctrl-C / SIGTERM too.
+request, then drives the server once per prompt set and load: each --concurrencies value
+(requests sent back to back, at most that many in flight) and each --request-rates value (Poisson
+arrivals, no cap). Servers run one at a time (the machine has 2 cores); each repetition starts
+every configuration again, in a rotated order, so slow minutes on the machine do not all land on
+one configuration. Every server it started is stopped when it is done with it, on errors and on
+Ctrl-C / SIGTERM too.
 
 The client is vLLM's own serving benchmark, `vllm.benchmarks.serve.benchmark` (the code behind
 `vllm bench serve`), called in-process: it streams /v1/completions, times TTFT and inter-token
