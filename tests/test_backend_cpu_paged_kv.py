@@ -165,3 +165,27 @@ def test_the_amx_layout_attends_and_compacts_like_the_vec_layout_on_any_cpu():
         untouched = torch.tensor([i for i in range(slots.numel()) if i not in (41, 42, 43)])
         assert torch.equal(read_slots(key_view, slots[untouched]), k[untouched])
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_head_kv_reads_a_context_from_its_first_position():
+    """PagedHeadKV over this backend: what `write` put at absolute positions, `gather` returns
+    from each request's first position (a context restarted after a long deferral starts past
+    0), padded to the longest."""
+    from vllm_respsp.runtime.head_kv import PagedHeadKV
+
+    block_size, gen = 16, torch.Generator().manual_seed(3)
+    cache = torch.zeros(NUM_BLOCKS, H, block_size, 2 * D)
+    table = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 4]], dtype=torch.int32)  # two requests' blocks
+    runner = SimpleNamespace(input_batch=SimpleNamespace(
+        req_id_to_index={"a": 0, "b": 1},
+        block_table=[SimpleNamespace(block_table=SimpleNamespace(gpu=table), block_size=block_size)]))
+    kv = PagedHeadKV(runner, SimpleNamespace(kv_cache=cache, isa="vec16"), 0, CpuTreeBackend())
+    place = kv.locate(["a", "b"])
+    k, v = (torch.randn(40 + 50, H, D, generator=gen) for _ in "kv")
+    kv.write(place, [0, 0], [40, 50], k, v)  # a: positions 0..39, b: 0..49
+    keys, values = kv.gather(place, [0, 0], [40, 50])
+    assert torch.equal(keys[0, :40], k[:40]) and torch.equal(values[1, :50], v[40:])
+    keys, values = kv.gather(place, [21, 3], [19, 30])  # a from 21 (to its end), b 3..32
+    assert keys.shape == (2, 30, H, D)
+    assert torch.equal(keys[0, :19], k[21:40]) and torch.equal(values[0, :19], v[21:40])
+    assert torch.equal(keys[1], k[43:73]) and torch.equal(values[1], v[43:73])

@@ -44,9 +44,11 @@ def steps_of(seed=1):
     return {"a": [5, 1, 2, 1, 3, 1], "b": [4, 2, 1, 1, 1, 2]}
 
 
-def run(defer_steps: dict[str, set[int]]):
+def run(defer_steps: dict[str, set[int]], window: int = 256, only: dict[str, int] | None = None):
+    """The six steps, deferring `defer_steps`; with `only`, request r's rows before position
+    only[r] are left out altogether (what a restarted context never sees)."""
     torch.manual_seed(0)
-    drafter = TreeDrafter(ToyHead())
+    drafter = TreeDrafter(ToyHead(), defer_window=window)
     starts = {"a": 0, "b": 0}
     roots = None
     for step in range(6):
@@ -58,12 +60,21 @@ def run(defer_steps: dict[str, set[int]]):
             rows.append(NewRows(r, starts[r], torch.arange(offset, offset + n), tokens))
             offset += n
             starts[r] += n
+        if only:
+            rows = [cut(x, only.get(x.req_id, 0)) for x in rows]
+            rows = [x for x in rows if len(x.aux_rows)]
         deferred = [x for x in rows if step in defer_steps.get(x.req_id, set())]
         drafter.defer(aux, deferred)
         extended = [x for x in rows if x not in deferred]
         if extended:
             roots = (drafter.extend(aux, extended)[0], [x.req_id for x in extended])
     return drafter, roots
+
+
+def cut(rows: NewRows, first: int) -> NewRows:
+    """These rows without the positions before `first`."""
+    drop = max(0, min(first - rows.start, len(rows.aux_rows)))
+    return NewRows(rows.req_id, rows.start + drop, rows.aux_rows[drop:], rows.next_tokens[drop:])
 
 
 def test_deferred_positions_catch_up_to_what_every_step_gives():
@@ -73,7 +84,7 @@ def test_deferred_positions_catch_up_to_what_every_step_gives():
     for r in ("a", "b"):
         e, lz = eager.contexts[r], lazy.contexts[r]
         assert e.end == lz.end == sum(steps_of()[r])
-        ours, theirs = eager.kv.gather([r], [e.length]), lazy.kv.gather([r], [lz.length])
+        ours, theirs = eager.kv.gather([r], [e.first], [e.length]), lazy.kv.gather([r], [lz.first], [lz.length])
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ours, theirs))
     for field in ("fused", "hidden", "logprobs"):
         assert torch.allclose(getattr(eager_roots, field), getattr(lazy_roots, field), atol=1e-5)
@@ -102,3 +113,22 @@ def test_chain_attention_equals_the_tree_attention_it_shortcuts():
     chains = drafter._attend_tree(q, torch.arange(3), padded, path_k, path_v, max_rows=1)
     general = drafter._attend_tree(q, torch.arange(3), padded, path_k, path_v, max_rows=2)
     assert torch.allclose(chains, general, atol=1e-6)
+
+
+def test_a_deferral_longer_than_the_window_restarts_the_context_at_the_window():
+    """Past `defer_window` deferred rows the oldest steps are dropped (whole, no copy) and the
+    context restarts at the oldest kept position: the same keys, values and roots as a drafter
+    that never saw the dropped positions."""
+    # a: positions 0-4 extended at step 0, then steps 1-4 deferred (positions 5 | 6-7 | 8 | 9-11);
+    # window 4 drops the steps of 5 and 6-7 and keeps 8..11; step 5 (position 12) restarts at 8
+    windowed, (roots, ids) = run({"a": {1, 2, 3, 4}}, window=4)
+    assert windowed.restarts == 1 and windowed.contexts["a"].first == 8 and windowed.contexts["a"].end == 13
+    fresh, (fresh_roots, fresh_ids) = run({"a": {0, 1, 2, 3, 4}}, only={"a": 8})
+    assert ids == fresh_ids == ["a", "b"] and fresh.restarts == 0 and fresh.contexts["a"].first == 8
+    ours = windowed.kv.gather(["a"], [8], [5])
+    theirs = fresh.kv.gather(["a"], [8], [5])
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ours, theirs))
+    for field in ("fused", "hidden", "logprobs"):
+        assert torch.allclose(getattr(roots, field)[0], getattr(fresh_roots, field)[0], atol=1e-5)
+    # within the window nothing is dropped: the exact catch-up of the test above
+    assert run({"a": {1, 2, 3, 4}}, window=8)[0].restarts == 0

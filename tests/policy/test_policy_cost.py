@@ -108,12 +108,12 @@ def test_tree_terms_charge_trees_not_chains():
         fit(parse_profile(synthetic_profile())).step_seconds(chain(5), 4))
 
 
-def test_a_held_no_drafts_row_prices_a_plain_step_plus_a_deferred_row():
-    """NO_DRAFTS timed with the choice held (the profile's constant policy) runs no root pass:
-    its row is fitted as StepWork.held, not as a step that drafts."""
+def test_a_held_no_drafts_row_prices_a_plain_step():
+    """NO_DRAFTS timed with the choice held (the profile's constant policy) runs no head pass:
+    its row is fitted as StepWork.held (a plain step), not as a step that drafts."""
     raw = synthetic_profile()
     for batch in (1, 4, 16):
-        t = TRUE["step"] + (TRUE["verify_tokens"] + TRUE["sequences"] + TRUE["draft_rows"]) * batch
+        t = TRUE["step"] + (TRUE["verify_tokens"] + TRUE["sequences"]) * batch
         raw["rows"].append({"shape": NO_DRAFTS.to_dict(), "batch": batch, "seconds": t, "held": True})
     model = fit(parse_profile(raw))
     np.testing.assert_allclose(model.coefficients, list(TRUE.values()), rtol=1e-6)

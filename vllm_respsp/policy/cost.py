@@ -45,7 +45,7 @@ class StepWork:
 
     speculates  1 when the request runs the drafter at all (0: no speculation)
     levels      draft-head passes: tree levels grown, the root's included (NO_DRAFTS: 1, the
-                root that gives the policy its features; held NO_DRAFTS: 0, see `held`)
+                root that gives the policy its features; held for long: 0, see `held`)
     rows        draft-head rows: the root's, then the expanded frontier nodes of each level
     nodes       draft nodes verified (the target forward runs nodes + 1 tokens: the bonus too)
     tree        1 when the verified nodes are a real tree, not a chain (tree-attention terms)
@@ -71,10 +71,11 @@ class StepWork:
 
     @classmethod
     def held(cls) -> StepWork:
-        """A step of a request already known to draft nothing (a held NO_DRAFTS, or a load above
-        the policy's `max_draft_load`): no root pass, no speculation setup; its one new row
-        still costs a head row, paid when it catches up in a later pass."""
-        return cls(0, 0, 1, 0, 0)
+        """A step of a request held on NO_DRAFTS for long (a load above the policy's
+        `max_draft_load`, the profile's constant policy): no root pass, no speculation setup,
+        and its row never runs through the head (past the drafter's DEFER_WINDOW deferred rows
+        are dropped), so it is a plain step's work."""
+        return cls.of(None)
 
 
 # name -> basis value for (work w, batch b, context c); w's fields may be arrays

@@ -15,7 +15,8 @@ the MLP and the lm_head run batched over every row of the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,9 @@ class DraftContext:
 
     `first` is 0 unless the request's first step started past its prompt's beginning (vLLM's
     prefix cache had the target's KV of a shared prefix) and the store does not keep what other
-    requests computed (`DenseHeadKV`): the head then drafts from the rest of the context,
-    weaker drafts for that request, never a wrong output."""
+    requests computed (`DenseHeadKV`), or the request restarted its context after a deferral
+    longer than DEFER_WINDOW: the head then drafts from the rest of the context, weaker drafts
+    for that request, never a wrong output."""
 
     first: int
     length: int = 0  # positions held
@@ -46,19 +48,43 @@ class DraftContext:
         return self.first + self.length
 
 
+# A request on NO_DRAFTS keeps the aux states of at least its last DEFER_WINDOW skipped positions
+# (3 x hidden values a token). Older ones are dropped, and its draft context restarts at the
+# oldest kept position when it drafts again: a request held for long (a loaded server, see the
+# policy's load gate) then costs no head pass at all, and drafts from a shorter context for a
+# while (weaker drafts, never a wrong output: verification is exact).
+DEFER_WINDOW = 256
+
+
 @dataclass
 class Deferred:
     """A request's verified positions the head has not run over yet (it took NO_DRAFTS): their
-    aux states (copied: the step's buffer is reused) and next tokens, from position `start`."""
+    aux states (copied: the step's buffer is reused) and next tokens, from position `start`, one
+    entry per step. `restart`: older positions were dropped (`TreeDrafter.defer`), so the draft
+    context restarts at `start` instead of continuing."""
 
     start: int
-    aux: list[torch.Tensor]
-    tokens: list[torch.Tensor]
+    aux: deque[torch.Tensor] = field(default_factory=deque)
+    tokens: deque[torch.Tensor] = field(default_factory=deque)
     length: int = 0
+    restart: bool = False
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    def append(self, aux: torch.Tensor, tokens: torch.Tensor, window: int) -> None:
+        """Add one step's rows, then drop whole steps from the front while `window` rows remain
+        (no copy: a long deferral costs O(1) a step)."""
+        self.aux.append(aux)
+        self.tokens.append(tokens)
+        self.length += len(tokens)
+        while self.length - len(self.tokens[0]) >= window:
+            dropped = len(self.tokens.popleft())
+            self.aux.popleft()
+            self.start += dropped
+            self.length -= dropped
+            self.restart = True
 
 
 @dataclass
@@ -94,12 +120,14 @@ class PaddedContexts:
 
 
 class TreeDrafter:
-    def __init__(self, head: HeadAdapter, kv: HeadKV | None = None):
+    def __init__(self, head: HeadAdapter, kv: HeadKV | None = None, defer_window: int = DEFER_WINDOW):
         self.head = head
         self.kv = kv or DenseHeadKV(head.num_kv_heads, head.head_dim, head.dtype, head.draft_to_target.device)
         self.group = head.num_heads // head.num_kv_heads
         self.contexts: dict[str, DraftContext] = {}
         self.deferred: dict[str, Deferred] = {}
+        self.defer_window = defer_window
+        self.restarts = 0  # draft contexts restarted after a deferral longer than the window
 
     def forget(self, keep: set[str]) -> None:
         """Drop the caches of requests that are gone (finished or aborted)."""
@@ -123,25 +151,29 @@ class TreeDrafter:
     def defer(self, aux: torch.Tensor, rows: list[NewRows]) -> None:
         """Keep these verified positions for later instead of running the head over them now: a
         request that drafts nothing this step needs no root. `extend` catches them up, in the same
-        batched pass as the step's new positions, when the request drafts again."""
+        batched pass as the step's new positions, when the request drafts again (the last
+        `defer_window` or more of them: see DEFER_WINDOW)."""
         for r in rows:
             d = self.deferred.get(r.req_id)
             if d is None or r.start != d.end:  # first deferral, or restarted (preempted, recomputed)
-                d = self.deferred[r.req_id] = Deferred(r.start, [], [])
-            d.aux.append(aux[r.aux_rows])
-            d.tokens.append(r.next_tokens)
-            d.length += len(r.aux_rows)
+                d = self.deferred[r.req_id] = Deferred(r.start)
+            d.append(aux[r.aux_rows], r.next_tokens, self.defer_window)
 
-    def _with_deferred(self, aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(first position, aux states, next tokens) of a request's rows, deferred ones first."""
+    def _with_deferred(self, aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+        """(first position, aux states, next tokens, whether the context restarts there) of a
+        request's rows, deferred ones first."""
         d = self.deferred.pop(r.req_id, None)
         if d is None or r.start != d.end:
-            return r.start, aux[r.aux_rows], r.next_tokens
-        return d.start, torch.cat([*d.aux, aux[r.aux_rows]]), torch.cat([*d.tokens, r.next_tokens])
+            return r.start, aux[r.aux_rows], r.next_tokens, False
+        return d.start, torch.cat([*d.aux, aux[r.aux_rows]]), torch.cat([*d.tokens, r.next_tokens]), d.restart
 
-    def _context(self, req_id: str, start: int) -> DraftContext:
+    def _context(self, req_id: str, start: int, restart: bool = False) -> DraftContext:
         ctx = self.contexts.get(req_id)
-        if ctx is None or start < ctx.first or start == 0:  # new, or recomputed from the prompt
+        if restart:  # its positions before `start` never ran through the head: attend from here
+            self.restarts += 1
+            self.kv.forget(req_id)
+            ctx = self.contexts[req_id] = DraftContext(start)
+        elif ctx is None or start < ctx.first or start == 0:  # new, or recomputed from the prompt
             self.kv.forget(req_id)
             first = 0 if self.kv.keeps_prefix else start  # a paged store holds a cached prefix's rows
             ctx = self.contexts[req_id] = DraftContext(first, start - first)
@@ -157,12 +189,12 @@ class TreeDrafter:
         head = self.head
         padded: PaddedContexts | None = None  # set by `attend`, inside the head's pass
         parts = [self._with_deferred(aux, r) for r in rows]
-        tokens = torch.cat([t for _, _, t in parts])
-        positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t in parts])
-        contexts = [self._context(r.req_id, start) for r, (start, _, _) in zip(rows, parts)]
-        hidden = head.combine(torch.cat([a for _, a, _ in parts]))
+        tokens = torch.cat([t for _, _, t, _ in parts])
+        positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t, _ in parts])
+        contexts = [self._context(r.req_id, start, restart) for r, (start, _, _, restart) in zip(rows, parts)]
+        hidden = head.combine(torch.cat([a for _, a, _, _ in parts]))
 
-        sizes = [len(t) for _, _, t in parts]  # Python ints: reading them back from tensors costs a sync each
+        sizes = [len(t) for _, _, t, _ in parts]  # Python ints: reading them back from tensors costs a sync each
         counts, longest = torch.tensor(sizes), max(sizes)
 
         req_ids = [r.req_id for r in rows]
@@ -239,7 +271,7 @@ class TreeDrafter:
         """Every request's context keys/values, padded: [R, L, Hkv, D] twice (fp32) + lengths
         (`place`: the requests' places in the store)."""
         lengths = [c.length for c in contexts]
-        keys, values = self.kv.gather(place, lengths)
+        keys, values = self.kv.gather(place, [c.first for c in contexts], lengths)
         return keys, values, torch.tensor(lengths)
 
     def _attend_tree(self, q, request, padded, path_k, path_v, max_rows: int) -> torch.Tensor:

@@ -39,10 +39,10 @@ class HeadKV:
         starts[i], starts[i] + 1, ... (`place`: from `locate`)."""
         raise NotImplementedError
 
-    def gather(self, place, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first `lengths[i]` positions request i holds here (from its
-        context's first position), fp32, padded to [R, max(lengths), Hkv, D] each (padding
-        columns hold finite values; callers mask them)."""
+    def gather(self, place, firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of request i's positions firsts[i] .. firsts[i] + lengths[i] - 1, fp32,
+        padded to [R, max(lengths), Hkv, D] each (padding columns hold finite values; callers
+        mask them)."""
         raise NotImplementedError
 
     def forget(self, req_id: str) -> None:
@@ -72,12 +72,13 @@ class DenseHeadKV(HeadKV):
             self.held[req_id] = (first, keys, values)
             offset += n
 
-    def gather(self, req_ids, lengths):
+    def gather(self, req_ids, firsts, lengths):
         shape = (len(req_ids), max(lengths), *self.row_shape)
         keys, values = torch.zeros(shape), torch.zeros(shape)
-        for r, (req_id, length) in enumerate(zip(req_ids, lengths)):
-            _, k, v = self.held[req_id]
-            keys[r, :length], values[r, :length] = k[:length], v[:length]
+        for r, (req_id, first, length) in enumerate(zip(req_ids, firsts, lengths)):
+            held_from, k, v = self.held[req_id]
+            rows = slice(first - held_from, first - held_from + length)
+            keys[r, :length], values[r, :length] = k[rows], v[rows]
         return keys, values
 
     def forget(self, req_id: str) -> None:
@@ -126,10 +127,16 @@ class PagedHeadKV(HeadKV):
         slots = table[rows[request], positions // size].long() * size + positions % size
         self.backend.write_rows(self.layer, slots, k, v)
 
-    def gather(self, rows, lengths):
-        """Positions 0..length-1 (a context in this store starts at 0), read as whole blocks up
-        to the longest; columns past a request's own length are masked by callers."""
+    def gather(self, rows, firsts, lengths):
+        """Read as whole blocks from position 0 up to the furthest end; a request whose context
+        starts past 0 (it restarted after a long deferral, see drafter.Deferred) is shifted to
+        its first position. Columns past a request's own length are masked by callers."""
         table, size = self._blocks()
-        longest = max(lengths)
-        k, v = self.backend.read_blocks(self.layer, table[rows, :-(-longest // size)].long())
+        longest, furthest = max(lengths), max(f + n for f, n in zip(firsts, lengths))
+        k, v = self.backend.read_blocks(self.layer, table[rows, :-(-furthest // size)].long())
+        if any(firsts):
+            index = (torch.tensor(firsts)[:, None] + torch.arange(longest)[None]).clamp(max=k.shape[1] - 1)
+            index = index.to(k.device)
+            request = torch.arange(len(firsts), device=k.device)[:, None]
+            return k[request, index].float(), v[request, index].float()
         return k[:, :longest].float(), v[:, :longest].float()

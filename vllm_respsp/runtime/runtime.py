@@ -40,9 +40,6 @@ from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
-# A request on NO_DRAFTS keeps the aux states of its skipped positions (3 x hidden values a token)
-# until it drafts again; past this many it is caught up anyway, which bounds that memory.
-MAX_DEFERRED = 256
 
 
 @dataclass
@@ -297,8 +294,7 @@ class RespspRuntime:
         catch up in one batched pass when they draft again). Returns the roots, renumbered over
         the extended rows (-1: deferred), and their states."""
         skip = set() if self.recorder is not None else \
-            {r.req_id for r in roots if self.choose.drafts_nothing_next(r.req_id, batch_load)
-             and self.drafter.deferred_length(r.req_id) < MAX_DEFERRED}
+            {r.req_id for r in roots if self.choose.drafts_nothing_next(r.req_id, batch_load)}
         self.drafter.defer(aux, [rows for rows in new_rows if rows.req_id in skip])
         self.deferred_steps += len(skip)
         extended = [rows for rows in new_rows if rows.req_id not in skip]
@@ -451,6 +447,7 @@ class RespspRuntime:
                 "tensor_parallel_rank": self.rank, "decisions_digest": self.decisions.hexdigest()[:16],
                 "recomputed_requests": self.recomputed, "prefix_cached_requests": self.prefix_cached,
                 "deferred_request_steps": self.deferred_steps,
+                "restarted_draft_contexts": self._drafter.restarts if self._drafter else 0,
                 "live_deferred_contexts": len(self._drafter.deferred) if self._drafter else 0,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
                 "live_proposed_trees": len(self.proposed),
