@@ -33,7 +33,8 @@ VARIABLES: dict[str, str] = {
     "VLLM_RESPSP_DISABLE_PATCHES": "comma-separated patch names not to apply (bisecting; the tests "
                                    "that show what a fix fixes)",
     "VLLM_RESPSP_STATS_FILE": "each engine step rewrites this JSON file with the runtime's "
-                              "statistics (shapes, fallbacks, phase seconds); tensor-parallel rank 1 writes "
+                              "statistics (shapes, fallbacks, phase seconds, a digest of every decision "
+                              "for comparing tensor-parallel ranks); tensor-parallel rank 1 writes "
                               "PATH.rank1, and so on; instrumentation: the write costs ~0.2 ms a step "
                               "on a 2-core CPU",
     "VLLM_RESPSP_STEP_TIMES": "append one line per model step (start time, requests, tokens) to this "

@@ -132,7 +132,8 @@ class RespspRuntime:
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
-        self.decisions = hashlib.sha256()
+        # Kept only where the stats file reports it: hashing every decision is not serving work.
+        self.decisions = hashlib.sha256() if envs.stats_file() else None
         self.rank = _tensor_parallel_rank()
 
     @property
@@ -383,8 +384,9 @@ class RespspRuntime:
         tree_less = None if self.trees_supported else "unsupported_attention_backend"
         shapes = [self._fit(shape, root, self.upstream.get(row[root.req_id], tree_less))
                   for shape, root in zip(picked, roots)]
-        for root, shape in zip(roots, shapes):
-            self.decisions.update(f"{self.steps}:{root.req_id}:{shape};".encode())
+        if self.decisions is not None:
+            for root, shape in zip(roots, shapes):
+                self.decisions.update(f"{self.steps}:{root.req_id}:{shape};".encode())
         for shape, count in Counter(str(s) for s in shapes if s is not None).items():
             self.shape_counts[shape] += count
             metrics.record_shape(shape, count)
@@ -425,7 +427,8 @@ class RespspRuntime:
             nodes = slice(cu[b], cu[b + 1])
             proposed = ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape])
             self.proposed[root.req_id] = proposed
-            self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
+            if self.decisions is not None:
+                self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
 
     def _upstream_requests(self, index: StepIndex) -> dict[int, str]:
         """{batch index: reason} of the requests whose sampling needs vLLM's own sampler."""
@@ -444,7 +447,8 @@ class RespspRuntime:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "shapes": dict(self.shape_counts), "fallbacks": dict(self.fallbacks),
-                "tensor_parallel_rank": self.rank, "decisions_digest": self.decisions.hexdigest()[:16],
+                "tensor_parallel_rank": self.rank,
+                "decisions_digest": self.decisions.hexdigest()[:16] if self.decisions else None,
                 "recomputed_requests": self.recomputed, "prefix_cached_requests": self.prefix_cached,
                 "deferred_request_steps": self.deferred_steps,
                 "restarted_draft_contexts": self._drafter.restarts if self._drafter else 0,
