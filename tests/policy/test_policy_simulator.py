@@ -11,7 +11,7 @@ from vllm_respsp.policy.simulator import (
     best_static,
     draft_load_limit,
     drafts_at,
-    held_rate,
+    no_speculation_rate,
     oracle,
     simulate,
     simulate_gated,
@@ -112,15 +112,15 @@ def test_load_gate_drafts_only_where_the_policy_beats_drafting_nothing():
     assert limit is not None and 1 <= limit < 64
     for load in GATE_LOADS:
         if load <= limit:
-            assert simulate(traces, cost, chain3, load).tokens_per_s > held_rate(cost, load) * 1.03
+            assert simulate(traces, cost, chain3, load).tokens_per_s > no_speculation_rate(cost, load) * 1.03
         gated = simulate_gated(traces, cost, chain3, load, 1, limit)
         if load <= limit:
             assert gated.tokens_per_s == simulate(traces, cost, chain3, load).tokens_per_s
         else:
-            assert gated.tokens_per_s == pytest.approx(held_rate(cost, load))
+            assert gated.tokens_per_s == pytest.approx(no_speculation_rate(cost, load))
             assert gated.acceptance_length == 1.0 and gated.action_counts.sum() == 0
     next_load = min(b for b in GATE_LOADS if b > limit)  # the upward walk stopped at its first loss
-    assert simulate(traces, cost, chain3, next_load).tokens_per_s <= held_rate(cost, next_load) * 1.03
+    assert simulate(traces, cost, chain3, next_load).tokens_per_s <= no_speculation_rate(cost, next_load) * 1.03
     # drafting costs nothing extra: it pays at every load; drafting nothing never beats holding it
     assert draft_load_limit(traces, CostModel(("step",), np.array([0.01])), chain3) is None
     assert draft_load_limit(traces, cost, 2) == 0

@@ -79,7 +79,7 @@ def test_cli_writes_loadable_reproducible_policies(tmp_path):
     for load, row in report["tokens_per_s_on_eval"]["eval"].items():
         assert row["bandit_drafts"] == drafts_at(int(load), gate)
         if not row["bandit_drafts"]:
-            assert row["bandit"] == pytest.approx(row["held_no_drafts"])
+            assert row["bandit"] == pytest.approx(row["no_speculation"])
     main(args + ["--out", str(tmp_path / "c"), "--algo", "bandit", "--no-drafts", "off"])
     assert load_policy(tmp_path / "c" / "bandit.json").actions == ACTIONS
 

@@ -18,9 +18,10 @@ traces. It is the upper bound for every policy, held actions included.
 The load gate (`draft_load_limit`): above some batch load no action pays on a given machine,
 NO_DRAFTS included when it is decided every step (its root pass gives the policy its features).
 A policy file then carries `max_draft_load`, the largest load at which the policy, simulated
-here, beats a batch that drafts nothing at all (`held_rate`); above it the engine's ShapePolicy
-holds every request on NO_DRAFTS without running the head or the network, so the step costs
-what vLLM's step without speculation costs (the head catches up when the load falls again).
+here, beats no speculation; above it the engine's ShapePolicy holds every request on NO_DRAFTS
+without running the head or the network, so the step costs what a step without speculation
+costs (`cost.StepWork.held`: the head restarts from the drafter's window of deferred positions
+when the load falls again).
 """
 
 from __future__ import annotations
@@ -161,23 +162,19 @@ def no_speculation_rate(cost: CostModel, batch: int = 1, context: int | None = N
     return 1.0 / cost.request_seconds(None, batch, context)
 
 
-def held_rate(cost: CostModel, batch: int = 1, context: int | None = None) -> float:
-    """tokens/s of a batch whose requests are all known to draft nothing (StepWork.held)."""
-    return 1.0 / float(cost.work_seconds(StepWork.held(), batch, context))
-
-
 GATE_LOADS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def draft_load_limit(traces: TraceSet, cost: CostModel, policy: Policy, hold: int = 1,
                      loads=GATE_LOADS, margin: float = 0.03) -> int | None:
     """The policy file's `max_draft_load` (module doc): the largest of `loads`, walked upward,
-    up to which the simulated policy beats `held_rate` by more than `margin` at every load
+    up to which the simulated policy beats no speculation by more than `margin` at every load
     (a margin because the simulator is a model: a near tie is not worth the risk); 0 when it
     does not even at the first load, None when it does at every load tried."""
     limit = 0
     for load in sorted(loads):
-        if simulate(traces, cost, policy, load, hold).tokens_per_s <= held_rate(cost, load) * (1 + margin):
+        rate = simulate(traces, cost, policy, load, hold).tokens_per_s
+        if rate <= no_speculation_rate(cost, load) * (1 + margin):
             return limit
         limit = load
     return None

@@ -46,7 +46,6 @@ from vllm_respsp.policy.simulator import (
     drafts_at,
     eagle3_default_rate,
     extra_features,
-    held_rate,
     no_speculation_rate,
     oracle,
     simulate,
@@ -268,11 +267,11 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
     bounded = any(a.min_prob for a in traces_train.actions)
     for batch in batch_loads:
         static, _ = best_static(traces_train, cost, batch, kind="static")
-        row = {"no_speculation": no_speculation_rate(cost, batch), "held_no_drafts": held_rate(cost, batch),
+        row = {"no_speculation": no_speculation_rate(cost, batch),
                "best_static": simulate(traces_eval, cost, static, batch).tokens_per_s,
                "best_static_action": str(traces_train.actions[static]),
                # the best per-step choices, or drafting nothing at all (the load gate's held steps)
-               "oracle": max(oracle(traces_eval, cost, batch).tokens_per_s, held_rate(cost, batch))}
+               "oracle": max(oracle(traces_eval, cost, batch).tokens_per_s, no_speculation_rate(cost, batch))}
         if bounded:
             fixed, _ = best_static(traces_train, cost, batch, kind="bounded")
             row["best_bounded"] = simulate(traces_eval, cost, fixed, batch).tokens_per_s
