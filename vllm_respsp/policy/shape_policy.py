@@ -121,6 +121,16 @@ class ShapePolicy(nn.Module):
             self._warn(e)
             return [self.fallback] * len(request_ids)
 
+    def drafts_nothing_next(self, request_id, batch_load: int) -> bool:
+        """Whether `choose` at this load will give this request NO_DRAFTS without the network:
+        the load gate is shut, or it holds NO_DRAFTS."""
+        held = self.held(request_id)
+        return not self.drafts_at(batch_load) or (held is not None and not held.drafts)
+
+    def needs_network(self, request_ids, batch_load: int) -> bool:
+        """Whether `choose` at this load asks the network (and so needs the features)."""
+        return self.drafts_at(batch_load) and any(self.held(r) is None for r in request_ids)
+
     def held(self, request_id) -> TreeShape | None:
         """The shape a request's next `choose` will give without asking the network (its hold
         has steps left), or None."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_respsp.policy.cost import CostModel, StepWork
+from vllm_respsp.policy.cost import CostModel
 from vllm_respsp.policy.traces import Generation, TraceError, TraceSet
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
@@ -188,11 +188,11 @@ def drafts_at(load: int, max_draft_load: int | None) -> bool:
 def simulate_gated(traces: TraceSet, cost: CostModel, policy: Policy, batch: int, hold: int,
                    max_draft_load: int | None, context: int | None = None) -> SimResult:
     """`simulate`, with the load gate: above `max_draft_load` every position is a held
-    NO_DRAFTS step (one token, `StepWork.held`'s seconds; no action counted)."""
+    NO_DRAFTS step (one token at no speculation's cost, `StepWork.held`; no action counted)."""
     if drafts_at(batch, max_draft_load):
         return simulate(traces, cost, policy, batch, hold, context)
     positions = sum(g.num_positions for g in traces.generations)
-    seconds = positions * float(cost.work_seconds(StepWork.held(), batch, context))
+    seconds = positions / no_speculation_rate(cost, batch, context)
     return SimResult(positions, seconds, positions, np.zeros(traces.num_actions, dtype=np.int64))
 
 

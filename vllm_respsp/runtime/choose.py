@@ -58,10 +58,7 @@ class ShapeChooser:
         decision, a load above the policy's `max_draft_load`, its cycle action, or a static
         NO_DRAFTS): then it needs no root this step."""
         if self.learned:
-            if self.policy is not None and not self.policy.drafts_at(batch_load):
-                return True
-            held = self.policy.held(req_id) if self.policy is not None else None
-            return held is not None and not held.drafts
+            return self.policy is not None and self.policy.drafts_nothing_next(req_id, batch_load)
         if self.config.policy == "cycle":
             shape = self.by_request.get(req_id)
             return shape is not None and not shape.drafts
@@ -107,7 +104,7 @@ class ShapeChooser:
         # Features only when the network runs: a step where every request holds its shape
         # (e.g. all held on NO_DRAFTS, whose roots are zeros) or the load gate is shut asks
         # nothing of it.
-        if self.policy.drafts_at(batch_load) and any(self.policy.held(r) is None for r in req_ids):
+        if self.policy.needs_network(req_ids, batch_load):
             try:
                 features = policy_features(self.policy.feature_spec, roots)
             except Exception:  # ShapePolicy turns a bad feature tensor into fallbacks, never raises
