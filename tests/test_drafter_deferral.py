@@ -3,6 +3,7 @@ again its skipped positions run in the same batched pass as the new ones. The he
 values and root states must be what running it every step gives. A toy head with the
 HeadAdapter interface (random maps, attention that matters) stands in for vLLM's."""
 
+import pytest
 import torch
 
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
@@ -77,9 +78,13 @@ def cut(rows: NewRows, first: int) -> NewRows:
     return NewRows(rows.req_id, rows.start + drop, rows.aux_rows[drop:], rows.next_tokens[drop:])
 
 
-def test_deferred_positions_catch_up_to_what_every_step_gives():
+@pytest.mark.parametrize("defer_steps", [
+    {"a": {1, 2, 3}, "b": {4}},  # one request at a time; one-row and several-row steps
+    {"a": {1, 3, 4}, "b": {2, 3, 4}},  # both in one step: one-row rows share a copy (step 3)
+])
+def test_deferred_positions_catch_up_to_what_every_step_gives(defer_steps):
     eager, (eager_roots, _) = run({})
-    lazy, (lazy_roots, ids) = run({"a": {1, 2, 3}, "b": {4}})
+    lazy, (lazy_roots, ids) = run(defer_steps)
     assert ids == ["a", "b"] and not lazy.deferred  # the last step extended both
     for r in ("a", "b"):
         e, lz = eager.contexts[r], lazy.contexts[r]

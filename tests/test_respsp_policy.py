@@ -195,6 +195,7 @@ def test_above_the_load_gate_nothing_drafts_until_the_load_falls(fixture_models,
     stats = json.loads(stats.read_text())
     # ~7 gated steps of 3 requests (their first step loads the policy), then the long one drafts
     assert stats["deferred_request_steps"] >= 3 * 6 and stats["shapes"]["T0/D0/K0"] >= 3 * 6
+    assert stats["gated_steps"] >= 6  # the lean step: no per-request choosing
     drafted = sum(n for shape, n in stats["shapes"].items() if shape != "T0/D0/K0")
     assert drafted >= 3 and not stats["fallbacks"]
     assert sum(v for k, v in result["metrics"].items() if k.startswith("vllm:spec_decode_num_accepted_tokens{")) > 0

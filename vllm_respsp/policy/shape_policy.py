@@ -97,8 +97,7 @@ class ShapePolicy(nn.Module):
         try:
             load = batch_load or len(request_ids)
             if not self.drafts_at(load):
-                for r in request_ids:  # ask afresh when the load falls again
-                    self._held.pop(r, None)
+                self.forget_holds(request_ids)  # ask afresh when the load falls again
                 return [NO_DRAFTS] * len(request_ids)
             need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
             if need:
@@ -138,6 +137,11 @@ class ShapePolicy(nn.Module):
         if held is None or held[1] <= 0 or held[0] == FALLBACK:
             return None
         return self.actions[held[0]]
+
+    def forget_holds(self, request_ids) -> None:
+        """Drop these requests' holds (the load gate shut: they are asked afresh below it)."""
+        for r in request_ids:
+            self._held.pop(r, None)
 
     def release(self, request_id) -> None:
         """Forget a finished request's hold counter."""

@@ -53,6 +53,20 @@ class ShapeChooser:
             if self.policy is not None:
                 self.policy.release(req_id)
 
+    def drafts_at(self, batch_load: int) -> bool:
+        """Whether any request may draft at this load: False when the policy's load gate is shut
+        or the static shape is NO_DRAFTS (a policy not loaded yet is asked, so True)."""
+        if self.learned:
+            return self.policy is None or self.policy.drafts_at(batch_load)
+        return self.config.policy == "cycle" or bool(self.config.shape.drafts)
+
+    def hold_all(self, req_ids: list[str]) -> None:
+        """A step at which `drafts_at` is False gives these requests NO_DRAFTS without `__call__`:
+        the policy forgets their holds as its own gated `choose` would (they are asked afresh
+        when the load falls)."""
+        if self.policy is not None:
+            self.policy.forget_holds(req_ids)
+
     def drafts_nothing_next(self, req_id: str, batch_load: int) -> bool:
         """Whether this request's next shape is already known to be NO_DRAFTS (a held policy
         decision, a load above the policy's `max_draft_load`, its cycle action, or a static

@@ -66,6 +66,7 @@ class Deferred:
     start: int
     aux: deque[torch.Tensor] = field(default_factory=deque)
     tokens: deque[torch.Tensor] = field(default_factory=deque)
+    sizes: deque[int] = field(default_factory=deque)  # rows per entry (Python ints: no tensor len)
     length: int = 0
     restart: bool = False
 
@@ -73,15 +74,17 @@ class Deferred:
     def end(self) -> int:
         return self.start + self.length
 
-    def append(self, aux: torch.Tensor, tokens: torch.Tensor, window: int) -> None:
-        """Add one step's rows, then drop whole steps from the front while `window` rows remain
-        (no copy: a long deferral costs O(1) a step)."""
+    def append(self, aux: torch.Tensor, tokens: torch.Tensor, size: int, window: int) -> None:
+        """Add one step's `size` rows, then drop whole steps from the front while `window` rows
+        remain (no copy: a long deferral costs O(1) a step)."""
         self.aux.append(aux)
         self.tokens.append(tokens)
-        self.length += len(tokens)
-        while self.length - len(self.tokens[0]) >= window:
-            dropped = len(self.tokens.popleft())
+        self.sizes.append(size)
+        self.length += size
+        while self.length - self.sizes[0] >= window:
+            dropped = self.sizes.popleft()
             self.aux.popleft()
+            self.tokens.popleft()
             self.start += dropped
             self.length -= dropped
             self.restart = True
@@ -152,12 +155,29 @@ class TreeDrafter:
         """Keep these verified positions for later instead of running the head over them now: a
         request that drafts nothing this step needs no root. `extend` catches them up, in the same
         batched pass as the step's new positions, when the request drafts again (the last
-        `defer_window` or more of them: see DEFER_WINDOW)."""
-        for r in rows:
-            d = self.deferred.get(r.req_id)
-            if d is None or r.start != d.end:  # first deferral, or restarted (preempted, recomputed)
-                d = self.deferred[r.req_id] = Deferred(r.start)
-            d.append(aux[r.aux_rows], r.next_tokens, self.defer_window)
+        `defer_window` or more of them: see DEFER_WINDOW).
+
+        Requests with one new row (decode steps, the loaded server's common case) share one
+        gathered copy of their rows; a request with several (a prefill chunk) gets its own, so a
+        long-held request never keeps another request's prompt rows alive."""
+        sizes = [r.aux_rows.numel() for r in rows]
+        singles = [r for r, n in zip(rows, sizes) if n == 1]
+        if singles:
+            block = aux[torch.cat([r.aux_rows for r in singles])]
+            tokens = torch.cat([r.next_tokens for r in singles])
+            for j, r in enumerate(singles):
+                self._deferred_at(r).append(block[j:j + 1], tokens[j:j + 1], 1, self.defer_window)
+        for r, n in zip(rows, sizes):
+            if n > 1:
+                self._deferred_at(r).append(aux[r.aux_rows], r.next_tokens, n, self.defer_window)
+
+    def _deferred_at(self, r: NewRows) -> Deferred:
+        """The request's deferral, continued at `r.start` (a new one on its first deferral, or
+        when it restarted: preempted and recomputed)."""
+        d = self.deferred.get(r.req_id)
+        if d is None or r.start != d.end:
+            d = self.deferred[r.req_id] = Deferred(r.start)
+        return d
 
     def _with_deferred(self, aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
         """(first position, aux states, next tokens, whether the context restarts there) of a

@@ -118,6 +118,7 @@ class RespspRuntime:
         self.index: StepIndex | None = None
         # batch index -> why that request needs vLLM's own sampler (it drafts chains)
         self.upstream: dict[int, str] = {}
+        self._upstream_of: dict[str, str | None] = {}  # per request: its sampling params never change
         self.step_trees: StepTrees | None = None  # None: no request verifies a real tree this step
         self.drafted: set[int] = set()  # batch indices of the step's requests with drafts
         self.accepted: dict[int, list[int]] = {}
@@ -129,6 +130,7 @@ class RespspRuntime:
         self.recomputed = 0
         self.prefix_cached = 0
         self.deferred_steps = 0  # request-steps whose head pass was deferred (NO_DRAFTS held)
+        self.gated_steps = 0  # steps at a load where nothing drafts (`_hold_everyone`)
         self.steps = 0
         # Every tensor-parallel rank runs this runtime and must lay out the same trees: a digest
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
@@ -258,7 +260,7 @@ class RespspRuntime:
         index = self.index or StepIndex.of(self.runner)
         try:
             with timed("draft"):
-                drafts = self._propose(scheduler_output, index, sampled_token_ids, aux_hidden_states)
+                drafts = self._propose(index, sampled_token_ids, aux_hidden_states)
         except Exception:
             logger.exception("respsp: drafting failed; this step proposes no drafts")
             self._fallback("drafter_error")
@@ -268,16 +270,19 @@ class RespspRuntime:
         self._write_stats()
         return drafts
 
-    def _propose(self, scheduler_output, index: StepIndex, sampled_token_ids, aux_hidden_states):
+    def _propose(self, index: StepIndex, sampled_token_ids, aux_hidden_states):
         """Extend every request's draft context with its newly verified tokens, then choose a
         shape for each request that can draft and grow all trees in one batched pass."""
         self._forget_finished()
         sampled = sampled_token_ids.tolist()  # one host copy for the batch
-        new_rows, roots = self._verified_rows(scheduler_output, index, sampled)
+        new_rows, roots = self._verified_rows(index, sampled)
         self.proposed = {}
         if not new_rows:
             return [[] for _ in index.req_ids]
         aux = torch.cat([h[:index.num_tokens] for h in aux_hidden_states], dim=-1)
+        if not self.drafted and self.recorder is None and not self.choose.drafts_at(index.num_reqs):
+            self._hold_everyone(aux, new_rows, roots)
+            return [[] for _ in index.req_ids]
         roots, root_states = self._extend(aux, new_rows, roots, index.num_reqs)
         if not roots:
             return [[] for _ in index.req_ids]
@@ -305,18 +310,29 @@ class RespspRuntime:
             states, padded = self.drafter.extend(aux, extended) if extended else (None, None)
         return roots, StepRoots(states, padded, self.drafter)
 
+    def _hold_everyone(self, aux: torch.Tensor, new_rows: list[NewRows], roots: list[RootRequest]) -> None:
+        """A step at a load where nothing drafts (the policy's load gate is shut) and no request
+        verified drafts: every request's verified positions are deferred and every root takes
+        NO_DRAFTS, with none of the per-request choosing a drafting step does."""
+        self.drafter.defer(aux, new_rows)
+        self.deferred_steps += len(new_rows)
+        self.gated_steps += 1
+        self.choose.hold_all([r.req_id for r in roots])
+        self._count_shapes({str(NO_DRAFTS): len(roots)})
+
     def _forget_finished(self) -> None:
         live = set(self.runner.requests)
+        self._upstream_of = {r: why for r, why in self._upstream_of.items() if r in live}
         self.drafter.forget(live)
         self.choose.forget(live)
         if self.recorder is not None:
             self.recorder.forget(live)
         self.broken &= live
 
-    def _verified_rows(self, scheduler_output, index: StepIndex, sampled_rows: list[list[int]]):
+    def _verified_rows(self, index: StepIndex, sampled_rows: list[list[int]]):
         """(NewRows per request to append to its draft context, the requests that can draft)."""
-        runner = self.runner
-        discard = runner.discard_request_mask.np[:index.num_reqs]
+        discard = self.runner.discard_request_mask.np[:index.num_reqs]
+        steps = _StepRows(self.runner, index)
         new_rows: list[NewRows] = []
         roots: list[RootRequest] = []
         for i, req_id in enumerate(index.req_ids):
@@ -324,12 +340,19 @@ class RespspRuntime:
             if req_id in self.broken or n_sched == 0 or not self._context_in_step(req_id, start):
                 continue
             valid = [t for t in sampled_rows[i] if t >= 0]
-            if valid and scheduler_output.scheduled_spec_decode_tokens.get(req_id):
-                self.choose.observe(req_id, len(valid) - 1)
-            rows, next_tokens = self._rows_of(i, index, valid, i in self.drafted, bool(discard[i]))
+            if i in self.drafted:  # its accepted path
+                if valid:
+                    self.choose.observe(req_id, len(valid) - 1)
+                nodes = self.accepted.get(i, list(range(len(valid))))
+                rows, next_tokens = torch.tensor(nodes) + steps.first_row(i), torch.tensor(valid[:len(nodes)])
+                count = len(nodes)
+            else:
+                rows, next_tokens = steps.of(i, valid[0] if valid and not discard[i] else None)
+                count = n_sched
             if not discard[i] and valid:
-                roots.append(RootRequest(req_id, len(new_rows), valid[-1], start + len(rows)))
+                roots.append(RootRequest(req_id, len(new_rows), valid[-1], start + count))
             new_rows.append(NewRows(req_id, start, rows, next_tokens))
+        steps.finish()
         return new_rows, roots
 
     def _context_in_step(self, req_id: str, start: int) -> bool:
@@ -345,24 +368,6 @@ class RespspRuntime:
             self._fallback("lost_draft_context")
             return False
         return True
-
-    def _rows_of(self, i: int, index: StepIndex, valid: list[int], drafted: bool, discarded: bool):
-        """(aux rows, next tokens) of request i's newly verified positions: the accepted path of
-        its tree, or every scheduled row (prefill chunks, chains)."""
-        row0 = int(index.query_start[i])
-        if drafted:
-            nodes = self.accepted.get(i, list(range(len(valid))))
-            return torch.tensor(nodes) + row0, torch.tensor(valid[:len(nodes)])
-        n_sched = index.scheduled(i)
-        if discarded or not valid:
-            last = int(self.runner.input_batch.token_ids_cpu[i, int(index.num_computed[i]) + n_sched])
-        else:
-            last = valid[0]
-        if n_sched == 1:  # a decode step without drafts: the only row's next token is the sampled one
-            return torch.tensor([row0]), torch.tensor([last])
-        input_ids = self.runner.input_ids.cpu
-        next_tokens = torch.cat([input_ids[row0 + 1:row0 + n_sched].long(), torch.tensor([last])])
-        return torch.arange(row0, row0 + n_sched), next_tokens
 
     def _record(self, roots: list[RootRequest], roots_at, padded: PaddedContexts | None) -> None:
         requests = self.runner.requests
@@ -387,10 +392,14 @@ class RespspRuntime:
         if self.decisions is not None:
             for root, shape in zip(roots, shapes):
                 self.decisions.update(f"{self.steps}:{root.req_id}:{shape};".encode())
-        for shape, count in Counter(str(s) for s in shapes if s is not None).items():
-            self.shape_counts[shape] += count
-            metrics.record_shape(shape, count)
+        self._count_shapes(Counter(str(s) for s in shapes if s is not None))
         return shapes
+
+    def _count_shapes(self, counts: dict[str, int]) -> None:
+        for shape, count in counts.items():
+            if count:
+                self.shape_counts[shape] += count
+                metrics.record_shape(shape, count)
 
     def _fit(self, shape: TreeShape, root: RootRequest, chains_only: str | None) -> TreeShape | None:
         """The shape cut to what may run: a chain of its depth when this request's tree cannot be
@@ -434,8 +443,10 @@ class RespspRuntime:
         """{batch index: reason} of the requests whose sampling needs vLLM's own sampler."""
         out = {}
         for i, req_id in enumerate(index.req_ids):
-            params = self.runner.requests[req_id].sampling_params
-            reason = upstream_reason(params) if params is not None else None
+            if req_id not in self._upstream_of:
+                params = self.runner.requests[req_id].sampling_params
+                self._upstream_of[req_id] = upstream_reason(params) if params is not None else None
+            reason = self._upstream_of[req_id]
             if reason:
                 out[i] = reason
         return out
@@ -450,7 +461,7 @@ class RespspRuntime:
                 "tensor_parallel_rank": self.rank,
                 "decisions_digest": self.decisions.hexdigest()[:16] if self.decisions else None,
                 "recomputed_requests": self.recomputed, "prefix_cached_requests": self.prefix_cached,
-                "deferred_request_steps": self.deferred_steps,
+                "deferred_request_steps": self.deferred_steps, "gated_steps": self.gated_steps,
                 "restarted_draft_contexts": self._drafter.restarts if self._drafter else 0,
                 "live_deferred_contexts": len(self._drafter.deferred) if self._drafter else 0,
                 "live_draft_contexts": len(self._drafter.contexts) if self._drafter else 0,
@@ -470,6 +481,40 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
+
+
+class _StepRows:
+    """The step's rows and their next tokens, for requests that verified no drafts: every row
+    of request i (a decode step's one row, or a prefill chunk) is a verified position, and the
+    next token of each is the following input row, except the last, whose next token is the one
+    sampled (or, when the request sampled nothing, e.g. a partial prefill chunk, the prompt's
+    next token). Built once for the batch; each request gets views."""
+
+    def __init__(self, runner, index: StepIndex):
+        self.runner, self.index = runner, index
+        n = index.num_tokens
+        self.rows = torch.arange(n)
+        self.next = torch.empty(n, dtype=torch.long)
+        self.next[:n - 1] = runner.input_ids.cpu[1:n]
+        self.last_rows: list[int] = []
+        self.last_tokens: list[int] = []
+
+    def first_row(self, i: int) -> int:
+        return int(self.index.query_start[i])
+
+    def of(self, i: int, sampled: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, next tokens) of request i; `sampled`: its sampled token, or None."""
+        a, b = int(self.index.query_start[i]), int(self.index.query_start[i + 1])
+        if sampled is None:
+            sampled = int(self.runner.input_batch.token_ids_cpu[i, int(self.index.num_computed[i]) + b - a])
+        self.last_rows.append(b - 1)
+        self.last_tokens.append(sampled)
+        return self.rows[a:b], self.next[a:b]
+
+    def finish(self) -> None:
+        """Write the last rows' next tokens (the views handed out see them)."""
+        if self.last_rows:
+            self.next[torch.tensor(self.last_rows)] = torch.tensor(self.last_tokens)
 
 
 def _tensor_parallel_rank() -> int:
