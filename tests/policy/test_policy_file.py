@@ -107,7 +107,9 @@ def test_constant_policy_picks_its_shape_for_every_request(tmp_path):
     policy = ShapePolicy.from_file(path)
     shapes = policy.choose(list(range(16)), torch.rand(16, 8), torch.rand(16) * 3, batch_load=16)
     assert shapes == [NO_DRAFTS] * 16 and policy.fallback_count == 0
-    assert ShapePolicy.from_file(constant_policy(tmp_path / "c1", chain(1), chain(1))).actions == [chain(1)]
+    assert policy.max_draft_load == 0 and not policy.drafts_at(1)  # the gate's step, at every load
+    drafting = ShapePolicy.from_file(constant_policy(tmp_path / "c1", chain(1), chain(1)))
+    assert drafting.actions == [chain(1)] and drafting.max_draft_load is None
 
 
 def test_max_draft_load_round_trips_and_is_checked(policy_path):

@@ -21,8 +21,10 @@ chain-3 step measured 24-28 ms where the same engine's step on MT-Bench prompts 
 (plain steps 20-28 ms on both), so a profile on them under-prices speculation.
 The rows record q = tokens per sequence in the target pass.
 The shape `none` (NO_DRAFTS) is timed through a policy file that always picks it and holds the
-choice (policy_file.constant_policy), the only way the runtime reaches it: no root pass runs,
-the head's context is deferred, and the row is marked `"held": true` (cost.StepWork.held).
+choice with a shut load gate (policy_file.constant_policy), the only way the runtime reaches it:
+every step is the one the gate gives above a policy's `max_draft_load` (no root pass, no
+policy call, the head's context deferred), and the row is marked `"held": true`
+(cost.StepWork.held).
 
 The `note` of a row gives the number of steps and their quartiles. With `--phases`, `phases_ms`
 gives the runtime's own step-clock phases (`vllm_respsp.step_clock`: draft, draft_extend,

@@ -95,7 +95,9 @@ def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> 
     head), so the runtime reaches it only through a policy; `engine_tools.profile` times it with
     this one. Zero weights and a one-hot head bias make the argmax constant, so the choice is
     held for as long as a request lives (`CONSTANT_HOLD`): the network is never asked again and a
-    request held on NO_DRAFTS skips the draft head (its positions are deferred).
+    request held on NO_DRAFTS skips the draft head (its positions are deferred). A constant
+    NO_DRAFTS policy also carries `max_draft_load` 0: nothing drafts at any load, so every step
+    is the one a shut load gate gives (the runtime's `_hold_everyone`).
     """
     actions = [fallback] if shape == fallback else [fallback, shape]
     net = PolicyNet(ROOT_PROBS, len(EXTRA_FEATURES), len(actions), proj_dim=1, hidden=(1,))
@@ -104,7 +106,8 @@ def constant_policy(stem: str | Path, shape: TreeShape, fallback: TreeShape) -> 
             p.zero_()
         net.head.bias[actions.index(shape)] = 1.0
     return save_policy(stem, net, actions, [FeatureSpec("draft_root_probs", ROOT_PROBS)], hold=CONSTANT_HOLD,
-                       training={"algo": "constant", "shape": str(shape)})
+                       training={"algo": "constant", "shape": str(shape)},
+                       max_draft_load=None if shape.drafts else 0)
 
 
 def _fail(path, field: str, message: str):
