@@ -1,0 +1,138 @@
+"""Where an engine step's time goes, for two or more configurations in one process, interleaved.
+
+    python -m benchmarks.step_phases --batch 8 --reps 4 none held
+    python -m benchmarks.step_phases --batch 1 --reps 6 eagle3-3 respsp-chain3 --out FILE.json
+
+Configurations: `none` (no speculation), `held` (respsp with a constant NO_DRAFTS policy, whose
+load gate is shut at every load: the step a loaded server gets), `eagle3-K` (vLLM's EAGLE-3 chain
+of K) and `respsp-chainK`. Every engine runs in this process (vLLM's in-process engine core and
+executor), so one set of wrappers times the same vLLM functions in each: the runner's
+`execute_model`, `_prepare_inputs`, `_model_forward`, `_sample`, `sample_tokens`,
+`propose_draft_token_ids`, `_bookkeeping_sync` and the scheduler's `schedule` and
+`update_from_output`, plus respsp's own step-clock phases (`respsp:*`, per engine step).
+`step` is the time from one `execute_model` start to the next: the whole engine step. Medians
+over the decode steps (the first 8 steps and the last 2 of each run are dropped), in ms.
+MT-Bench prompts, greedy, 64 tokens, the shipped head, bf16. Repetitions alternate the order
+of the engines, so slow drifts hit them alike. Not a throughput benchmark (benchmarks.throughput
+is): it answers which part of a step a configuration adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+WRAPPED = {
+    "runner": ("execute_model", "sample_tokens", "propose_draft_token_ids", "_prepare_inputs",
+               "_model_forward", "_sample", "_bookkeeping_sync"),
+    "scheduler": ("schedule", "update_from_output"),
+}
+
+
+def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
+    from vllm_respsp.policy.policy_file import constant_policy
+    from vllm_respsp.tree.shape import NO_DRAFTS, chain
+
+    if name == "none":
+        return None
+    if name == "held":
+        policy = constant_policy(policy_dir / "no-drafts", NO_DRAFTS, chain(1))
+        return {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy)}
+    for prefix, method in (("eagle3-", "eagle3"), ("respsp-chain", "respsp")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            k = int(name[len(prefix):])
+            if method == "eagle3":
+                return {"method": "eagle3", "model": head, "num_speculative_tokens": k}
+            return {"method": "respsp", "model": head, "shape": chain(k).to_dict()}
+    raise SystemExit(f"configuration {name!r}: allowed are none, held, eagle3-K, respsp-chainK")
+
+
+class CallLog:
+    """(function, start, end) of every wrapped call, process-wide."""
+
+    def __init__(self):
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        self.calls: list[tuple[str, float, float]] = []
+        for cls, names in ((GPUModelRunner, WRAPPED["runner"]), (Scheduler, WRAPPED["scheduler"])):
+            for name in names:
+                if hasattr(cls, name):
+                    setattr(cls, name, self._timed(name, getattr(cls, name)))
+
+    def _timed(self, name, original):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls.append((name, start, time.perf_counter()))
+        return call
+
+    def decode_steps(self) -> list[tuple[float, float]]:
+        starts = [start for name, start, _ in self.calls if name == "execute_model"]
+        return list(zip(starts, starts[1:]))[8:-2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", help="none, held, eagle3-K, respsp-chainK")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    args = parser.parse_args()
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engines in this process: one set of wrappers
+    from vllm_respsp.testbed.engine_run import prepare_cpu_env
+
+    prepare_cpu_env(2)
+    import tempfile
+
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.draft.evaluate import prompt_token_ids
+    from vllm_respsp.step_clock import SECONDS
+    from vllm_respsp.testbed.engine_run import generate, make_llm
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    model, head = str(testbed_model_path()), str(shipped_head_path())
+    policy_dir = Path(tempfile.mkdtemp(prefix="step-phases-"))
+    specs = {name: speculative_config(name, head, policy_dir) for name in args.configs}
+    engines = {name: make_llm(model, spec, distributed_executor_backend="uni", dtype="bfloat16")
+               for name, spec in specs.items()}
+    log = CallLog()
+    prompts = prompt_token_ids("mt-bench", testbed_model_path(), args.batch)
+    for llm in engines.values():
+        generate(llm, prompts[:2], {"temperature": 0.0, "max_tokens": 8})
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
+    for rep in range(args.reps):
+        order = list(engines) if rep % 2 == 0 else list(reversed(engines))
+        for name in order:
+            log.calls.clear()
+            before = dict(SECONDS)
+            generate(engines[name], prompts, {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True})
+            steps = sum(1 for call, _, _ in log.calls if call == "execute_model")
+            for phase, seconds in SECONDS.items():
+                samples[name].setdefault(f"respsp:{phase}", []).append((seconds - before.get(phase, 0)) / max(steps, 1))
+            for a, b in log.decode_steps():
+                samples[name].setdefault("step", []).append(b - a)
+                for call, start, end in log.calls:
+                    if a <= start < b:
+                        samples[name].setdefault(call, []).append(end - start)
+    table = {name: {key: round(statistics.median(values) * 1000, 3) for key, values in rows.items()}
+             | {"decode_steps": len(rows.get("step", []))} for name, rows in samples.items()}
+    table["command"] = "python -m benchmarks.step_phases " + " ".join(
+        [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}"])
+    text = json.dumps(table, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
