@@ -19,15 +19,12 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from vllm_respsp import envs
 from vllm_respsp.backends import SUPPORTED, TreeAttentionBackend, for_vllm_backend
 from vllm_respsp.config import RespspConfig
-from vllm_respsp.policy.features import RootStates
 from vllm_respsp.runtime import metrics
 from vllm_respsp.runtime.choose import ShapeChooser
 from vllm_respsp.runtime.drafter import NewRows, PaddedContexts, TreeDrafter
@@ -35,75 +32,12 @@ from vllm_respsp.runtime.head import HeadAdapter
 from vllm_respsp.runtime.head_kv import PagedHeadKV
 from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
+from vllm_respsp.runtime.step import RootRequest, StepIndex, StepRoots, StepRows
 from vllm_respsp.step_clock import SECONDS, timed
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
-
-
-@dataclass
-class StepIndex:
-    """The step's ragged request index, read from the runner once (before the forward) and
-    passed to every later phase of the step."""
-
-    req_ids: list[str]
-    query_start: np.ndarray  # int [R + 1] first token row of each request
-    num_computed: np.ndarray  # int [R] tokens computed before this step
-
-    @classmethod
-    def of(cls, runner) -> StepIndex:
-        batch = runner.input_batch
-        n = batch.num_reqs
-        return cls(list(batch.req_ids), runner.query_start_loc.np[:n + 1].copy(),
-                   batch.num_computed_tokens_cpu[:n].copy())
-
-    @property
-    def num_reqs(self) -> int:
-        return len(self.req_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.query_start[-1])
-
-    def scheduled(self, i: int) -> int:
-        return int(self.query_start[i + 1] - self.query_start[i])
-
-
-class StepRoots:
-    """The step's root states by extended row; a deferred request (row -1) reads zeros: it is
-    held on NO_DRAFTS, so no policy reads its features and no tree grows from it."""
-
-    def __init__(self, states, padded: PaddedContexts | None, drafter: TreeDrafter):
-        self.states = states
-        self.padded = padded  # the contexts `extend` padded, for `draft`
-        self.drafter = drafter
-
-    def at(self, rows: list[int]) -> RootStates:
-        if self.states is not None and rows == list(range(self.states.hidden.shape[0])):
-            return self.states  # every extended row, in order (the common step): no copy
-        index = torch.tensor(rows)
-        if self.states is None:  # every request deferred: zeros, one row expanded (nothing reads them)
-            h = self.drafter.head.model.config.hidden_size
-            vocab = self.drafter.head.draft_to_target.numel()
-            return RootStates(*(torch.zeros(1, n).expand(len(rows), n) for n in (h, h, vocab)))
-        picked = self.states[index.clamp(min=0)]
-        if any(r < 0 for r in rows):
-            deferred = index < 0
-            picked = RootStates(*(t.masked_fill(deferred[:, None].to(t.device), 0.0)
-                                  for t in (picked.fused, picked.hidden, picked.logprobs)))
-        return picked
-
-
-@dataclass
-class RootRequest:
-    """A request whose next tree can be drafted: its row among the extended contexts, the
-    root token (last verified token) and the root's position."""
-
-    req_id: str
-    context_row: int
-    token: int
-    position: int
 
 
 class RespspRuntime:
@@ -332,7 +266,7 @@ class RespspRuntime:
     def _verified_rows(self, index: StepIndex, sampled_rows: list[list[int]]):
         """(NewRows per request to append to its draft context, the requests that can draft)."""
         discard = self.runner.discard_request_mask.np[:index.num_reqs]
-        steps = _StepRows(self.runner, index)
+        steps = StepRows(self.runner, index)
         new_rows: list[NewRows] = []
         roots: list[RootRequest] = []
         for i, req_id in enumerate(index.req_ids):
@@ -481,40 +415,6 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
-
-
-class _StepRows:
-    """The step's rows and their next tokens, for requests that verified no drafts: every row
-    of request i (a decode step's one row, or a prefill chunk) is a verified position, and the
-    next token of each is the following input row, except the last, whose next token is the one
-    sampled (or, when the request sampled nothing, e.g. a partial prefill chunk, the prompt's
-    next token). Built once for the batch; each request gets views."""
-
-    def __init__(self, runner, index: StepIndex):
-        self.runner, self.index = runner, index
-        n = index.num_tokens
-        self.rows = torch.arange(n)
-        self.next = torch.empty(n, dtype=torch.long)
-        self.next[:n - 1] = runner.input_ids.cpu[1:n]
-        self.last_rows: list[int] = []
-        self.last_tokens: list[int] = []
-
-    def first_row(self, i: int) -> int:
-        return int(self.index.query_start[i])
-
-    def of(self, i: int, sampled: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, next tokens) of request i; `sampled`: its sampled token, or None."""
-        a, b = int(self.index.query_start[i]), int(self.index.query_start[i + 1])
-        if sampled is None:
-            sampled = int(self.runner.input_batch.token_ids_cpu[i, int(self.index.num_computed[i]) + b - a])
-        self.last_rows.append(b - 1)
-        self.last_tokens.append(sampled)
-        return self.rows[a:b], self.next[a:b]
-
-    def finish(self) -> None:
-        """Write the last rows' next tokens (the views handed out see them)."""
-        if self.last_rows:
-            self.next[torch.tensor(self.last_rows)] = torch.tensor(self.last_tokens)
 
 
 def _tensor_parallel_rank() -> int:
