@@ -35,7 +35,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "ttt_7_steps": {"ttt_steps": 7},
     "deep_steps_full_weight": {"deep_step_weight": 1.0},
     "deep_rows_all": {"deep_row_fraction": 1.0},
-    "epochs_3": {"epochs": 3},
+    "epochs_2": {"epochs": 2},
     "draft_vocab_4k": {"draft_vocab_size": 4096},
     "draft_vocab_16k": {"draft_vocab_size": 16384},
 }
