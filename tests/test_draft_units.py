@@ -270,3 +270,49 @@ def test_the_default_recipe_point_shares_the_main_training(tmp_path):
     (tmp_path / "train" / "checkpoint.pt").write_bytes(b"x")  # what the main run writes, the point reads
     assert (linked / "checkpoint.pt").read_bytes() == b"x"
     assert not (tmp_path / "runs" / "fraction-0.5").exists()  # another recipe trains on its own
+
+
+def test_training_interrupted_between_checkpoints_resumes_to_the_same_head(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint and started again ends with the weights, token
+    count and log of a run that was never interrupted (weights, optimizer, data position, RNG)."""
+    from safetensors.torch import save_file
+
+    from vllm_respsp.draft import train as draft_train
+    from vllm_respsp.draft.data import FeatureSequence
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(TINY_TARGET))
+    save_file({"model.embed_tokens.weight": torch.randn(50, 32, generator=torch.Generator().manual_seed(1))},
+              str(target / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    sequences = [FeatureSequence(torch.randint(0, 50, (n,), generator=gen), torch.randn(n, 96, generator=gen)
+                                 .to(torch.bfloat16), 3) for n in (12, 9, 14, 10, 11, 13, 8, 12, 10, 9)]
+    cfg = draft_train.TrainConfig(draft_vocab_size=40, ttt_steps=2, tokens_per_batch=16, heldout_sequences=2,
+                                  checkpoint_every=2, eval_every=1000, single_step_epochs=0.5, epochs=2)
+    vocab = torch.arange(40)
+
+    def run(out):
+        head = draft_train.train(sequences, target, out, cfg, vocab, (0, 1, 2))
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return head.state_dict(), log
+
+    reference, reference_log = run(tmp_path / "whole")
+    real_loss, calls = draft_train.ttt_loss, {"n": 0}
+
+    def killed_after_three_steps(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # as a session end does, between checkpoints (step 2 written)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(draft_train, "ttt_loss", killed_after_three_steps)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(draft_train, "ttt_loss", real_loss)
+    resumed, log = run(tmp_path / "resumed")
+    assert reference_log[-1]["step"] > 4
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert log[-1]["tokens"] == reference_log[-1]["tokens"] == 2 * sum(len(s.ids) for s in sequences[2:])
+    assert log[-1]["heldout_acc"] == reference_log[-1]["heldout_acc"]
+    assert [r["step"] for r in log] == [1, 2, 3] + list(range(3, reference_log[-1]["step"] + 1))

@@ -93,7 +93,7 @@ def train_overrides(pairs: list[str]) -> dict:
 def heldout_curve(train_log: Path) -> list[dict]:
     """Every held-out evaluation of the training log (each `eval_every` steps, and the last)."""
     rows = [r for r in map(json.loads, train_log.read_text().splitlines()) if "heldout_acc" in r]
-    return [{"step": r["step"], "heldout_acc": r["heldout_acc"]} for r in rows]
+    return [{"step": r["step"], "tokens": r.get("tokens"), "heldout_acc": r["heldout_acc"]} for r in rows]
 
 
 def reexec_with_intel_openmp() -> None:

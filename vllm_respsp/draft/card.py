@@ -131,19 +131,46 @@ def scaling_lines(scaling: dict | None) -> list[str]:
 
 
 def heldout_curve_lines(curve: list[dict]) -> list[str]:
-    """Held-out per-step accuracy (teacher-forced, as in training) over the optimizer steps."""
+    """Held-out per-step accuracy (teacher-forced, as in training) over the optimizer steps, and
+    the training tokens seen by then (in a one-pass run, a data-scaling reading: every token is
+    new when it is seen; the learning-rate schedule is the confound)."""
     if not curve:
         return []
     steps = len(curve[0]["heldout_acc"])
     return [
         "Held-out top-1 accuracy per draft step during training (teacher-forced inputs; the "
-        "training-time test starts after the step-0-only epochs):",
+        "training-time test starts after the step-0-only share of the data; `heldout_curve.png`):",
         "",
-        "| optimizer step | " + " | ".join(f"step {k}" for k in range(steps)) + " |",
-        "|---|" + "---|" * steps,
-        *[f"| {row['step']} | " + " | ".join(f"{a:.3f}" for a in row["heldout_acc"]) + " |" for row in curve],
+        "![held-out accuracy against training tokens seen](heldout_curve.png)",
+        "",
+        "| optimizer step | tokens seen | " + " | ".join(f"step {k}" for k in range(steps)) + " |",
+        "|---|---|" + "---|" * steps,
+        *[f"| {row['step']} | {row.get('tokens') or '-'} | " + " | ".join(f"{a:.3f}" for a in row["heldout_acc"])
+          + " |" for row in curve],
         "",
     ]
+
+
+def plot_heldout_curve(curve: list[dict], path: Path) -> None:
+    """The held-out curve as a PNG: accuracy of each draft step against training tokens seen."""
+    rows = [r for r in curve if r.get("tokens")]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tokens = [r["tokens"] / 1e6 for r in rows]
+    for k in range(len(rows[0]["heldout_acc"])):
+        ax.plot(tokens, [r["heldout_acc"][k] for r in rows], marker="o", label=f"step {k}")
+    ax.set(xlabel="training tokens seen (M)", ylabel="held-out top-1 accuracy",
+           title="one pass over the data (teacher-forced)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_model_card(out: Path, summary: dict) -> Path:
@@ -236,12 +263,10 @@ def write_model_card(out: Path, summary: dict) -> Path:
         *scaling_lines(summary.get("scaling")),
         "## Wall times on this machine (2 CPU cores, shared; seconds)",
         "",
-        "`replies` includes engine start and prompt selection. In the run behind this head, replies and "
-        "features overlapped (each reply shard's features were extracted as soon as it was written) and "
-        "shared the cores with A/B training runs for 20 minutes: a 128-prompt reply shard took 30-35 s "
-        "beside one feature job and up to 113 s with everything running, so a quiet machine is faster. "
-        "That features run also stored soft labels for the A/B (the whole target ran, ~35% more than "
-        "the default `soft_topk=0`).",
+        "`replies` is skipped when every committed reply shard is there (the replies are committed under "
+        "`data/draft-head/replies/`); `features`, `train` and `evaluate` are what one developer session "
+        "must fit, since the cache holding features and checkpoints may be gone in the next one "
+        "(`TrainConfig.epochs`). A stage resumed after an interruption shows its last part's time.",
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -251,6 +276,7 @@ def write_model_card(out: Path, summary: dict) -> Path:
         DECISIONS,
         LIMITATIONS.format(tokens=f"{data['tokens'] / 1e6:.1f}M", sequences=data["sequences"]),
     ]
+    plot_heldout_curve(summary.get("heldout_curve", []), out / "heldout_curve.png")
     path = out / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -288,13 +288,13 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, step = out_dir / "checkpoint.pt", 0
+    ckpt_path, step, seen = out_dir / "checkpoint.pt", 0, 0  # seen: training tokens so far
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["config"] == asdict(cfg):
             head.load_state_dict(ckpt["head"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
+            step, seen = ckpt["step"], ckpt.get("tokens", 0)
             rng.setstate(ckpt["rng"])
             torch.set_rng_state(ckpt["torch_rng"])
 
@@ -308,8 +308,10 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg)
             steps = 1 if step < int(cfg.single_step_epochs * batches_per_epoch) else cfg.ttt_steps
+            batch = collate([train_seqs[i] for i in batch_ids])
+            seen += int(batch.lengths.sum())
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, stats = ttt_loss(head, collate([train_seqs[i] for i in batch_ids]), steps,
+                loss, stats = ttt_loss(head, batch, steps,
                                        cfg.step_weight_decay, cfg.feature_weight, cfg.deep_step_weight,
                                        cfg.soft_label_weight, cfg.deep_row_fraction)
             optimizer.zero_grad(set_to_none=True)
@@ -318,7 +320,8 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
             optimizer.step()
             step += 1
             acc = [c / n if n else 0.0 for c, n in stats]
-            record = {"step": step, "loss": loss.item(), "acc": acc, "seconds": time.perf_counter() - start}
+            record = {"step": step, "tokens": seen, "loss": loss.item(), "acc": acc,
+                      "seconds": time.perf_counter() - start}
             if step % cfg.eval_every == 0 or step == total_steps:
                 record["heldout_acc"] = heldout_accuracy(head, heldout_seqs, cfg.ttt_steps, cfg.tokens_per_batch)
                 held = "/".join(f"{a:.2f}" for a in record["heldout_acc"])
@@ -328,7 +331,8 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
             log.write(json.dumps(record) + "\n")
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 torch.save({"config": asdict(cfg), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                            "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+                            "step": step, "tokens": seen, "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state()},
                            ckpt_path)
             if step >= total_steps:
                 break
