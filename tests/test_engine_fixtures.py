@@ -9,6 +9,8 @@
 import pytest
 from conftest import run_engine
 
+from vllm_respsp.patches.cpu_amx import cpu_has_amx
+
 SUCCESSOR_PROMPTS = [[5, 9, 30], [100, 7], [3] * 12, [60]]
 GREEDY = {"temperature": 0.0, "max_tokens": 48, "ignore_eos": True}
 SAMPLED = {"temperature": 0.8, "max_tokens": 48, "ignore_eos": True, "seed": 1234}
@@ -77,8 +79,9 @@ def test_plugin_leaves_plain_eagle3_unchanged(fixture_models):
                                               "model": str(fixture_models["tiny_head"])}}
     with_plugin = run_engine(spec_job)
     without_plugin = run_engine(spec_job, env={"VLLM_PLUGINS": ""})
+    amx_fix = ["cpu_attention_amx_tiles"] if cpu_has_amx() else []  # only on AMX CPUs
     assert with_plugin["applied_patches"] == [
-        "cpu_expand_kernel", "respsp_speculative_config", "runner_prepare_inputs",
+        "cpu_expand_kernel", *amx_fix, "respsp_speculative_config", "runner_prepare_inputs",
         "runner_attention_metadata", "cpu_tree_attention", "triton_tree_attention", "runner_sample",
         "runner_propose_drafts"]
     assert without_plugin["applied_patches"] == []

@@ -78,12 +78,12 @@ def test_flash_attn_tree_attention_wraps_its_forward_on_cuda_only():
     assert FlashAttentionImpl.forward is original
 
 
-def test_the_plugin_asks_for_amx_tiles_exactly_where_the_cpu_has_them():
+def test_the_amx_fix_asks_for_tiles_exactly_where_the_cpu_has_them():
     """vLLM's bf16 CPU attention uses AMX without asking Linux for the tile state (SIGILL on
-    AMX CPUs, tests/test_benchmark_throughput.py's bf16 engines): register() asks for it."""
+    AMX CPUs, tests/test_benchmark_throughput.py's bf16 engines): the patch asks for it."""
     from pathlib import Path
 
-    from vllm_respsp.plugin import request_amx_tiles
+    from vllm_respsp.patches.cpu_amx import request_amx_tiles
 
     flags = Path("/proc/cpuinfo").read_text().split()
     assert request_amx_tiles() == ("amx_tile" in flags)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_respsp.draft.scaling import plot_heldout_curve
+
 DECISIONS = """\
 ## Decisions
 
@@ -149,28 +151,6 @@ def heldout_curve_lines(curve: list[dict]) -> list[str]:
           + " |" for row in curve],
         "",
     ]
-
-
-def plot_heldout_curve(curve: list[dict], path: Path) -> None:
-    """The held-out curve as a PNG: accuracy of each draft step against training tokens seen."""
-    rows = [r for r in curve if r.get("tokens")]
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tokens = [r["tokens"] / 1e6 for r in rows]
-    for k in range(len(rows[0]["heldout_acc"])):
-        ax.plot(tokens, [r["heldout_acc"][k] for r in rows], marker="o", label=f"step {k}")
-    ax.set(xlabel="training tokens seen (M)", ylabel="held-out top-1 accuracy",
-           title="one pass over the data (teacher-forced)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_model_card(out: Path, summary: dict) -> Path:

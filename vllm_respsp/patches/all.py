@@ -1,6 +1,7 @@
 """Every change vllm_respsp makes to vLLM, in one list. See `registry.py` for the mechanics.
 Imported only on a supported vLLM (`vllm_respsp.patches.apply_patches`)."""
 
+from vllm_respsp.patches.cpu_amx import CpuAttentionAmxTiles
 from vllm_respsp.patches.cpu_expand import CpuExpandKernelFix
 from vllm_respsp.patches.registry import Patch, apply_all
 from vllm_respsp.patches.runner import (
@@ -14,8 +15,9 @@ from vllm_respsp.patches.speculative_config import RespspSpeculativeConfigPatch
 from vllm_respsp.patches.tree_attention import CpuTreeAttention, FlashTreeAttention, TritonTreeAttention
 
 ALL_PATCHES: list[Patch] = [
-    # Bug fix for the installed vLLM (applies only where a probe finds the bug).
+    # Bug fixes for the installed vLLM (each applies only where a probe finds the bug).
     CpuExpandKernelFix(),
+    CpuAttentionAmxTiles(),
     # Accepts `method: "respsp"`; every other speculative config passes through unchanged.
     RespspSpeculativeConfigPatch(),
     # The tree runtime; each does nothing unless the runner's config is respsp.
