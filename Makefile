@@ -45,7 +45,8 @@ draft-head: venv
 # draft pool per beam width: ShareGPT train slice; MT-Bench and HumanEval held out), measure
 # this CPU's cost profile (alone: other jobs on the cores skew it), train the shipped policy
 # (its report.json: simulated tokens/s on the held-out sets), and check its acceptance length in
-# the engine against the simulator's.
+# the engine against the simulator's. A rerun after an interruption skips the trace sets already
+# recorded with the same head, target and arguments (record's --force records again).
 TRACES ?= $(VLLM_RESPSP_CACHE)/traces
 POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
 # On this CPU trees pay for re-running attention through their masks: the policy picks among

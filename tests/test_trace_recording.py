@@ -1,12 +1,15 @@
 """Trace recording in the real engine (runtime.recorder + engine_tools.record): the recorded roots are
 the engine's output, and each action's tree is walked along it to its accepted length."""
 
+import json
+from argparse import Namespace
+
 import numpy as np
 from conftest import run_engine
 
-from vllm_respsp.engine_tools.record import accepted_lengths, assemble
+from vllm_respsp.engine_tools.record import accepted_lengths, already_recorded, assemble, recording_recipe
 from vllm_respsp.policy.pools import pool_shape
-from vllm_respsp.policy.traces import FeatureSpec, TraceSet
+from vllm_respsp.policy.traces import FeatureSpec, TraceSet, save_traces, synthetic_traces
 from vllm_respsp.runtime.recorder import read_records
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape
 
@@ -65,3 +68,27 @@ def test_recording_in_the_engine_gives_exact_tables(fixture_models, tmp_path):
         # of each level (1 + 3 rows instead of 1 + 3 * 2)
         assert (g.work.nodes[:, 1:3] == 8).all() and (g.work.levels[:, 1:3] == 4).all()
         assert (g.work.rows[:, 1] == 7).all() and (g.work.rows[:, 2] == 4).all()
+
+
+def test_a_rerun_skips_a_set_recorded_with_the_same_head_and_arguments(tmp_path):
+    """`make policy` after an interruption reuses finished recordings; a new head (or other
+    arguments, or a damaged trace file) records again."""
+    head, model = tmp_path / "head", tmp_path / "model"
+    for folder, content in ((head, b"head weights"), (model, b"target weights")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(content)
+    args = Namespace(prompts="mt-bench", num_prompts=80, max_tokens=128, out="x", force=False, check=[])
+    out = tmp_path / "mt-bench"
+    recipe = recording_recipe(args, str(head), str(model))
+    assert not already_recorded(str(out), recipe)  # nothing there yet
+    save_traces(synthetic_traces([TreeShape.parse("chain2")], num_generations=2, positions=5, hidden_size=4), out)
+    (tmp_path / "mt-bench.report.json").write_text(json.dumps({"recipe": recipe}))
+    assert already_recorded(str(out), recipe)
+    assert already_recorded(str(out), recording_recipe(Namespace(**{**vars(args), "out": "y", "force": True}),
+                                                       str(head), str(model)))
+    assert not already_recorded(str(out), recording_recipe(Namespace(**{**vars(args), "num_prompts": 40}),
+                                                           str(head), str(model)))
+    (head / "model.safetensors").write_bytes(b"retrained head")
+    assert not already_recorded(str(out), recording_recipe(args, str(head), str(model)))
+    (tmp_path / "mt-bench.safetensors").write_bytes(b"truncated")
+    assert not already_recorded(str(out), recipe)

@@ -20,6 +20,7 @@ the text (so the table) depends on the shapes chosen.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ import numpy as np
 from vllm_respsp import envs
 from vllm_respsp.engine_tools.check import outputs_path, run_checks, simulated_acceptance
 from vllm_respsp.policy.pools import DraftPool, pool_depths
-from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceSet, save_traces
+from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceError, TraceSet, load_traces, save_traces
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
 # The table stored with a recording (any other shape its pools cover can be derived later,
@@ -124,6 +125,34 @@ def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, t
     return generations, pools, names
 
 
+def weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def recording_recipe(args, head: str, model: str) -> dict:
+    """What a recording depends on: its arguments and the weights it ran (a `make policy` rerun
+    after an interruption skips the sets already recorded, and records again after a new head)."""
+    weights = {name: weights_digest(Path(path)) for name, path in (("head", head), ("model", model))}
+    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "force")}
+    return {"arguments": arguments, "weights_sha256": weights}
+
+
+def already_recorded(out: str, recipe: dict) -> bool:
+    report = Path(f"{out}.report.json")
+    if not report.is_file():
+        return False
+    try:
+        load_traces(out)
+        return json.loads(report.read_text()).get("recipe") == recipe
+    except (ValueError, TraceError):
+        return False
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="mt-bench", help="prompt set name or .jsonl path")
@@ -142,6 +171,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="trace stem: writes <out>.json + .safetensors")
     parser.add_argument("--check", nargs="*", default=[], metavar="SHAPE",
                         help="compare vLLM's acceptance length with the simulator's for these shapes")
+    parser.add_argument("--force", action="store_true",
+                        help="record again although <out>.report.json says this recipe was recorded")
     args = parser.parse_args(argv)
 
     from vllm import SamplingParams
@@ -153,9 +184,14 @@ def main(argv=None) -> None:
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts, render
 
-    prepare_cpu_env()
     head = args.head or str(shipped_head_path())
     model = args.model or str(testbed_model_path())
+    recipe = recording_recipe(args, head, model)
+    if not args.force and already_recorded(args.out, recipe):
+        print(f"{args.out}: already recorded with this head and these arguments "
+              f"({args.out}.report.json); --force records again")
+        return
+    prepare_cpu_env()
     actions = [TreeShape.parse(a) for a in args.actions]
     prompts = load_prompts(args.prompts, limit=args.skip + args.num_prompts)[args.skip:]
     engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
@@ -202,7 +238,8 @@ def main(argv=None) -> None:
     outputs_path(args.out).write_text(json.dumps({
         "model": model, "head": head, "engine": engine, "max_tokens": args.max_tokens,
         "prompts": [{"id": p.id, "text": t, "output": o} for p, t, o in zip(prompts, texts, reference)]}))
-    report = {"out": args.out, "prompts": args.prompts, "num_prompts": len(prompts), "skip": args.skip,
+    report = {"recipe": recipe, "out": args.out, "prompts": args.prompts, "num_prompts": len(prompts),
+              "skip": args.skip,
               "max_tokens": args.max_tokens, "dtype": args.dtype,
               "positions": sum(g.num_positions for g in traces.generations),
               "static_acceptance_length": {str(a): simulated_acceptance(traces, i)
