@@ -250,14 +250,59 @@ def test_data_fractions_keep_the_held_out_slice_fixed():
 
 def test_scaling_curve_plot_and_ablation_names(tmp_path):
     from vllm_respsp.draft import scaling
+    from vllm_respsp.draft.plots import plot_curve
     from vllm_respsp.draft.train import TrainConfig
 
     points = [{"train_tokens": t, "heldout_acc": [0.3 + a, 0.2 + a, 0.1 + a], "offline_acceptance_length": 1.5 + a,
                "vllm_mtbench": {"acceptance_length": 1.4 + a}} for t, a in ((5e5, 0.0), (1e6, 0.05), (4e6, 0.1))]
-    scaling.plot_curve(points, tmp_path / "curve.png")
+    plot_curve(points, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
     fields = set(TrainConfig.__dataclass_fields__)
     assert all(set(o) <= fields for o in scaling.ABLATIONS.values())  # every lever is a real field
+
+
+def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_path, monkeypatch):
+    """The next session has no features: points kept in the committed folder are not measured
+    again, a new ablation is added beside them, and the head's card gets both tables."""
+    from dataclasses import asdict
+
+    from vllm_respsp.draft import scaling
+    from vllm_respsp.draft.train import TrainConfig
+
+    head = tmp_path / "head"
+    head.mkdir()
+    summary = {  # what the pipeline writes beside a head it exported (before any scaling run)
+        "data": {"aux_layers": [2, 15, 27], "replies": {"seed": 0, "max_prompt_tokens": 768, "max_new_tokens": 512},
+                 "sources": [{"source": "sharegpt-train", "prompts": 10, "prompt_tokens": 900, "reply_tokens": 2000}],
+                 "tokens": 2900, "sequences": 10, "draft_vocab_coverage": 0.97},
+        "train": asdict(TrainConfig()), "train_log_tail": "{}",
+        "heldout_curve": [{"step": 1000, "tokens": 5e5, "heldout_acc": [0.4, 0.2]}],
+        "offline_estimate": {"rounds": 100, "acceptance_length": 1.7, "per_position_rate": [0.5, 0.2]}}
+    (head / "pipeline_summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(scaling, "shipped_head_path", lambda: head)
+    measured = []
+
+    def fake_measure(name, overrides, work, mtbench):  # training a point takes minutes to an hour
+        measured.append(name)
+        return {"name": name, "overrides": overrides, "train_tokens": 1000 * (len(measured) + 1),
+                "heldout_acc": [0.5, 0.3], "offline_acceptance_length": 1.7,
+                "vllm_mtbench": {"prompts": mtbench, "acceptance_length": 1.6}}
+
+    monkeypatch.setattr(scaling, "measure", fake_measure)
+    kept = tmp_path / "scaling"
+    scaling.main(["curve", "--fractions", "0.125", "0.25", "--mtbench", "4", "--out", str(kept)])
+    scaling.main(["ablate", "--only", "baseline", "ttt_7_steps", "--mtbench", "4", "--out", str(kept)])
+    assert measured == ["fraction-0.125", "fraction-0.25", "ablate-ttt_7_steps-0.125"]  # baseline reused
+    scaling.main(["ablate", "--only", "epochs_2", "--mtbench", "4", "--out", str(kept)])
+    scaling.main(["curve", "--fractions", "0.125", "--mtbench", "8", "--out", str(kept)])  # other prompt count
+    assert measured[3:] == ["ablate-epochs_2-0.125", "fraction-0.125"]
+    kept_points = scaling.load_scaling(kept)
+    assert [p["name"] for p in kept_points["ablations"]] == [
+        "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_2-0.125"]
+    assert [p["name"] for p in kept_points["curve"]] == ["fraction-0.125", "fraction-0.25"]
+    card = (head / "MODEL_CARD.md").read_text()
+    assert "## Scaling curve" in card and "ablate-epochs_2-0.125" in card
+    assert (head / "scaling_curve.png").stat().st_size > 1000
 
 
 def test_the_default_recipe_point_shares_the_main_training(tmp_path):

@@ -38,6 +38,7 @@ from vllm_respsp.draft.data import (
 )
 from vllm_respsp.draft.model import draft_vocab_from_counts, export_head
 from vllm_respsp.draft.replies import data_table, default_replies_dir, generate_replies, reply_shards
+from vllm_respsp.draft.scaling import default_scaling_dir, load_scaling
 from vllm_respsp.draft.train import TrainConfig, offline_acceptance, split_sequences, train
 from vllm_respsp.testbed.model import testbed_model_path
 
@@ -177,9 +178,7 @@ def main() -> None:
 
         summary["vllm_eval"] = clock.run("evaluate", evaluate, out)
     summary["stage_seconds"] = clock.times
-    scaling = work / "scaling"
-    summary["scaling"] = {kind: json.loads((scaling / f"{kind}.json").read_text())
-                          for kind in ("curve", "ablations") if (scaling / f"{kind}.json").exists()}
+    summary["scaling"] = load_scaling(default_scaling_dir())
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     if not args.run:
         from vllm_respsp.draft.card import write_model_card

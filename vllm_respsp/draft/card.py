@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_respsp.draft.scaling import plot_heldout_curve
+from vllm_respsp.draft.plots import plot_heldout_curve
 
 DECISIONS = """\
 ## Decisions

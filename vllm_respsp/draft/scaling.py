@@ -10,9 +10,15 @@ the main run's training (`share_main_training`) and the ablations' baseline is t
 of the same data share. Each point is then measured
 the same way: held-out per-step accuracy (teacher-forced, on the same held-out slice for every
 point: `train.split_sequences`), the offline chain-5 estimate, and vLLM's chain-5 acceptance
-length on the first `--mtbench` MT-Bench prompts (greedy, 256 tokens). Writes
-<work>/scaling/{curve,ablations}.json, and the curve as a PNG (held-out step 0-4 accuracy and vLLM
-acceptance length against training tokens) into the shipped head's folder for its model card.
+length on the first `--mtbench` MT-Bench prompts (greedy, 256 tokens).
+
+The measured points are small and cost an hour or more each to remake, while the features and
+runs they come from live in the cache, which may be gone next session: so they are committed
+under data/draft-head/scaling/{curve,ablations}.json, merged by point name (a run of some
+ablations adds to the others), and a point measured there with the same overrides is reused
+without features (`--remeasure` measures again). After each command the shipped head's model
+card is rewritten with the tables, and the curve as a PNG (held-out step 0-4 accuracy and vLLM
+acceptance length against training tokens) goes beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
+from vllm_respsp.draft.card import write_model_card
 from vllm_respsp.draft.data import default_work_dir
+from vllm_respsp.draft.plots import plot_curve
 from vllm_respsp.draft.train import TrainConfig
 
 # name -> TrainConfig overrides: the levers of the EAGLE-3 recipe, each against the baseline
@@ -84,6 +92,39 @@ def vllm_acceptance(head: Path, mtbench: int) -> dict:
     return spec_summary(result)
 
 
+def default_scaling_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "data" / "draft-head" / "scaling"
+
+
+def load_scaling(folder: Path) -> dict[str, list[dict]]:
+    """{"curve": [point, ...], "ablations": [...]}: what was measured so far (a kind not run yet
+    is left out)."""
+    return {kind: json.loads((folder / f"{kind}.json").read_text())
+            for kind in ("curve", "ablations") if (folder / f"{kind}.json").exists()}
+
+
+def merge_points(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each point of `new` replacing the one of its name, or appended."""
+    fresh = {p["name"]: p for p in new}
+    return [fresh.pop(p["name"], p) for p in old] + list(fresh.values())
+
+
+def reusable(point: dict | None, overrides: dict, mtbench: int) -> bool:
+    return (point is not None and point["overrides"] == overrides
+            and (not mtbench or point.get("vllm_mtbench", {}).get("prompts") == mtbench))
+
+
+def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
+    """The shipped head's summary and model card with the scaling tables, and the curve's PNG."""
+    head = shipped_head_path()
+    summary = json.loads((head / "pipeline_summary.json").read_text())
+    summary["scaling"] = scaling
+    (head / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    write_model_card(head, summary)
+    if scaling.get("curve"):
+        plot_curve(scaling["curve"], head / "scaling_curve.png")
+
+
 def measure(name: str, overrides: dict, work: Path, mtbench: int) -> dict:
     summary = run_point(name, overrides, work)
     point = {"name": name, "overrides": overrides, "train_tokens": summary["data"]["train_tokens"],
@@ -98,56 +139,7 @@ def measure(name: str, overrides: dict, work: Path, mtbench: int) -> dict:
     return point
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_step_accuracy(ax, tokens: list[float], heldout_accs: list[list[float]], title: str) -> None:
-    """Held-out accuracy of each draft step against training tokens (millions)."""
-    for k in range(len(heldout_accs[0])):
-        ax.plot(tokens, [acc[k] for acc in heldout_accs], marker="o", label=f"step {k}")
-    ax.set(xlabel="training tokens (M)", ylabel="held-out top-1 accuracy", title=title)
-    ax.legend()
-
-
-def plot_curve(points: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    tokens = [p["train_tokens"] / 1e6 for p in points]
-    fig, (acc, length) = plt.subplots(1, 2, figsize=(10, 4))
-    plot_step_accuracy(acc, tokens, [p["heldout_acc"] for p in points], "per draft step (teacher-forced)")
-    acc.set(xscale="log")
-    length.plot(tokens, [p["offline_acceptance_length"] for p in points], marker="o", label="offline estimate")
-    if all("vllm_mtbench" in p for p in points):
-        length.plot(tokens, [p["vllm_mtbench"]["acceptance_length"] for p in points], marker="s",
-                    label="vLLM, MT-Bench")
-    length.set(xscale="log", xlabel="training tokens (M)", ylabel="chain-5 acceptance length",
-               title="acceptance length")
-    length.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_heldout_curve(curve: list[dict], path: Path) -> None:
-    """One run's held-out evaluations against the training tokens it had seen by then."""
-    rows = [r for r in curve if r.get("tokens")]
-    if not rows:
-        return
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot_step_accuracy(ax, [r["tokens"] / 1e6 for r in rows], [r["heldout_acc"] for r in rows],
-                       "one pass over the data (teacher-forced)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["curve", "ablate"])
     parser.add_argument("--work", type=Path, default=default_work_dir())
@@ -155,24 +147,32 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.125, help="the data share every ablation trains on")
     parser.add_argument("--only", nargs="*", default=None, help=f"ablations to run (of {sorted(ABLATIONS)})")
     parser.add_argument("--mtbench", type=int, default=80, help="MT-Bench prompts for vLLM (0: offline only)")
-    args = parser.parse_args()
-    out = args.work / "scaling"
-    out.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--out", type=Path, default=default_scaling_dir(), help="where the points are kept")
+    parser.add_argument("--remeasure", action="store_true", help="measure points already kept in --out again")
+    args = parser.parse_args(argv)
     if args.what == "curve":
-        points = [measure(f"fraction-{f:g}", {"data_fraction": f}, args.work, args.mtbench) for f in args.fractions]
-        (out / "curve.json").write_text(json.dumps(points, indent=1))
-        plot_curve(points, shipped_head_path() / "scaling_curve.png")
+        kind, wanted = "curve", {f"fraction-{f:g}": {"data_fraction": f} for f in args.fractions}
     else:
         names = args.only or list(ABLATIONS)
         unknown = sorted(set(names) - set(ABLATIONS))
         if unknown:
             parser.error(f"--only: unknown ablation(s) {unknown}; allowed: {sorted(ABLATIONS)}")
         # the baseline is the curve's point of that data share: trained once for both
-        points = [measure(f"fraction-{args.fraction:g}" if n == "baseline" else f"ablate-{n}-{args.fraction:g}",
-                          {"data_fraction": args.fraction, **ABLATIONS[n]}, args.work, args.mtbench)
-                  for n in names]
-        (out / "ablations.json").write_text(json.dumps(points, indent=1))
-    print(json.dumps(points, indent=1))
+        kind = "ablations"
+        wanted = {f"fraction-{args.fraction:g}" if n == "baseline" else f"ablate-{n}-{args.fraction:g}":
+                  {"data_fraction": args.fraction, **ABLATIONS[n]} for n in names}
+    kept = {p["name"]: p for points in load_scaling(args.out).values() for p in points}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, overrides in wanted.items():
+        point = kept.get(name)
+        if args.remeasure or not reusable(point, overrides, args.mtbench):
+            point = measure(name, overrides, args.work, args.mtbench)
+        # written after every point: an interrupted command keeps what it measured
+        scaling = load_scaling(args.out)
+        scaling[kind] = merge_points(scaling.get(kind, []), [point])
+        (args.out / f"{kind}.json").write_text(json.dumps(scaling[kind], indent=1) + "\n")
+    refresh_shipped_card(scaling)
+    print(json.dumps(scaling[kind], indent=1))
 
 
 if __name__ == "__main__":
