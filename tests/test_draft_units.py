@@ -303,6 +303,12 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     card = (head / "MODEL_CARD.md").read_text()
     assert "## Scaling curve" in card and "ablate-epochs_2-0.125" in card
     assert (head / "scaling_curve.png").stat().st_size > 1000
+    # a head from before the per-source data pipeline keeps its own card (it cannot be rendered anew)
+    del summary["data"]["sources"]
+    (head / "pipeline_summary.json").write_text(json.dumps(summary))
+    (head / "MODEL_CARD.md").write_text("the old card")
+    scaling.refresh_shipped_card(kept_points)
+    assert (head / "MODEL_CARD.md").read_text() == "the old card"
 
 
 def test_the_default_recipe_point_shares_the_main_training(tmp_path):

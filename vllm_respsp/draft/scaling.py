@@ -118,6 +118,10 @@ def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
     """The shipped head's summary and model card with the scaling tables, and the curve's PNG."""
     head = shipped_head_path()
     summary = json.loads((head / "pipeline_summary.json").read_text())
+    if "sources" not in summary["data"]:
+        print(f"{head} was made before the per-source data pipeline: its card is left as it is; the "
+              "points are kept for the card of the next head `make draft-head` exports")
+        return
     summary["scaling"] = scaling
     (head / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     write_model_card(head, summary)
