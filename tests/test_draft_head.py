@@ -46,7 +46,10 @@ def random_head(tmp_path_factory, target):
 def runs(target, random_head, prompts):
     base = {"model": str(target), "prompts": prompts, "samplings": [SAMPLING], "engine": ENGINE}
     return {
-        "plain": run_engine(base)["results"][0],
+        # the plain engine also reports the target's top raw logits after each prompt (what the
+        # bf16 verdict of `draft.evaluate` reads at a divergence)
+        "plain": run_engine({**base, "engine": {**ENGINE, "logprobs_mode": "raw_logits"},
+                             "top_logits": {"contexts": prompts, "k": 5}}),
         "shipped": run_engine({**base, "speculative_config": spec_config(shipped_head_path())})["results"][0],
         "random": run_engine({**base, "speculative_config": spec_config(random_head)})["results"][0],
     }
@@ -56,6 +59,14 @@ def test_shipped_head_files_are_small_and_complete():
     folder = shipped_head_path()
     assert (folder / "config.json").is_file() and (folder / "MODEL_CARD.md").is_file()
     assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
+
+
+def test_an_engine_job_reports_the_targets_top_logits_in_order(runs):
+    plain = runs["plain"]
+    for top, greedy in zip(plain["top_logits"], plain["results"][0]["token_ids"]):
+        values = [v for _, v in top]
+        assert len(top) == 5 and values == sorted(values, reverse=True)
+        assert top[0][0] == greedy[0] and values[0] > 0  # the greedy first token; a raw logit, not a logprob
 
 
 def test_shipped_head_accepts_clearly_more_than_a_random_head(runs):
@@ -69,5 +80,6 @@ def test_shipped_head_accepts_clearly_more_than_a_random_head(runs):
 
 
 def test_greedy_output_identical_with_and_without_the_head(runs):
-    assert runs["shipped"]["token_ids"] == runs["plain"]["token_ids"]
-    assert runs["random"]["token_ids"] == runs["plain"]["token_ids"]
+    plain = runs["plain"]["results"][0]["token_ids"]
+    assert runs["shipped"]["token_ids"] == plain
+    assert runs["random"]["token_ids"] == plain

@@ -6,8 +6,10 @@ Greedy, 256 new tokens, chain of 5 drafts ({"method": "eagle3", "num_speculative
 - acceptance length (vLLM's metric: 1 + accepted / drafts) and per-position acceptance rates
   (accepted at position k / drafts) on MT-Bench (80 first turns) and HumanEval (164 by default);
 - identity: greedy outputs with the head must equal, token for token, a run without
-  speculation on the 80 MT-Bench prompts, both in fp32 (the bf16 comparison is reported too:
-  there bf16 rounding differences between 1-token and 6-token target steps flip near-ties);
+  speculation on the 80 MT-Bench prompts, both in fp32. The bf16 runs are judged too: there
+  rounding differences between 1-token and 6-token target steps can flip near-ties, so each
+  divergence is checked against the target's own logits without speculation
+  (`testbed.lossless`: "identical", "equal up to N near-ties" or "MISMATCH");
 - a cross-check of model.py: the same MT-Bench outputs drafted offline by this package's head.
 Each engine runs in its own process (vllm_respsp.testbed.engine_run), so a crashed or leaky
 engine cannot affect the next one.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
+from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
 from vllm_respsp.testbed.model import testbed_model_path
 
 NUM_SPECULATIVE_TOKENS = 5
@@ -108,6 +111,19 @@ def compare_outputs(plain: list[list[int]], spec: list[list[int]], dtype: str) -
     return {"prompts": len(plain), "dtype": dtype, "identical": not mismatches, "mismatched_prompts": mismatches}
 
 
+def bf16_verdict(model_path: Path, plain: list[list[int]], spec: list[list[int]],
+                 prompts: list[list[int]]) -> dict:
+    """The bf16 outputs with the head against those without, each divergence judged a near-tie
+    or a mismatch on the target's raw logits without speculation (one more engine, only if any)."""
+    def target_top_logits(contexts: list[list[int]]) -> list[dict[int, float]]:
+        job = {"model": str(model_path), "prompts": [], "samplings": [],
+               "engine": {"max_model_len": 2048, "logprobs_mode": "raw_logits"},
+               "top_logits": {"contexts": contexts, "k": TOP_LOGITS}}
+        return [{int(t): v for t, v in top} for top in run_engine_job(job)["top_logits"]]
+
+    return judge(plain, spec, prompts, "bfloat16", target_top_logits).to_dict()
+
+
 def evaluate(head: Path, humaneval_limit: int | None = None, mtbench_limit: int | None = None) -> dict:
     model_path = testbed_model_path()
     mtbench = prompt_token_ids("mt-bench", model_path, mtbench_limit)
@@ -139,6 +155,7 @@ def evaluate(head: Path, humaneval_limit: int | None = None, mtbench_limit: int 
         "mt_bench_offline_estimate": offline,  # compare with "mt_bench" (same prompts and outputs)
         "identity": identity,
         "identity_bf16": compare_outputs(baseline["token_ids"], spec_mt["token_ids"], "bfloat16"),
+        "bf16_verdict": bf16_verdict(model_path, baseline["token_ids"], spec_mt["token_ids"], mtbench),
         "wall_seconds": time.perf_counter() - start,
     }
 

@@ -143,12 +143,17 @@ def top_logits(llm, contexts: list[list[int]], k: int) -> list[dict[int, float]]
 
 
 def run_job(job: dict) -> dict:
-    """job: {model, prompts, samplings: [SamplingParams dicts], speculative_config?, engine?}."""
+    """job: {model, prompts, samplings: [SamplingParams dicts], speculative_config?, engine?,
+    top_logits?: {contexts: [[token ids]], k}}."""
     if job.get("cpu_env", True):
         prepare_cpu_env(tensor_parallel_size=job.get("engine", {}).get("tensor_parallel_size", 1))
     llm = make_llm(job["model"], job.get("speculative_config"), **job.get("engine", {}))
     results = [generate(llm, job["prompts"], s).to_json() for s in job["samplings"]]
-    return {"results": results, "applied_patches": applied_patches()}
+    out = {"results": results, "applied_patches": applied_patches()}
+    if "top_logits" in job:  # {contexts, k}: [[token, value], ...] per context (an engine with raw logits)
+        tops = top_logits(llm, job["top_logits"]["contexts"], job["top_logits"]["k"])
+        out["top_logits"] = [sorted(top.items(), key=lambda kv: -kv[1]) for top in tops]
+    return out
 
 
 def applied_patches() -> list[str]:
