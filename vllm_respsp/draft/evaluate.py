@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
+from vllm_respsp.testbed.engines import reference_engine
 from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
 from vllm_respsp.testbed.model import testbed_model_path
 
@@ -117,7 +118,7 @@ def bf16_verdict(model_path: Path, plain: list[list[int]], spec: list[list[int]]
     or a mismatch on the target's raw logits without speculation (one more engine, only if any)."""
     def target_top_logits(contexts: list[list[int]]) -> list[dict[int, float]]:
         job = {"model": str(model_path), "prompts": [], "samplings": [],
-               "engine": {"max_model_len": 2048, "logprobs_mode": "raw_logits"},
+               "engine": reference_engine({"max_model_len": 2048}),
                "top_logits": {"contexts": contexts, "k": TOP_LOGITS}}
         return [{int(t): v for t, v in top} for top in run_engine_job(job)["top_logits"]]
 

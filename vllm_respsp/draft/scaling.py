@@ -106,10 +106,12 @@ def load_scaling(folder: Path) -> dict[str, list[dict]]:
             for kind in ("curve", "ablations") if (folder / f"{kind}.json").exists()}
 
 
-def merge_points(old: list[dict], new: list[dict]) -> list[dict]:
-    """`old` with each point of `new` replacing the one of its name, or appended."""
-    fresh = {p["name"]: p for p in new}
-    return [fresh.pop(p["name"], p) for p in old] + list(fresh.values())
+def merge_point(points: list[dict], point: dict) -> list[dict]:
+    """`points` with `point` in place of the one of its name, or appended."""
+    names = [p["name"] for p in points]
+    if point["name"] not in names:
+        return [*points, point]
+    return [point if n == point["name"] else p for p, n in zip(points, names)]
 
 
 def reusable(point: dict | None, overrides: dict, mtbench: int) -> bool:
@@ -168,15 +170,15 @@ def main(argv=None) -> None:
         kind = "ablations"
         wanted = {f"fraction-{args.fraction:g}" if n == "baseline" else f"ablate-{n}-{args.fraction:g}":
                   {"data_fraction": args.fraction, **ABLATIONS[n]} for n in names}
-    kept = {p["name"]: p for points in load_scaling(args.out).values() for p in points}
+    scaling = load_scaling(args.out)
+    kept = {p["name"]: p for points in scaling.values() for p in points}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in wanted.items():
         point = kept.get(name)
         if args.remeasure or not reusable(point, overrides, args.mtbench):
             point = measure(name, overrides, args.work, args.mtbench)
         # written after every point: an interrupted command keeps what it measured
-        scaling = load_scaling(args.out)
-        scaling[kind] = merge_points(scaling.get(kind, []), [point])
+        scaling[kind] = merge_point(scaling.get(kind, []), point)
         (args.out / f"{kind}.json").write_text(json.dumps(scaling[kind], indent=1) + "\n")
     refresh_shipped_card(scaling)
     print(json.dumps(scaling[kind], indent=1))

@@ -33,6 +33,7 @@ from vllm_respsp import envs
 from vllm_respsp.engine_tools.check import outputs_path, run_checks, simulated_acceptance
 from vllm_respsp.policy.pools import DraftPool, pool_depths
 from vllm_respsp.policy.traces import FeatureSpec, Generation, TraceError, TraceSet, load_traces, save_traces
+from vllm_respsp.testbed.model import file_sha256
 from vllm_respsp.tree.shape import EAGLE3_DEFAULT, TreeShape
 
 # The table stored with a recording (any other shape its pools cover can be derived later,
@@ -126,12 +127,8 @@ def assemble(records, outputs: dict[tuple, list[int]], prompt_ids: dict[tuple, t
 
 
 def weights_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    files = "".join(file_sha256(p) for p in sorted(folder.glob("*.safetensors")))
+    return hashlib.sha256(files.encode()).hexdigest()[:16]
 
 
 def recording_recipe(args, head: str, model: str) -> dict:

