@@ -303,12 +303,17 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     card = (head / "MODEL_CARD.md").read_text()
     assert "## Scaling curve" in card and "ablate-epochs_2-0.125" in card
     assert (head / "scaling_curve.png").stat().st_size > 1000
-    # a head from before the per-source data pipeline keeps its own card (it cannot be rendered anew)
+    # a head from before the per-source data pipeline keeps its own card (it cannot be rendered
+    # anew) and gets the scaling section appended once, then replaced in place
     del summary["data"]["sources"]
     (head / "pipeline_summary.json").write_text(json.dumps(summary))
-    (head / "MODEL_CARD.md").write_text("the old card")
+    (head / "MODEL_CARD.md").write_text("# the old card\n\nits results\n")
     scaling.refresh_shipped_card(kept_points)
-    assert (head / "MODEL_CARD.md").read_text() == "the old card"
+    scaling.refresh_shipped_card({"curve": kept_points["curve"]})
+    card = (head / "MODEL_CARD.md").read_text()
+    assert card.startswith("# the old card\n\nits results\n\n" + scaling.SCALING_BEGIN)
+    assert card.count("## Scaling curve") == 1 and "ablate-epochs_2-0.125" not in card
+    assert card.rstrip().endswith(scaling.SCALING_END)
 
 
 def test_the_default_recipe_point_shares_the_main_training(tmp_path):

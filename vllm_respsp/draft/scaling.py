@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
-from vllm_respsp.draft.card import write_model_card
+from vllm_respsp.draft.card import scaling_lines, write_model_card
 from vllm_respsp.draft.data import default_work_dir
 from vllm_respsp.draft.plots import plot_curve
 from vllm_respsp.draft.train import TrainConfig
@@ -119,17 +119,35 @@ def reusable(point: dict | None, overrides: dict, mtbench: int) -> bool:
             and (not mtbench or point.get("vllm_mtbench", {}).get("prompts") == mtbench))
 
 
+SCALING_BEGIN = "<!-- scaling: written by python -m vllm_respsp.draft.scaling -->"
+SCALING_END = "<!-- /scaling -->"
+
+
+def with_scaling_section(card: str, scaling: dict[str, list[dict]]) -> str:
+    """`card` with its scaling section (between the markers) replaced, or appended."""
+    section = "\n".join([SCALING_BEGIN, "", *scaling_lines(scaling), SCALING_END]) + "\n"
+    if SCALING_BEGIN in card and SCALING_END in card:
+        before, rest = card.split(SCALING_BEGIN, 1)
+        return before + section + rest.split(SCALING_END, 1)[1].lstrip("\n")
+    return card.rstrip("\n") + "\n\n" + section
+
+
 def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
-    """The shipped head's summary and model card with the scaling tables, and the curve's PNG."""
+    """The shipped head's summary and model card with the scaling tables, and the curve's PNG.
+
+    A head made before the per-source data pipeline cannot have its card rendered anew (its
+    summary lacks what the data table needs): its card keeps what it says and gets the scaling
+    section in place, between markers, so the curve and ablations sit beside the head they are
+    about to replace or not."""
     head = shipped_head_path()
     summary = json.loads((head / "pipeline_summary.json").read_text())
-    if "sources" not in summary["data"]:
-        print(f"{head} was made before the per-source data pipeline: its card is left as it is; the "
-              "points are kept for the card of the next head `make draft-head` exports")
-        return
     summary["scaling"] = scaling
     (head / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
-    write_model_card(head, summary)
+    if "sources" in summary["data"]:
+        write_model_card(head, summary)
+    else:
+        card = head / "MODEL_CARD.md"
+        card.write_text(with_scaling_section(card.read_text(), scaling))
     if scaling.get("curve"):
         plot_curve(scaling["curve"], head / "scaling_curve.png")
 
