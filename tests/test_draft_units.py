@@ -264,7 +264,7 @@ def test_scaling_curve_plot_and_ablation_names(tmp_path):
 def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_path, monkeypatch):
     """The next session has no features: points kept in the committed folder are not measured
     again, a new ablation is added beside them, and the head's card gets both tables."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from vllm_respsp.draft import scaling
     from vllm_respsp.draft.train import TrainConfig
@@ -284,7 +284,8 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
 
     def fake_measure(name, overrides, work, mtbench):  # training a point takes minutes to an hour
         measured.append(name)
-        return {"name": name, "overrides": overrides, "train_tokens": 1000 * (len(measured) + 1),
+        return {"name": name, "overrides": overrides, "train": asdict(replace(scaling.TrainConfig(), **overrides)),
+                "train_tokens": 1000 * (len(measured) + 1),
                 "heldout_acc": [0.5, 0.3], "offline_acceptance_length": 1.7,
                 "vllm_mtbench": {"prompts": mtbench, "acceptance_length": 1.6}}
 
@@ -296,6 +297,11 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     scaling.main(["ablate", "--only", "epochs_2", "--mtbench", "4", "--out", str(kept)])
     scaling.main(["curve", "--fractions", "0.125", "--mtbench", "8", "--out", str(kept)])  # other prompt count
     assert measured[3:] == ["ablate-epochs_2-0.125", "fraction-0.125"]
+    # a point trained before a default of the recipe changed is stale: measured again
+    monkeypatch.setattr(scaling, "TrainConfig", lambda **kw: replace(TrainConfig(epochs=3), **kw))
+    scaling.main(["curve", "--fractions", "0.25", "--mtbench", "4", "--out", str(kept)])
+    assert measured[5:] == ["fraction-0.25"]
+    monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
     kept_points = scaling.load_scaling(kept)
     assert [p["name"] for p in kept_points["ablations"]] == [
         "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_2-0.125"]

@@ -27,7 +27,7 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from vllm_respsp.draft import shipped_head_path
@@ -115,7 +115,9 @@ def merge_point(points: list[dict], point: dict) -> list[dict]:
 
 
 def reusable(point: dict | None, overrides: dict, mtbench: int) -> bool:
-    return (point is not None and point["overrides"] == overrides
+    """A kept point stands for `overrides` if it was trained with the whole config they give
+    today (a changed default makes it stale) and measured on as many MT-Bench prompts."""
+    return (point is not None and point.get("train") == asdict(replace(TrainConfig(), **overrides))
             and (not mtbench or point.get("vllm_mtbench", {}).get("prompts") == mtbench))
 
 
@@ -154,7 +156,8 @@ def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
 
 def measure(name: str, overrides: dict, work: Path, mtbench: int) -> dict:
     summary = run_point(name, overrides, work)
-    point = {"name": name, "overrides": overrides, "train_tokens": summary["data"]["train_tokens"],
+    point = {"name": name, "overrides": overrides, "train": summary["train"],
+             "train_tokens": summary["data"]["train_tokens"],
              "heldout_acc": summary["heldout_curve"][-1]["heldout_acc"],
              "offline_acceptance_length": summary["offline_estimate"]["acceptance_length"]}
     cached = work / "runs" / name / "vllm_mtbench.json"
