@@ -307,7 +307,8 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
         "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_2-0.125"]
     assert [p["name"] for p in kept_points["curve"]] == ["fraction-0.125", "fraction-0.25"]
     card = (head / "MODEL_CARD.md").read_text()
-    assert "## Scaling curve" in card and "ablate-epochs_2-0.125" in card
+    assert "## Scaling curve" in card and "| epochs_2 | `epochs=2` |" in card
+    assert card.index("| baseline | recipe defaults |") < card.index("| ttt_7_steps |")
     assert (head / "scaling_curve.png").stat().st_size > 1000
     # a head from before the per-source data pipeline keeps its own card (it cannot be rendered
     # anew) and gets the scaling section appended once, then replaced in place
@@ -318,7 +319,7 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     scaling.refresh_shipped_card({"curve": kept_points["curve"]})
     card = (head / "MODEL_CARD.md").read_text()
     assert card.startswith("# the old card\n\nits results\n\n" + scaling.SCALING_BEGIN)
-    assert card.count("## Scaling curve") == 1 and "ablate-epochs_2-0.125" not in card
+    assert card.count("## Scaling curve") == 1 and "epochs_2" not in card
     assert card.rstrip().endswith(scaling.SCALING_END)
 
 

@@ -114,21 +114,38 @@ def scaling_lines(scaling: dict | None) -> list[str]:
     if scaling.get("curve"):
         lines += ["## Scaling curve", "", "![held-out accuracy and acceptance length against training tokens]"
                   "(scaling_curve.png)", "",
-                  "| training tokens | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL |", "|---:|---|---:|---:|"]
+                  "| data share | training tokens | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL |",
+                  "|---:|---:|---|---:|---:|"]
         for p in scaling["curve"]:
             vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
-            lines.append(f"| {p['train_tokens']} | {fmt_rates(p['heldout_acc'])} | "
+            lines.append(f"| {p['overrides']['data_fraction']:g} | {p['train_tokens'] / 1e6:.2f}M | "
+                         f"{fmt_rates(p['heldout_acc'])} | "
                          f"{p['offline_acceptance_length']:.3f} | {f'{vllm:.3f}' if vllm else '-'} |")
         lines.append("")
     if scaling.get("ablations"):
-        lines += ["## Ablations (same data share each, `python -m vllm_respsp.draft.scaling ablate`)", "",
-                  "| variant | overrides | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL |",
-                  "|---|---|---|---:|---:|"]
-        for p in scaling["ablations"]:
-            vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
-            lines.append(f"| {p['name']} | `{p['overrides']}` | {fmt_rates(p['heldout_acc'])} | "
-                         f"{p['offline_acceptance_length']:.3f} | {f'{vllm:.3f}' if vllm else '-'} |")
-        lines.append("")
+        lines += ablation_lines(scaling["ablations"])
+    return lines
+
+
+def ablation_lines(points: list[dict]) -> list[str]:
+    """One row per lever, the baseline (the curve's point of the same data share) first, each
+    with its vLLM acceptance length against the baseline's."""
+    baseline = next((p for p in points if set(p["overrides"]) == {"data_fraction"}), None)
+    rows = ([baseline] if baseline else []) + [p for p in points if p is not baseline]
+    base_al = baseline.get("vllm_mtbench", {}).get("acceptance_length") if baseline else None
+    share = points[0]["overrides"]["data_fraction"]
+    lines = [f"## Ablations ({share:g} of the data each, `python -m vllm_respsp.draft.scaling ablate`)", "",
+             "| variant | change | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL | vs baseline |",
+             "|---|---|---|---:|---:|---:|"]
+    for p in rows:
+        lever = {k: v for k, v in p["overrides"].items() if k != "data_fraction"}
+        name = "baseline" if p is baseline else p["name"].removeprefix("ablate-").removesuffix(f"-{share:g}")
+        vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
+        delta = f"{vllm - base_al:+.3f}" if vllm and base_al and p is not baseline else "-"
+        lines.append(f"| {name} | {', '.join(f'`{k}={v}`' for k, v in lever.items()) or 'recipe defaults'} | "
+                     f"{fmt_rates(p['heldout_acc'])} | {p['offline_acceptance_length']:.3f} | "
+                     f"{f'{vllm:.3f}' if vllm else '-'} | {delta} |")
+    lines.append("")
     return lines
 
 
