@@ -294,9 +294,9 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     scaling.main(["curve", "--fractions", "0.125", "0.25", "--mtbench", "4", "--out", str(kept)])
     scaling.main(["ablate", "--only", "baseline", "ttt_7_steps", "--mtbench", "4", "--out", str(kept)])
     assert measured == ["fraction-0.125", "fraction-0.25", "ablate-ttt_7_steps-0.125"]  # baseline reused
-    scaling.main(["ablate", "--only", "epochs_2", "--mtbench", "4", "--out", str(kept)])
+    scaling.main(["ablate", "--only", "epochs_1", "--mtbench", "4", "--out", str(kept)])
     scaling.main(["curve", "--fractions", "0.125", "--mtbench", "8", "--out", str(kept)])  # other prompt count
-    assert measured[3:] == ["ablate-epochs_2-0.125", "fraction-0.125"]
+    assert measured[3:] == ["ablate-epochs_1-0.125", "fraction-0.125"]
     # a point trained before a default of the recipe changed is stale: measured again
     monkeypatch.setattr(scaling, "TrainConfig", lambda **kw: replace(TrainConfig(epochs=3), **kw))
     scaling.main(["curve", "--fractions", "0.25", "--mtbench", "4", "--out", str(kept)])
@@ -304,11 +304,11 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
     kept_points = scaling.load_scaling(kept)
     assert [p["name"] for p in kept_points["ablations"]] == [
-        "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_2-0.125"]
+        "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_1-0.125"]
     assert [p["name"] for p in kept_points["curve"]] == ["fraction-0.125", "fraction-0.25"]
     card = (head / "MODEL_CARD.md").read_text()
-    assert "## Scaling curve" in card and "| epochs_2 | `epochs=2` |" in card
-    assert card.index("| baseline | recipe defaults |") < card.index("| ttt_7_steps |")
+    assert "## Scaling curve" in card and "| ttt_7_steps | `ttt_steps=7` |" in card
+    assert card.index("| baseline | the curve's point |") < card.index("| ttt_7_steps |")
     assert (head / "scaling_curve.png").stat().st_size > 1000
     # a head from before the per-source data pipeline keeps its own card (it cannot be rendered
     # anew) and gets the scaling section appended once, then replaced in place
@@ -319,7 +319,7 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     scaling.refresh_shipped_card({"curve": kept_points["curve"]})
     card = (head / "MODEL_CARD.md").read_text()
     assert card.startswith("# the old card\n\nits results\n\n" + scaling.SCALING_BEGIN)
-    assert card.count("## Scaling curve") == 1 and "epochs_2" not in card
+    assert card.count("## Scaling curve") == 1 and "epochs_1" not in card
     assert card.rstrip().endswith(scaling.SCALING_END)
 
 
@@ -352,7 +352,8 @@ def test_training_interrupted_between_checkpoints_resumes_to_the_same_head(tmp_p
     sequences = [FeatureSequence(torch.randint(0, 50, (n,), generator=gen), torch.randn(n, 96, generator=gen)
                                  .to(torch.bfloat16), 3) for n in (12, 9, 14, 10, 11, 13, 8, 12, 10, 9)]
     cfg = draft_train.TrainConfig(draft_vocab_size=40, ttt_steps=2, tokens_per_batch=16, heldout_sequences=2,
-                                  checkpoint_every=2, eval_every=1000, single_step_epochs=0.5, epochs=2)
+                                  checkpoint_every=2, eval_every=1000, single_step_epochs=0.5, epochs=2,
+                                  init_midlayer_from_target=False)  # the tiny target has only embeddings
     vocab = torch.arange(40)
 
     def run(out):

@@ -33,8 +33,10 @@ DECISIONS = """\
   and count as misses in the offline estimate.
 - **Initialisation**: lm_head = the target's (tied) embedding rows of the draft vocabulary,
   final norm = 0.25 (the target's own norm weights gave ~16 nats of initial loss per step),
-  the rest PyTorch's default init; see `train.init_from_target`. Tried and left off (short
-  A/Bs, no gain): the midlayer from the target's layer 27, an EAGLE-1-style feature loss.
+  the draft layer from the target's layer 27 (`init_midlayer_from_target`: +0.048 vLLM MT-Bench
+  AL on 1/8 of the data, though a 32-step A/B had seen no gain), fc near the identity on the last
+  aux state; see `train.init_from_target`. Tried and left off (short A/B, no gain): an
+  EAGLE-1-style feature loss.
 - **No embed_tokens in the file**: vLLM shares the target's embedding.
 - **Step 0 first, then the training-time test** (`single_step_epochs`, `deep_step_weight`).
   Trained with all 5 TTT steps from the start, the head settled on a token-statistics solution:
@@ -138,11 +140,12 @@ def ablation_lines(points: list[dict]) -> list[str]:
              "| variant | change | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL | vs baseline |",
              "|---|---|---|---:|---:|---:|"]
     for p in rows:
-        lever = {k: v for k, v in p["overrides"].items() if k != "data_fraction"}
+        lever = {k: v for k, v in p["train"].items() if baseline and v != baseline["train"][k]}
         name = "baseline" if p is baseline else p["name"].removeprefix("ablate-").removesuffix(f"-{share:g}")
         vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
         delta = f"{vllm - base_al:+.3f}" if vllm and base_al and p is not baseline else "-"
-        lines.append(f"| {name} | {', '.join(f'`{k}={v}`' for k, v in lever.items()) or 'recipe defaults'} | "
+        change = ", ".join(f"`{k}={v}`" for k, v in lever.items()) or "the curve's point"
+        lines.append(f"| {name} | {change} | "
                      f"{fmt_rates(p['heldout_acc'])} | {p['offline_acceptance_length']:.3f} | "
                      f"{f'{vllm:.3f}' if vllm else '-'} | {delta} |")
     lines.append("")
