@@ -379,4 +379,6 @@ def test_training_interrupted_between_checkpoints_resumes_to_the_same_head(tmp_p
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     assert log[-1]["tokens"] == reference_log[-1]["tokens"] == 2 * sum(len(s.ids) for s in sequences[2:])
     assert log[-1]["heldout_acc"] == reference_log[-1]["heldout_acc"]
-    assert [r["step"] for r in log] == [1, 2, 3] + list(range(3, reference_log[-1]["step"] + 1))
+    # the killed run's step 3 (after its last checkpoint) was trained again, and logged once
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in rows] for rows in (log, reference_log)]
+    assert untimed[0] == untimed[1]

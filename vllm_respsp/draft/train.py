@@ -300,7 +300,11 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
             rng.setstate(ckpt["rng"])
             torch.set_rng_state(ckpt["torch_rng"])
 
-    log = open(out_dir / "train_log.jsonl", "a")
+    log_path = out_dir / "train_log.jsonl"
+    if log_path.exists():  # lines a killed run wrote after its last checkpoint are trained again
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log = open(log_path, "a")
     bar = tqdm(total=total_steps, initial=step, desc="train")
     start, held = time.perf_counter(), "-"
     while step < total_steps:
