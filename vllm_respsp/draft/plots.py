@@ -53,7 +53,7 @@ def plot_heldout_curve(curve: list[dict], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_step_accuracy(ax, [r["tokens"] / 1e6 for r in rows], [r["heldout_acc"] for r in rows],
-                       "one pass over the data (teacher-forced)")
+                       "during training (teacher-forced)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -57,7 +57,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
 
 def share_main_training(name: str, overrides: dict, work: Path) -> None:
     """A point whose recipe is the default one (the curve's "all the data") is the main run of
-    `make draft-head`: its training folder is linked, not trained again (an hour here). The
+    `make draft-head`: its training folder is linked, not trained again (~2.7 h here). The
     checkpoint is keyed by the whole config, so whichever of the two runs first, the other resumes
     it or finds it finished."""
     if replace(TrainConfig(), **overrides) != TrainConfig():
