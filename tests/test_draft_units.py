@@ -361,6 +361,14 @@ def test_training_interrupted_between_checkpoints_resumes_to_the_same_head(tmp_p
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         return head.state_dict(), log
 
+    real_save = draft_train.torch.save
+
+    def save_after_the_log(obj, path):  # a checkpoint is written only with its steps already logged
+        logged = (path.parent / "train_log.jsonl").read_text().splitlines()
+        assert json.loads(logged[-1])["step"] == obj["step"]
+        real_save(obj, path)
+
+    monkeypatch.setattr(draft_train.torch, "save", save_after_the_log)
     reference, reference_log = run(tmp_path / "whole")
     real_loss, calls = draft_train.ttt_loss, {"n": 0}
 

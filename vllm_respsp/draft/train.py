@@ -336,6 +336,7 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
                             heldout=held)
             log.write(json.dumps(record) + "\n")
             if step % cfg.checkpoint_every == 0 or step == total_steps:
+                log.flush()  # a kill -9 after the checkpoint must not lose the steps it covers
                 torch.save({"config": asdict(cfg), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step, "tokens": seen, "rng": rng.getstate(),
                             "torch_rng": torch.get_rng_state()},
