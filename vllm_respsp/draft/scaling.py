@@ -55,12 +55,17 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+def point_config(overrides: dict) -> dict:
+    """The whole training config a point with `overrides` trains with under today's defaults."""
+    return asdict(replace(TrainConfig(), **overrides))
+
+
 def share_main_training(name: str, overrides: dict, work: Path) -> None:
     """A point whose recipe is the default one (the curve's "all the data") is the main run of
     `make draft-head`: its training folder is linked, not trained again (~2.7 h here). The
     checkpoint is keyed by the whole config, so whichever of the two runs first, the other resumes
     it or finds it finished."""
-    if replace(TrainConfig(), **overrides) != TrainConfig():
+    if point_config(overrides) != asdict(TrainConfig()):
         return
     main, point = work / "train", work / "runs" / name / "train"
     if not point.exists():
@@ -72,8 +77,7 @@ def share_main_training(name: str, overrides: dict, work: Path) -> None:
 def run_point(name: str, overrides: dict, work: Path) -> dict:
     """Train (or resume, or reuse) one variant; its pipeline summary."""
     summary = work / "runs" / name / "head" / "pipeline_summary.json"
-    wanted = asdict(replace(TrainConfig(), **overrides))
-    if not summary.exists() or json.loads(summary.read_text())["train"] != wanted:  # none, or an older recipe's
+    if not summary.exists() or json.loads(summary.read_text())["train"] != point_config(overrides):
         share_main_training(name, overrides, work)
         command = [sys.executable, "-m", "vllm_respsp.draft", "--skip-replies", "--skip-eval", "--work", str(work),
                    "--run", name, *[arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]]
@@ -121,7 +125,7 @@ def merge_point(points: list[dict], point: dict) -> list[dict]:
 def reusable(point: dict | None, overrides: dict, mtbench: int) -> bool:
     """A kept point stands for `overrides` if it was trained with the whole config they give
     today (a changed default makes it stale) and measured on as many MT-Bench prompts."""
-    return (point is not None and point.get("train") == asdict(replace(TrainConfig(), **overrides))
+    return (point is not None and point.get("train") == point_config(overrides)
             and (not mtbench or point.get("vllm_mtbench", {}).get("prompts") == mtbench))
 
 
@@ -139,7 +143,7 @@ def with_scaling_section(card: str, scaling: dict[str, list[dict]]) -> str:
 
 
 def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
-    """The shipped head's summary and model card with the scaling tables, and the curve's PNG.
+    """The shipped head's model card with the scaling tables, and the curve's PNG.
 
     A head made before the per-source data pipeline cannot have its card rendered anew (its
     summary lacks what the data table needs): its card keeps what it says and gets the scaling
@@ -147,9 +151,9 @@ def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
     about to replace or not."""
     head = shipped_head_path()
     summary = json.loads((head / "pipeline_summary.json").read_text())
-    summary["scaling"] = scaling
-    (head / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
-    if "sources" in summary["data"]:
+    if "sources" in summary["data"]:  # the card is rendered from the summary: it carries the points
+        summary["scaling"] = scaling
+        (head / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(head, summary)
     else:
         card = head / "MODEL_CARD.md"
