@@ -297,19 +297,35 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     scaling.main(["ablate", "--only", "epochs_1", "--mtbench", "4", "--out", str(kept)])
     scaling.main(["curve", "--fractions", "0.125", "--mtbench", "8", "--out", str(kept)])  # other prompt count
     assert measured[3:] == ["ablate-epochs_1-0.125", "fraction-0.125"]
-    # a point trained before a default of the recipe changed is stale: measured again
-    monkeypatch.setattr(scaling, "TrainConfig", lambda **kw: replace(TrainConfig(epochs=3), **kw))
-    scaling.main(["curve", "--fractions", "0.25", "--mtbench", "4", "--out", str(kept)])
-    assert measured[5:] == ["fraction-0.25"]
-    monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
     kept_points = scaling.load_scaling(kept)
     assert [p["name"] for p in kept_points["ablations"]] == [
         "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_1-0.125"]
-    assert [p["name"] for p in kept_points["curve"]] == ["fraction-0.125", "fraction-0.25"]
     card = (head / "MODEL_CARD.md").read_text()
     assert "## Scaling curve" in card and "| ttt_7_steps | `ttt_steps=7` |" in card
     assert card.index("| baseline | the curve's point |") < card.index("| ttt_7_steps |")
+    assert "Against the baseline" not in card  # one recipe, one table
+    # a point trained before a default of the recipe changed is stale: measured again, and the
+    # old one kept under a name that says how its recipe differs from today's
+    from vllm_respsp.draft import train
+
+    epochs_3 = lambda **kw: replace(TrainConfig(epochs=3), **kw)  # noqa: E731
+    monkeypatch.setattr(scaling, "TrainConfig", epochs_3)
+    monkeypatch.setattr(train, "TrainConfig", epochs_3)
+    scaling.main(["curve", "--fractions", "0.25", "--mtbench", "4", "--out", str(kept)])
+    scaling.main(["ablate", "--only", "baseline", "--mtbench", "4", "--out", str(kept)])
+    assert measured[5:] == ["fraction-0.25", "fraction-0.125"]
+    kept_points = scaling.load_scaling(kept)
+    assert [p["name"] for p in kept_points["curve"]] == ["fraction-0.125", "fraction-0.25", "fraction-0.25 (epochs=2)"]
+    assert [p["name"] for p in kept_points["ablations"]] == [
+        "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_1-0.125", "fraction-0.125 (epochs=2)"]
+    card = (head / "MODEL_CARD.md").read_text()
+    assert "| epochs=2 | 0.25 |" in card and "| today's recipe | 0.25 |" in card
+    # each lever sits under the baseline it differs least from: the old ones under the old recipe
+    old_table = card.index("Against the baseline of recipe: epochs=2")
+    assert card.index("Against the baseline of recipe: today's recipe") < old_table < card.index("| ttt_7_steps |")
     assert (head / "scaling_curve.png").stat().st_size > 1000
+    monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
+    monkeypatch.setattr(train, "TrainConfig", TrainConfig)
     # a head from before the per-source data pipeline keeps its own card (it cannot be rendered
     # anew) and gets the scaling section appended once, then replaced in place
     del summary["data"]["sources"]
@@ -321,6 +337,41 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     assert card.startswith("# the old card\n\nits results\n\n" + scaling.SCALING_BEGIN)
     assert card.count("## Scaling curve") == 1 and "epochs_1" not in card
     assert card.rstrip().endswith(scaling.SCALING_END)
+
+
+def test_a_point_is_measured_in_vllm_once_per_head(tmp_path, monkeypatch):
+    """The main run's point takes the shipped head's own evaluation; another point's vLLM figure
+    is cached per prompt count and training config (a retrained point has a new head)."""
+    from dataclasses import asdict
+
+    from vllm_respsp.draft import scaling
+    from vllm_respsp.draft.train import TrainConfig
+
+    def summary(**overrides):
+        return {"train": scaling.point_config(overrides), "data": {"train_tokens": 1000},
+                "heldout_curve": [{"heldout_acc": [0.5]}], "offline_estimate": {"acceptance_length": 1.5}}
+
+    head = tmp_path / "head"
+    head.mkdir()
+    shipped = {**summary(), "vllm_eval": {"mt_bench": {"prompts": 80, "acceptance_length": 1.9}}}
+    (head / "pipeline_summary.json").write_text(json.dumps(shipped))
+    monkeypatch.setattr(scaling, "shipped_head_path", lambda: head)
+    trained, measured = [], []
+    epochs = {"value": 1}
+    monkeypatch.setattr(scaling, "run_point", lambda name, o, work: trained.append(name) or summary(
+        **o, epochs=epochs["value"]))
+    monkeypatch.setattr(scaling, "vllm_acceptance", lambda h, n: measured.append(h) or {"acceptance_length": 1.4})
+    main_point = scaling.measure("fraction-1", {"data_fraction": 1.0}, tmp_path, 80)
+    assert main_point["vllm_mtbench"]["acceptance_length"] == 1.9 and trained == measured == []
+    assert main_point["train"] == asdict(TrainConfig())
+    eighth = {"data_fraction": 0.125}
+    for _ in range(2):
+        assert scaling.measure("fraction-0.125", eighth, tmp_path, 80)["vllm_mtbench"] == {
+            "prompts": 80, "acceptance_length": 1.4}
+    assert measured == [tmp_path / "runs" / "fraction-0.125" / "head"]
+    epochs["value"] = 3  # retrained with another recipe: a new head, measured again
+    scaling.measure("fraction-0.125", eighth, tmp_path, 80)
+    assert len(measured) == 2
 
 
 def test_the_default_recipe_point_shares_the_main_training(tmp_path):

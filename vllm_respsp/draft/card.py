@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from vllm_respsp.draft.plots import plot_heldout_curve
+from vllm_respsp.draft.train import recipe_label
 
 DECISIONS = """\
 ## Decisions
@@ -54,8 +55,10 @@ DECISIONS = """\
   passes instead of ~5. In a seeded A/B (4 shards, 1 step-0 + 1 TTT epoch) it was also better:
   offline acceptance length 1.381 vs 1.346 with every row, 204 s vs 285 s.
 - **More passes.** Far from convergence, epochs still pay: 3 step-0 epochs on 4 shards reached
-  0.34 held-out step-0 accuracy against 0.27 for 1, with no overfitting yet. Hence 2 step-0
-  epochs, then 3 with the training-time test, over 3x the data of the previous head.
+  0.34 held-out step-0 accuracy against 0.27 for 1, with no overfitting yet. On 1/8 of the
+  current data a second pass gained as much as twice the data (vLLM MT-Bench AL 1.313 -> 1.402;
+  see the ablations), so the recipe is two passes: step 0 alone for the first 0.7 of a pass
+  (`single_step_epochs`), then the training-time test for the other 1.3.
 """
 
 
@@ -116,12 +119,12 @@ def scaling_lines(scaling: dict | None) -> list[str]:
     if scaling.get("curve"):
         lines += ["## Scaling curve", "", "![held-out accuracy and acceptance length against training tokens]"
                   "(scaling_curve.png)", "",
-                  "| data share | training tokens | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL |",
-                  "|---:|---:|---|---:|---:|"]
-        for p in scaling["curve"]:
+                  "| recipe | data share | training tokens | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for p in sorted(scaling["curve"], key=lambda p: (recipe_label(p["train"]), p["train_tokens"])):
             vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
-            lines.append(f"| {p['overrides']['data_fraction']:g} | {p['train_tokens'] / 1e6:.2f}M | "
-                         f"{fmt_rates(p['heldout_acc'])} | "
+            lines.append(f"| {recipe_label(p['train'])} | {p['overrides']['data_fraction']:g} | "
+                         f"{p['train_tokens'] / 1e6:.2f}M | {fmt_rates(p['heldout_acc'])} | "
                          f"{p['offline_acceptance_length']:.3f} | {f'{vllm:.3f}' if vllm else '-'} |")
         lines.append("")
     if scaling.get("ablations"):
@@ -130,20 +133,36 @@ def scaling_lines(scaling: dict | None) -> list[str]:
 
 
 def ablation_lines(points: list[dict]) -> list[str]:
-    """One row per lever, the baseline (the curve's point of the same data share) first, each
-    with its vLLM acceptance length against the baseline's."""
-    baseline = next((p for p in points if set(p["overrides"]) == {"data_fraction"}), None)
-    rows = ([baseline] if baseline else []) + [p for p in points if p is not baseline]
-    base_al = baseline.get("vllm_mtbench", {}).get("acceptance_length") if baseline else None
+    """One table per baseline (a point of the plain data share: the recipe of its day), its
+    levers under it (each against the baseline it differs least from), the baseline first, each
+    lever with its vLLM acceptance length against the baseline's."""
     share = points[0]["overrides"]["data_fraction"]
-    lines = [f"## Ablations ({share:g} of the data each, `python -m vllm_respsp.draft.scaling ablate`)", "",
-             "| variant | change | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL | vs baseline |",
+    baselines = [p for p in points if set(p["overrides"]) == {"data_fraction"}]
+
+    def changes(p: dict, base: dict) -> dict:
+        return {k: v for k, v in p["train"].items() if v != base["train"].get(k)}
+
+    groups = {id(b): [b] for b in baselines}
+    for p in points:
+        if p not in baselines and baselines:
+            groups[id(min(baselines, key=lambda b: len(changes(p, b))))].append(p)
+    lines = [f"## Ablations ({share:g} of the data each, `python -m vllm_respsp.draft.scaling ablate`)", ""]
+    for base, *levers in (groups.values() if baselines else [[None, *points]]):
+        if len(groups) > 1:
+            lines += [f"Against the baseline of recipe: {recipe_label(base['train'])}", ""]
+        lines += ablation_table(base, levers, share)
+    return lines
+
+
+def ablation_table(base: dict | None, levers: list[dict], share: float) -> list[str]:
+    base_al = base.get("vllm_mtbench", {}).get("acceptance_length") if base else None
+    lines = ["| variant | change | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL | vs baseline |",
              "|---|---|---|---:|---:|---:|"]
-    for p in rows:
-        lever = {k: v for k, v in p["train"].items() if baseline and v != baseline["train"][k]}
-        name = "baseline" if p is baseline else p["name"].removeprefix("ablate-").removesuffix(f"-{share:g}")
+    for p in ([base] if base else []) + levers:
+        lever = {k: v for k, v in p["train"].items() if base and v != base["train"].get(k)}
+        name = "baseline" if p is base else p["name"].removeprefix("ablate-").removesuffix(f"-{share:g}")
         vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
-        delta = f"{vllm - base_al:+.3f}" if vllm and base_al and p is not baseline else "-"
+        delta = f"{vllm - base_al:+.3f}" if vllm and base_al and p is not base else "-"
         change = ", ".join(f"`{k}={v}`" for k, v in lever.items()) or "the curve's point"
         lines.append(f"| {name} | {change} | "
                      f"{fmt_rates(p['heldout_acc'])} | {p['offline_acceptance_length']:.3f} | "

@@ -35,7 +35,7 @@ from vllm_respsp.draft import shipped_head_path
 from vllm_respsp.draft.card import scaling_lines, write_model_card
 from vllm_respsp.draft.data import default_work_dir
 from vllm_respsp.draft.plots import plot_curve
-from vllm_respsp.draft.train import TrainConfig
+from vllm_respsp.draft.train import TrainConfig, recipe_label
 
 # name -> TrainConfig overrides: the levers of the EAGLE-3 recipe, each against the baseline
 # (the recipe's defaults). Two levers became defaults after they paid on 1/8 of the data
@@ -162,18 +162,32 @@ def refresh_shipped_card(scaling: dict[str, list[dict]]) -> None:
         plot_curve(scaling["curve"], head / "scaling_curve.png")
 
 
+def main_run_summary(overrides: dict) -> dict | None:
+    """The shipped head's pipeline summary when that head is this point's training (the main run
+    of `make draft-head`, evaluated there on MT-Bench already), else None."""
+    summary = json.loads((shipped_head_path() / "pipeline_summary.json").read_text())
+    return summary if summary.get("train") == point_config(overrides) and "vllm_eval" in summary else None
+
+
 def measure(name: str, overrides: dict, work: Path, mtbench: int) -> dict:
-    summary = run_point(name, overrides, work)
+    main = main_run_summary(overrides)
+    summary = main or run_point(name, overrides, work)
     point = {"name": name, "overrides": overrides, "train": summary["train"],
              "train_tokens": summary["data"]["train_tokens"],
              "heldout_acc": summary["heldout_curve"][-1]["heldout_acc"],
              "offline_acceptance_length": summary["offline_estimate"]["acceptance_length"]}
+    head = shipped_head_path() if main else work / "runs" / name / "head"
     cached = work / "runs" / name / "vllm_mtbench.json"
-    if mtbench:
-        if not cached.exists() or json.loads(cached.read_text()).get("prompts") != mtbench:
-            result = vllm_acceptance(work / "runs" / name / "head", mtbench)
-            cached.write_text(json.dumps({"prompts": mtbench, **result}))
-        point["vllm_mtbench"] = json.loads(cached.read_text())
+    if main and main["vllm_eval"]["mt_bench"]["prompts"] == mtbench:
+        point["vllm_mtbench"] = main["vllm_eval"]["mt_bench"]
+    elif mtbench:
+        # measured once per head and prompt count (a retrained point has a new head)
+        key = {"prompts": mtbench, "train": summary["train"]}
+        kept = json.loads(cached.read_text()) if cached.exists() else {}
+        if {k: kept.get(k) for k in key} != key:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({**key, **vllm_acceptance(head, mtbench)}))
+        point["vllm_mtbench"] = {k: v for k, v in json.loads(cached.read_text()).items() if k != "train"}
     return point
 
 
@@ -208,6 +222,10 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in wanted.items():
         point = kept.get(name)
+        if point is not None and point.get("train") != point_config(overrides):
+            # trained before a default of the recipe changed: kept, under a name that says how
+            stale = {**point, "name": f"{name} ({recipe_label(point['train'])})"}
+            scaling[kind] = merge_point(scaling.get(kind, []), stale)
         if args.remeasure or not reusable(point, overrides, args.mtbench):
             point = measure(name, overrides, args.work, args.mtbench)
         # written after every point: an interrupted command keeps what it measured

@@ -82,6 +82,13 @@ class TrainConfig:
     seed: int = 0
 
 
+def recipe_label(train: dict) -> str:
+    """How a training config (as a dict) differs from today's recipe, its data share aside."""
+    today = asdict(TrainConfig())
+    changed = {k: v for k, v in train.items() if k != "data_fraction" and today.get(k) != v}
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "today's recipe"
+
+
 def init_from_target(head: Eagle3Head, target_path: Path, midlayer: bool = False,
                      norm_scale: float = 0.25) -> None:
     """Start the lm_head from the target's (tied) embedding rows of the draft vocabulary, so
