@@ -6,9 +6,11 @@
 Every configuration runs the same prompts, greedy, in its own engine process (one at a time),
 after a no-speculation reference; the table gives each shape's acceptance length (vLLM's
 metric, 1 + accepted / drafts), per-depth acceptance, output tokens/s, the speed ratio to no
-speculation and how many outputs are identical to the reference. `--shapes cycle:A,B,C` runs one
-engine in which the requests get different shapes (policy "cycle"). Writes JSON and Markdown
-to benchmarks/results/.
+speculation, how many outputs are identical to the reference and the lossless verdict
+(`vllm_respsp.testbed.lossless`: in bf16 each divergence is checked against the reference
+engine's own logits; "MISMATCH" fails the run after the tables are written). `--shapes
+cycle:A,B,C` runs one engine in which the requests get different shapes (policy "cycle"). Writes
+JSON and Markdown to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,6 +44,7 @@ def spec_for(name: str, head: str) -> dict:
 def main() -> None:
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
 
@@ -61,42 +66,60 @@ def main() -> None:
         engine["max_num_seqs"] = args.max_num_seqs
     prompts = [p for name in (args.prompts or ["mt-bench"]) for p in load_prompts(name, args.num_prompts)]
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
-    rows, reference, texts = [], None, None
-    for name in ["none"] + args.shapes:
-        config = EngineConfig(name, None if name == "none" else spec_for(name, head), engine)
-        worker = EngineWorker(model, config)
-        try:
-            worker.wait_ready()
-            texts = texts or worker.render(prompts)
-            result = worker.generate(texts, sampling)
-        finally:
-            worker.close()
-        if reference is None:
-            reference = result
-        spec = result["spec"]
-        row = {"config": name, "tok_s": result["output_tokens"] / result["seconds"],
-               "acceptance_length": spec["acceptance_length"] if spec["drafts"] else None,
-               "per_depth": [a / spec["drafts"] for a in spec["accepted_per_pos"][:8]] if spec["drafts"] else [],
-               "identical": sum(a == b for a, b in zip(result["token_ids"], reference["token_ids"])),
-               "prompts": len(texts), "seconds": result["seconds"], "output_tokens": result["output_tokens"]}
-        row["speedup"] = row["tok_s"] / (reference["output_tokens"] / reference["seconds"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    # the reference engine stays up (idle) beside each shape's: the bf16 verdict asks it for the
+    # target's logits where an output diverges
+    plain = EngineWorker(model, EngineConfig("none", None, engine))
+    try:
+        plain.wait_ready()
+        texts = plain.render(prompts)
+        reference = plain.generate(texts, sampling)
+        rows = [shape_row("none", reference, reference, None)]
+        for name in args.shapes:
+            worker = EngineWorker(model, EngineConfig(name, spec_for(name, head), engine))
+            try:
+                worker.wait_ready()
+                result = worker.generate(texts, sampling)
+            finally:
+                worker.close()
+            verdict = judge(reference["token_ids"], result["token_ids"], reference["prompt_token_ids"],
+                            args.dtype, lambda contexts: plain.top_logits(contexts, TOP_LOGITS))
+            rows.append(shape_row(name, result, reference, verdict))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        plain.close()
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.date.today().isoformat()
     meta = {"date": stamp, "args": vars(args), "model": "SmolLM2-135M-Instruct", "head": head}
     (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"Greedy, {args.max_tokens} new tokens, {len(texts)} prompts ({', '.join(args.prompts or ['mt-bench'])}), "
+    command = " ".join(["python -m benchmarks.tree_shapes", *map(shlex.quote, sys.argv[1:])])
+    lines = [f"`{command}`", "",
+             f"Greedy, {args.max_tokens} new tokens, {len(texts)} prompts ({', '.join(args.prompts or ['mt-bench'])}), "
              f"{args.dtype}, max_num_seqs={args.max_num_seqs or 'default'}; {stamp}.", "",
-             "| config | acceptance length | per-depth acceptance | tok/s | vs no spec | identical |",
-             "|---|---|---|---|---|---|"]
+             "| config | acceptance length | per-depth acceptance | tok/s | vs no spec | identical | lossless |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         al = f"{r['acceptance_length']:.3f}" if r["acceptance_length"] else "-"
         depth = ", ".join(f"{a:.2f}" for a in r["per_depth"]) or "-"
         lines.append(f"| {r['config']} | {al} | {depth} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['identical']}/{r['prompts']} |")
+                     f"{r['identical']}/{r['prompts']} | {r['lossless']['label'] if r['lossless'] else '-'} |")
     (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    failed = [r["config"] for r in rows if r["lossless"] and not r["lossless"]["ok"]]
+    if failed:
+        raise SystemExit(f"MISMATCH: {failed} produced outputs that are not the target's own (not near-ties)")
+
+
+def shape_row(name: str, result: dict, reference: dict, verdict) -> dict:
+    """One configuration's row: acceptance, speed against the reference, identity and verdict."""
+    spec, tok_s = result["spec"], result["output_tokens"] / result["seconds"]
+    return {"config": name, "tok_s": tok_s,
+            "acceptance_length": spec["acceptance_length"] if spec["drafts"] else None,
+            "per_depth": [a / spec["drafts"] for a in spec["accepted_per_pos"][:8]] if spec["drafts"] else [],
+            "identical": sum(a == b for a, b in zip(result["token_ids"], reference["token_ids"])),
+            "lossless": verdict.to_dict() if verdict else None,
+            "prompts": len(result["token_ids"]), "seconds": result["seconds"],
+            "output_tokens": result["output_tokens"],
+            "speedup": tok_s / (reference["output_tokens"] / reference["seconds"])}
 
 
 if __name__ == "__main__":
