@@ -319,10 +319,10 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     assert [p["name"] for p in kept_points["ablations"]] == [
         "fraction-0.125", "ablate-ttt_7_steps-0.125", "ablate-epochs_1-0.125", "fraction-0.125 (epochs=2)"]
     card = (head / "MODEL_CARD.md").read_text()
-    assert "| epochs=2 | 0.25 |" in card and "| today's recipe | 0.25 |" in card
+    assert "| epochs=2 | 0.25 |" in card and "| TrainConfig defaults | 0.25 |" in card
     # each lever sits under the baseline it differs least from: the old ones under the old recipe
     old_table = card.index("Against the baseline of recipe: epochs=2")
-    assert card.index("Against the baseline of recipe: today's recipe") < old_table < card.index("| ttt_7_steps |")
+    assert card.index("Against the baseline of recipe: TrainConfig defaults") < old_table < card.index("| ttt_7_steps |")
     assert (head / "scaling_curve.png").stat().st_size > 1000
     monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
     monkeypatch.setattr(train, "TrainConfig", TrainConfig)

@@ -37,7 +37,7 @@ def plot_curve(points: list[dict], path: Path) -> None:
     for p in sorted(points, key=lambda p: p["train_tokens"]):
         recipes.setdefault(recipe_label(p["train"]) if "train" in p else "", []).append(p)
     fig, (acc, length) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for i, (recipe, group) in enumerate(sorted(recipes.items(), key=lambda kv: kv[0] != "today's recipe")):
+    for i, (recipe, group) in enumerate(sorted(recipes.items(), key=lambda kv: kv[0] != "TrainConfig defaults")):
         style, named = ("-o", "") if i == 0 else ("--^", recipe)
         suffix = f" ({recipe})" if len(recipes) > 1 else ""
         tokens = [p["train_tokens"] / 1e6 for p in group]

@@ -83,10 +83,10 @@ class TrainConfig:
 
 
 def recipe_label(train: dict) -> str:
-    """How a training config (as a dict) differs from today's recipe, its data share aside."""
+    """How a training config (as a dict) differs from TrainConfig defaults, its data share aside."""
     today = asdict(TrainConfig())
     changed = {k: v for k, v in train.items() if k != "data_fraction" and today.get(k) != v}
-    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "today's recipe"
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "TrainConfig defaults"
 
 
 def init_from_target(head: Eagle3Head, target_path: Path, midlayer: bool = False,
