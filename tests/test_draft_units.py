@@ -322,7 +322,8 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
     assert "| epochs=2 | 0.25 |" in card and "| TrainConfig defaults | 0.25 |" in card
     # each lever sits under the baseline it differs least from: the old ones under the old recipe
     old_table = card.index("Against the baseline of recipe: epochs=2")
-    assert card.index("Against the baseline of recipe: TrainConfig defaults") < old_table < card.index("| ttt_7_steps |")
+    new_table = card.index("Against the baseline of recipe: TrainConfig defaults")
+    assert new_table < old_table < card.index("| ttt_7_steps |")
     assert (head / "scaling_curve.png").stat().st_size > 1000
     monkeypatch.setattr(scaling, "TrainConfig", TrainConfig)
     monkeypatch.setattr(train, "TrainConfig", TrainConfig)
