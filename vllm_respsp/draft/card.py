@@ -69,9 +69,10 @@ HISTORY = """\
 |---|---|---|---|---|
 | first (commit f2f3cfc) | 1024 replies, 0.27M tokens | 2 epochs, TTT from the start | 1.257 (256 tokens) | 1.213 (256 tokens) |
 | second (commit 6f5aab2) | the same | 1 step-0 epoch + 1 TTT epoch | 1.334 (128 tokens, fp32, from recorded traces) | 1.306 (40 prompts, idem) |
+| third (commit de901e0) | 3072 ShareGPT replies, 0.8M tokens | 2 step-0 epochs + 3 TTT epochs | 1.628 | 1.645 |
 
 The benchmark and shape-policy results committed under `benchmarks/results/*-20261129/` were
-measured with the second head.
+measured with the second head. The shipped shape policy (2026-12-03) was trained on the third head's traces.
 """
 
 TARGETS = {"mt_bench": 2.0, "humaneval": 2.0}  # issue 18's acceptance-length targets (chain of 5)
