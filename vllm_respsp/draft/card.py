@@ -139,14 +139,10 @@ def ablation_lines(points: list[dict]) -> list[str]:
     lever with its vLLM acceptance length against the baseline's."""
     share = points[0]["overrides"]["data_fraction"]
     baselines = [p for p in points if set(p["overrides"]) == {"data_fraction"}]
-
-    def changes(p: dict, base: dict) -> dict:
-        return {k: v for k, v in p["train"].items() if v != base["train"].get(k)}
-
     groups = {id(b): [b] for b in baselines}
     for p in points:
         if p not in baselines and baselines:
-            groups[id(min(baselines, key=lambda b: len(changes(p, b))))].append(p)
+            groups[id(min(baselines, key=lambda b: len(config_changes(p, b))))].append(p)
     lines = [f"## Ablations ({share:g} of the data each, `python -m vllm_respsp.draft.scaling ablate`)", ""]
     for base, *levers in (groups.values() if baselines else [[None, *points]]):
         if len(groups) > 1:
@@ -155,12 +151,17 @@ def ablation_lines(points: list[dict]) -> list[str]:
     return lines
 
 
+def config_changes(point: dict, base: dict) -> dict:
+    """The training-config fields in which `point` differs from `base`."""
+    return {k: v for k, v in point["train"].items() if v != base["train"].get(k)}
+
+
 def ablation_table(base: dict | None, levers: list[dict], share: float) -> list[str]:
     base_al = base.get("vllm_mtbench", {}).get("acceptance_length") if base else None
     lines = ["| variant | change | held-out acc. step 0..4 | offline AL | vLLM MT-Bench AL | vs baseline |",
              "|---|---|---|---:|---:|---:|"]
     for p in ([base] if base else []) + levers:
-        lever = {k: v for k, v in p["train"].items() if base and v != base["train"].get(k)}
+        lever = config_changes(p, base) if base else {}
         name = "baseline" if p is base else p["name"].removeprefix("ablate-").removesuffix(f"-{share:g}")
         vllm = p.get("vllm_mtbench", {}).get("acceptance_length")
         delta = f"{vllm - base_al:+.3f}" if vllm and base_al and p is not base else "-"
