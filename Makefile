@@ -53,7 +53,7 @@ POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
 # chains, confidence-bounded chains and NO_DRAFTS.
 POLICY_ACTIONS := chain1 chain2 chain3 chain4 chain6 $(foreach p,0.1 0.2 0.3 0.4 0.5 0.6 0.7,T8/D8/K1/p$(p))
 policy: venv
-	$(PY) -m vllm_respsp.engine_tools.record --prompts sharegpt-train --skip 4000 --num-prompts 400 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
+	$(PY) -m vllm_respsp.engine_tools.record --prompts sharegpt-train --unseen-by-head --num-prompts 900 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
 	$(PY) -m vllm_respsp.engine_tools.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
 	$(PY) -m vllm_respsp.engine_tools.record --prompts humaneval --num-prompts 164 --out $(TRACES)/humaneval
 	$(PY) -m vllm_respsp.engine_tools.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \

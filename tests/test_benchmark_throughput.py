@@ -102,7 +102,7 @@ def test_k_by_batch_schedules():
 
 
 def test_near_tie_verdicts():
-    from vllm_respsp.testbed.lossless import bf16_step, judge
+    from vllm_respsp.testbed.lossless import BF16_STEPS, Verdict, bf16_step, judge
 
     assert bf16_step(20.0) == 0.125 and bf16_step(1.0) == 2 ** -7
     reference, candidate, prompts = [[1, 2, 3], [4, 5]], [[1, 2, 7], [4, 5]], [[0], [0]]
@@ -110,10 +110,20 @@ def test_near_tie_verdicts():
     def logits(gap):
         return lambda contexts: [{3: 20.0, 7: 20.0 - gap, 9: 10.0} for _ in contexts]
 
-    near = judge(reference, candidate, prompts, "bfloat16", logits(0.25))
+    near = judge(reference, candidate, prompts, "bfloat16", logits(BF16_STEPS * 0.125))
     assert near.ok and near.label() == "equal up to 1 near-tie" and near.divergences[0].position == 2
-    far = judge(reference, candidate, prompts, "bfloat16", logits(1.0))
+    # the speculative token may be the one ahead where the check reads the logits (its batch
+    # differs from the decode's): the gap counts, not its sign
+    assert judge(reference, candidate, prompts, "bfloat16", logits(-0.25)).ok
+    far = judge(reference, candidate, prompts, "bfloat16", logits((BF16_STEPS + 1) * 0.125))
     assert not far.ok and far.label() == "MISMATCH (1 of 2 prompts)"
+    saved = far.to_dict()  # a stored verdict is judged again with today's tolerance, gaps kept
+    saved["tolerance_bf16_steps"] = BF16_STEPS * 2
+    saved["divergences"][0]["tolerance"] *= 2
+    assert Verdict.from_dict(far.to_dict()).label() == far.label()
+    assert Verdict.from_dict(saved).label() == far.label()  # rescaled to BF16_STEPS, still too far
+    saved["divergences"][0]["gap"] = BF16_STEPS * 0.125
+    assert Verdict.from_dict(saved).ok
     exact = judge(reference, candidate, prompts, "float32", logits(0.0))  # float32: no tolerance
     assert exact.label() == "MISMATCH (1 of 2 prompts)"
     assert judge(reference, reference, prompts, "bfloat16", None).label() == "identical"

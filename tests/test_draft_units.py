@@ -226,6 +226,8 @@ def test_reply_plans_are_frozen_and_shards_checked_against_them(tmp_path, monkey
         replies.check_shard(shard, slices[0])
     with pytest.raises(ValueError, match="benchmark or held-out"):
         replies.check_source("mt-bench")
+    # what a policy's traces must leave out (`record --unseen-by-head`): every planned prompt
+    assert replies.planned_prompt_ids(tmp_path) == set(plan)
 
 
 def test_sources_interleave_in_proportion():

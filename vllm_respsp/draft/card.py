@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vllm_respsp.draft.plots import plot_heldout_curve
 from vllm_respsp.draft.train import recipe_label
+from vllm_respsp.testbed.lossless import BF16_NOISE_NOTE, BF16_STEPS, STEP_FLOOR_MAGNITUDE, Verdict
 
 DECISIONS = """\
 ## Decisions
@@ -250,13 +251,15 @@ def write_model_card(out: Path, summary: dict) -> Path:
                 f"(prompts {bf16['mismatched_prompts']}): verifying 6 tokens per step changes the bf16 "
                 "rounding of the target's logits and near-ties flip. The same prompts are identical in fp32.",
             ]
-        verdict = ev.get("bf16_verdict")
-        if verdict:
+        if ev.get("bf16_verdict"):
+            verdict = Verdict.from_dict(ev["bf16_verdict"])  # the stored gaps, today's tolerance
             lines += [
                 "",
-                f"bf16 verdict: **{verdict['label']}**: the first differing token of each diverging output "
+                f"bf16 verdict: **{verdict.label()}**: the first differing token of each diverging output "
                 f"checked against the target's raw logits without speculation (a near-tie: the two tokens "
-                f"within {verdict['tolerance_bf16_steps']} bf16 steps at the top logit's magnitude).",
+                f"within {BF16_STEPS} bf16 steps at the top logit's magnitude, or at {STEP_FLOOR_MAGNITUDE:g} "
+                f"if it is smaller; {BF16_NOISE_NOTE}). The gaps are the evaluation's, the tolerance "
+                "today's (`lossless.Verdict.from_dict`).",
             ]
         off = ev.get("mt_bench_offline_estimate")
         if off:

@@ -194,6 +194,13 @@ def reply_shards(root: Path, sources: dict[str, int | None], cfg: ReplyConfig) -
     return [out[i] for i in interleaved(order, list(sources))]
 
 
+def planned_prompt_ids(root: Path | None = None) -> set[str]:
+    """Every prompt any source's plan holds: a superset of what the draft head trained on (a
+    source with a prompt limit trained on a prefix of its plan)."""
+    root = root or default_replies_dir()
+    return {pid for plan in sorted(root.glob("*/plan.json.gz")) for pid in read_gz_json(plan)["ids"]}
+
+
 def data_table(root: Path, sources: dict[str, int | None], cfg: ReplyConfig) -> list[dict]:
     """Per source: prompts, prompt tokens and reply tokens in the finished shards."""
     table = {}

@@ -155,6 +155,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", default="mt-bench", help="prompt set name or .jsonl path")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--skip", type=int, default=0, help="skip this many prompts of the set first")
+    parser.add_argument("--unseen-by-head", action="store_true",
+                        help="leave out every prompt of the draft head's reply plans (data/draft-head/"
+                             "replies/*/plan.json.gz) first: a head drafts its own training replies "
+                             "too well, and a policy trained on them expects too much of it")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=1024,
                         help="leave out longer prompts (ShareGPT has some beyond the context)")
@@ -175,6 +179,7 @@ def main(argv=None) -> None:
     from vllm import SamplingParams
 
     from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.draft.replies import planned_prompt_ids
     from vllm_respsp.policy.features import feature_dims
     from vllm_respsp.runtime.recorder import read_records
     from vllm_respsp.testbed.engine_run import make_llm, prepare_cpu_env
@@ -190,7 +195,12 @@ def main(argv=None) -> None:
         return
     prepare_cpu_env()
     actions = [TreeShape.parse(a) for a in args.actions]
-    prompts = load_prompts(args.prompts, limit=args.skip + args.num_prompts)[args.skip:]
+    prompts = load_prompts(args.prompts, limit=None if args.unseen_by_head else args.skip + args.num_prompts)
+    if args.unseen_by_head:
+        seen = planned_prompt_ids()
+        print(f"leaving out {sum(p.id in seen for p in prompts)} prompts the draft head trained on")
+        prompts = [p for p in prompts if p.id not in seen]
+    prompts = prompts[args.skip:args.skip + args.num_prompts]
     engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
     spec = {"method": "respsp", "model": head, "shape": actions[0].to_dict(),
             "actions": [a.to_dict() for a in actions]}
