@@ -88,25 +88,43 @@ def main() -> None:
     finally:
         plain.close()
     RESULTS.mkdir(exist_ok=True)
-    stamp = dt.date.today().isoformat()
-    meta = {"date": stamp, "args": vars(args), "model": "SmolLM2-135M-Instruct", "head": head}
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     command = " ".join(["python -m benchmarks.tree_shapes", *map(shlex.quote, sys.argv[1:])])
-    lines = [f"`{command}`", "",
-             f"Greedy, {args.max_tokens} new tokens, {len(texts)} prompts ({', '.join(args.prompts or ['mt-bench'])}), "
-             f"{args.dtype}, max_num_seqs={args.max_num_seqs or 'default'}; {stamp}.", "",
-             "| config | acceptance length | per-depth acceptance | tok/s | vs no spec | identical | lossless |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        al = f"{r['acceptance_length']:.3f}" if r["acceptance_length"] else "-"
-        depth = ", ".join(f"{a:.2f}" for a in r["per_depth"]) or "-"
-        lines.append(f"| {r['config']} | {al} | {depth} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['identical']}/{r['prompts']} | {r['lossless']['label'] if r['lossless'] else '-'} |")
-    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    meta = {"date": dt.date.today().isoformat(), "command": command, "args": vars(args),
+            "model": "SmolLM2-135M-Instruct", "head": head}
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(meta, rows)
+    (RESULTS / f"{args.tag}.md").write_text(table)
+    print(table)
     failed = [r["config"] for r in rows if r["lossless"] and not r["lossless"]["ok"]]
     if failed:
         raise SystemExit(f"MISMATCH: {failed} produced outputs that are not the target's own (not near-ties)")
+
+
+def depth_of(config: str) -> int:
+    """How many draft positions a configuration's row has (vLLM reports a slot per drafted token)."""
+    from vllm_respsp.tree.shape import TreeShape
+
+    if config == "none":
+        return 0
+    names = config[6:].split(",") if config.startswith("cycle:") else [config]
+    return max(TreeShape.parse(n).depth for n in names)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """The results table; `markdown(**json.load(open(tag + ".json")))` rewrites it from the JSON."""
+    args = meta["args"]
+    lines = [f"`{meta['command']}`", "",
+             f"Greedy, {args['max_tokens']} new tokens, {rows[0]['prompts']} prompts "
+             f"({', '.join(args['prompts'] or ['mt-bench'])}), {args['dtype']}, "
+             f"max_num_seqs={args['max_num_seqs'] or 'default'}; EAGLE-3 head `{meta['head']}`; {meta['date']}.",
+             "", "| config | acceptance length | per-depth acceptance | tok/s | vs no spec | identical | lossless |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        al = f"{r['acceptance_length']:.3f}" if r["acceptance_length"] else "-"
+        depth = ", ".join(f"{a:.2f}" for a in r["per_depth"][:depth_of(r["config"])]) or "-"
+        lines.append(f"| {r['config']} | {al} | {depth} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['identical']}/{r['prompts']} | {r['lossless']['label'] if r['lossless'] else '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def shape_row(name: str, result: dict, reference: dict, verdict) -> dict:
