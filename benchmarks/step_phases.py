@@ -4,14 +4,16 @@
     python -m benchmarks.step_phases --batch 1 --reps 6 eagle3-3 respsp-chain3 --out FILE.json
 
 Configurations: `none` (no speculation), `held` (respsp with a constant NO_DRAFTS policy, whose
-load gate is shut at every load: the step a loaded server gets), `eagle3-K` (vLLM's EAGLE-3 chain
+load gate is shut at every load: the step a loaded server gets), `policy` (respsp with the
+shipped shape policy, whose actions set vLLM's draft slots to its largest shape), `eagle3-K` (vLLM's EAGLE-3 chain
 of K) and `respsp-chainK`. Every engine runs in this process (vLLM's in-process engine core and
 executor), so one set of wrappers times the same vLLM functions in each: the runner's
 `execute_model`, `_prepare_inputs`, `_model_forward`, `_sample`, `sample_tokens`,
 `propose_draft_token_ids`, `_bookkeeping_sync` and the scheduler's `schedule` and
 `update_from_output`, plus respsp's own step-clock phases (`respsp:*`, per engine step).
 `step` is the time from one `execute_model` start to the next: the whole engine step. Medians
-over the decode steps (the first 8 steps and the last 2 of each run are dropped), in ms.
+over the decode steps (the first 8 steps and the last 2 of each run are dropped), in ms; `run`
+is the median wall time of a whole `generate` (prefill included), in ms.
 MT-Bench prompts, greedy, 64 tokens, the shipped head, bf16. Repetitions alternate the order
 of the engines, so slow drifts hit them alike. Not a throughput benchmark (benchmarks.throughput
 is): it answers which part of a step a configuration adds.
@@ -42,13 +44,17 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
     if name == "held":
         policy = constant_policy(policy_dir / "no-drafts", NO_DRAFTS, chain(1))
         return {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy)}
+    if name == "policy":
+        from vllm_respsp.policy import SHIPPED_POLICY
+
+        return {"method": "respsp", "model": head, "shape": chain(3).to_dict(), "policy": str(SHIPPED_POLICY)}
     for prefix, method in (("eagle3-", "eagle3"), ("respsp-chain", "respsp")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             k = int(name[len(prefix):])
             if method == "eagle3":
                 return {"method": "eagle3", "model": head, "num_speculative_tokens": k}
             return {"method": "respsp", "model": head, "shape": chain(k).to_dict()}
-    raise SystemExit(f"configuration {name!r}: allowed are none, held, eagle3-K, respsp-chainK")
+    raise SystemExit(f"configuration {name!r}: allowed are none, held, policy, eagle3-K, respsp-chainK")
 
 
 class CallLog:
@@ -80,7 +86,7 @@ class CallLog:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+", help="none, held, eagle3-K, respsp-chainK")
+    parser.add_argument("configs", nargs="+", help="none, held, policy, eagle3-K, respsp-chainK")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -113,8 +119,9 @@ def main() -> None:
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
         for name in order:
             log.calls.clear()
-            before = dict(SECONDS)
+            before, started = dict(SECONDS), time.perf_counter()
             generate(engines[name], prompts, {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True})
+            samples[name].setdefault("run", []).append(time.perf_counter() - started)
             steps = sum(1 for call, _, _ in log.calls if call == "execute_model")
             for phase, seconds in SECONDS.items():
                 samples[name].setdefault(f"respsp:{phase}", []).append((seconds - before.get(phase, 0)) / max(steps, 1))

@@ -14,11 +14,13 @@ def test_configurations_name_their_engines(tmp_path):
     assert speculative_config("respsp-chain3", "HEAD", tmp_path)["shape"] == chain(3).to_dict()
     held = speculative_config("held", "HEAD", tmp_path)
     assert held["method"] == "respsp" and load_policy(held["policy"]).max_draft_load == 0  # a shut gate
+    policy = speculative_config("policy", "HEAD", tmp_path)
+    assert policy["method"] == "respsp" and load_policy(policy["policy"]).actions  # the shipped file
 
 
 @pytest.mark.parametrize("name", ["eagle3", "eagle3-x", "chain3", "respsp"])
 def test_an_unknown_configuration_names_the_allowed_ones(name, tmp_path):
-    with pytest.raises(SystemExit, match="allowed are none, held, eagle3-K, respsp-chainK"):
+    with pytest.raises(SystemExit, match="allowed are none, held, policy, eagle3-K, respsp-chainK"):
         speculative_config(name, "HEAD", tmp_path)
 
 
