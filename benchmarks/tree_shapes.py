@@ -34,10 +34,15 @@ def parse_shape(text: str) -> dict:
         raise SystemExit(f"--shapes: {e}") from None
 
 
+def shape_names(config: str) -> list[str]:
+    """The shapes a configuration runs: `cycle:A,B,C` -> [A, B, C], a static shape -> [it]."""
+    return config[len("cycle:"):].split(",") if config.startswith("cycle:") else [config]
+
+
 def spec_for(name: str, head: str) -> dict:
     if name.startswith("cycle:"):
         return {"method": "respsp", "model": head, "policy": "cycle",
-                "actions": [parse_shape(s) for s in name[6:].split(",")]}
+                "actions": [parse_shape(s) for s in shape_names(name)]}
     return {"method": "respsp", "model": head, "shape": parse_shape(name)}
 
 
@@ -106,8 +111,7 @@ def depth_of(config: str) -> int:
 
     if config == "none":
         return 0
-    names = config[6:].split(",") if config.startswith("cycle:") else [config]
-    return max(TreeShape.parse(n).depth for n in names)
+    return max(TreeShape.parse(n).depth for n in shape_names(config))
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
