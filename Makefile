@@ -44,8 +44,9 @@ draft-head: venv
 # The shape policy from scratch (~1.5 h on 2 cores): record trace tables in the engine (one
 # draft pool per beam width: ShareGPT train slice; MT-Bench and HumanEval held out), measure
 # this CPU's cost profile (alone: other jobs on the cores skew it), train the shipped policy
-# (its report.json: simulated tokens/s on the held-out sets), and check its acceptance length in
-# the engine against the simulator's. A rerun after an interruption skips the trace sets already
+# (its report.json: simulated tokens/s on the held-out sets), measure its load gate in the engine
+# against no speculation (bandit.gate.json), and check its acceptance length in the engine
+# against the simulator's. A rerun after an interruption skips the trace sets already
 # recorded with the same head, target and arguments (record's --force records again).
 TRACES ?= $(VLLM_RESPSP_CACHE)/traces
 POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
@@ -61,6 +62,7 @@ policy: venv
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json --actions $(POLICY_ACTIONS) \
 		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
+	$(PY) -m vllm_respsp.engine_tools.gate --policy $(POLICY_DIR)/bandit.json
 	$(PY) -m vllm_respsp.engine_tools.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
 
 clean-venv:

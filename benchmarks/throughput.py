@@ -109,9 +109,20 @@ def batches(prompts: list, batch_size: int) -> list[list]:
     return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
 
+WARM_UP_TOKENS = 16
+
+
 def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sampling: dict,
              reps: int, progress) -> dict[str, list[dict]]:
-    """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}."""
+    """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}.
+
+    Every engine first runs one untimed batch of this size (an engine's first batch of a size is
+    slower), and every repetition starts from an empty prefix cache: the same prompts run in
+    every repetition (and in the K-by-batch tuning), and their earlier runs must not let a
+    configuration skip prefill that the first repetition paid. Hits within a repetition (prompts
+    that share a start) still count, as they would in serving."""
+    for worker in workers:
+        worker.generate(texts[:batch_size], {**sampling, "max_tokens": WARM_UP_TOKENS})
     samples: dict[str, list[dict]] = {w.config.name: [] for w in workers}
     for rep in range(reps):
         order = workers[rep % len(workers):] + workers[:rep % len(workers)]
@@ -119,13 +130,14 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
             seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
                                             "accepted_per_pos": [], "respsp_shape_steps": 0,
                                             "respsp_fallbacks": {}}
-            token_ids, prompt_ids = [], []
-            for batch in batches(texts, batch_size):
-                r = worker.generate(batch, sampling)
+            token_ids, prompt_ids, cached = [], [], 0
+            for i, batch in enumerate(batches(texts, batch_size)):
+                r = worker.generate(batch, sampling, fresh_prefix_cache=i == 0)
                 seconds += r["seconds"]
                 tokens += r["output_tokens"]
                 token_ids += r["token_ids"]
                 prompt_ids += r["prompt_token_ids"]
+                cached += sum(r["cached_tokens"])
                 for key in ("drafts", "draft_tokens", "accepted_tokens", "respsp_shape_steps"):
                     spec[key] += r["spec"].get(key, 0)
                 for kind, n in r["spec"].get("respsp_fallbacks", {}).items():
@@ -133,7 +145,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
                 {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
-                 "prompt_token_ids": prompt_ids})
+                 "prompt_token_ids": prompt_ids, "cached_prompt_tokens": cached})
             progress.update(1)
     return samples
 

@@ -89,6 +89,31 @@ def test_a_real_mismatch_fails_the_run_and_near_ties_are_told_apart(fixture_mode
     assert all(not d["near_tie"] and (d["gap"] is None or d["gap"] > 30) for d in verdict["divergences"])
 
 
+class RecordingWorker:
+    """Stands in for an engine worker: records what run_cell asks of it."""
+
+    def __init__(self, name):
+        self.config = type("Config", (), {"name": name})()
+        self.calls = []
+
+    def generate(self, prompts, sampling, fresh_prefix_cache=False):
+        self.calls.append((len(prompts), sampling["max_tokens"], fresh_prefix_cache))
+        n = len(prompts)
+        return {"seconds": 1.0, "output_tokens": n, "token_ids": [[1]] * n, "prompt_token_ids": [[2]] * n,
+                "cached_tokens": [0] * n, "spec": {"accepted_per_pos": []}}
+
+
+def test_every_engine_warms_up_and_every_repetition_starts_from_an_empty_prefix_cache():
+    workers = [RecordingWorker("none"), RecordingWorker("respsp")]
+    samples = throughput.run_cell(workers, ["a", "b", "c"], 2, {"max_tokens": 50}, 2, throughput._Quiet())
+    for w in workers:
+        warm_up, *timed = w.calls
+        assert warm_up == (2, throughput.WARM_UP_TOKENS, False)
+        # per repetition: batches of 2 and 1, the first from an empty prefix cache
+        assert timed == [(2, 50, True), (1, 50, False)] * 2
+        assert [s["output_tokens"] for s in samples[w.config.name]] == [3, 3]
+
+
 def test_k_by_batch_schedules():
     assert throughput.parse_k_schedule("1-2:3,3-1024:0") == [[1, 2, 3], [3, 1024, 0]]
     assert throughput.parse_k_schedule("1:2,2-8:0") == [[1, 1, 2], [2, 8, 0]]

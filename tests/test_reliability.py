@@ -144,7 +144,9 @@ def test_eos_inside_a_tree_and_preemption_under_kv_pressure(fixture_models, tmp_
 def test_prompts_starting_in_the_prefix_cache_still_draft(fixture_models, tmp_path):
     """The second run of the same prompts finds their first blocks in vLLM's prefix cache, so a
     request's first step starts past position 0 with no draft context: the head drafts from the
-    rest (respsp used to give such requests up as lost), outputs exact."""
+    rest (respsp used to give such requests up as lost), outputs exact. The hit is as long as
+    without speculation (every whole block before the last prompt token): vLLM's EAGLE drops its
+    last block, respsp keeps it (patches.speculative_config)."""
     spec = {"method": "respsp", "model": str(fixture_models["successor_head"]), "shape": TREE}
     prompts = [[(5 + i) % 100 + 3 for i in range(70)], [(40 + i) % 100 + 3 for i in range(90)]]
     sampling = {"temperature": 0.0, "max_tokens": 20, "ignore_eos": True}
@@ -156,6 +158,7 @@ def test_prompts_starting_in_the_prefix_cache_still_draft(fixture_models, tmp_pa
     for result in (first, second):
         assert result["token_ids"] == [successor_tokens(p, 20) for p in prompts]
         assert result["spec"]["acceptance_length"] > 3.0  # the second run drafted as well
+    assert first["cached_tokens"] == [0, 0] and second["cached_tokens"] == [64, 64]
     stats = json.loads(stats.read_text())
     assert stats["prefix_cached_requests"] == 2 and not stats["fallbacks"]
     assert stats["head_kv"] == "paged"

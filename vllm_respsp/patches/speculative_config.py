@@ -8,8 +8,17 @@ carries the respsp settings to every process and into the config hash.
 
 vLLM's `num_speculative_tokens` becomes the largest tree any step may verify, so the scheduler
 reserves enough slots; each request is then scheduled with its own tree's size (drafts are
-ragged lists). The platform's start-up decisions (attention backend, CUDA-graph mode) are made
-here too, on the engine args, before vLLM builds its config (`backends.startup`).
+ragged lists).
+
+vLLM drops the last block of every prefix-cache hit for EAGLE-like methods, because that block's
+last draft-KV row was written with a next token that the new request may not share. respsp keeps
+the whole hit (`disable_eagle_block_drop`), as no speculation does: such a row only weakens one
+draft, never an output (verification is exact, see `runtime.head_kv`), while the dropped block
+is a block of prefill recomputed for every request that shares a prompt's start (a system
+prompt).
+
+The platform's start-up decisions (attention backend, CUDA-graph mode) are made here too, on
+the engine args, before vLLM builds its config (`backends.startup`).
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ def to_vllm_config(raw: dict, target_model_config, target_parallel_config) -> Re
     check_policy_matches_target(cfg, target_model_config.get_hidden_size())
     return RespspSpeculativeConfig(
         method="eagle3", model=cfg.model, num_speculative_tokens=cfg.max_total_tokens,
-        respsp=cfg.to_dict(), target_model_config=target_model_config,
+        disable_eagle_block_drop=True, respsp=cfg.to_dict(), target_model_config=target_model_config,
         target_parallel_config=target_parallel_config)
 
 

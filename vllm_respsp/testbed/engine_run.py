@@ -92,6 +92,8 @@ class RunResult:
     output_tokens: int
     spec: SpecCounters
     prompt_token_ids: list[list[int]] = field(default_factory=list)
+    # prompt tokens each request found in vLLM's prefix cache
+    cached_tokens: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -129,6 +131,7 @@ def generate(llm, prompts: list, sampling: dict, use_tqdm: bool = False) -> RunR
         output_tokens=sum(len(t) for t in token_ids),
         spec=read_spec_counters(llm).minus(before),
         prompt_token_ids=[list(o.prompt_token_ids or []) for o in outputs],
+        cached_tokens=[o.num_cached_tokens or 0 for o in outputs],
     )
 
 

@@ -76,7 +76,9 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
 
                 conn.send(("ok", top_logits(llm, *payload)))
             else:
-                prompts, sampling = payload
+                prompts, sampling, fresh_prefix_cache = payload
+                if fresh_prefix_cache:
+                    llm.reset_prefix_cache()
                 conn.send(("ok", generate(llm, prompts, sampling).to_json()))
         except Exception:
             conn.send(("error", traceback.format_exc()))
@@ -113,8 +115,10 @@ class EngineWorker:
         self._conn.send(("top_logits", (contexts, k)))
         return self._reply()
 
-    def generate(self, prompts: list, sampling: dict) -> dict:
-        self._conn.send(("generate", (prompts, sampling)))
+    def generate(self, prompts: list, sampling: dict, fresh_prefix_cache: bool = False) -> dict:
+        """One `LLM.generate`; `fresh_prefix_cache` empties vLLM's prefix cache first, so what
+        earlier calls left there (the same prompts, in a benchmark's repetitions) is not reused."""
+        self._conn.send(("generate", (prompts, sampling, fresh_prefix_cache)))
         return self._reply()
 
     def close(self) -> None:
