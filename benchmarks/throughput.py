@@ -25,7 +25,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, reference_engine
+from vllm_respsp.testbed.engines import (
+    EngineConfig,
+    EngineWorker,
+    generate_in_batches,
+    reference_engine,
+    warm_up,
+)
 from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
 
 
@@ -109,20 +115,14 @@ def batches(prompts: list, batch_size: int) -> list[list]:
     return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
 
-WARM_UP_TOKENS = 16
-
-
 def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sampling: dict,
              reps: int, progress) -> dict[str, list[dict]]:
     """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}.
 
-    Every engine first runs one untimed batch of this size (an engine's first batch of a size is
-    slower), and every repetition starts from an empty prefix cache: the same prompts run in
-    every repetition (and in the K-by-batch tuning), and their earlier runs must not let a
-    configuration skip prefill that the first repetition paid. Hits within a repetition (prompts
-    that share a start) still count, as they would in serving."""
-    for worker in workers:
-        worker.generate(texts[:batch_size], {**sampling, "max_tokens": WARM_UP_TOKENS})
+    Every engine first runs one untimed batch of this size, and every repetition starts from an
+    empty prefix cache (`generate_in_batches`): the same prompts run in every repetition and in
+    the K-by-batch tuning."""
+    warm_up(workers, texts[:batch_size], sampling)
     samples: dict[str, list[dict]] = {w.config.name: [] for w in workers}
     for rep in range(reps):
         order = workers[rep % len(workers):] + workers[:rep % len(workers)]
@@ -131,8 +131,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                                             "accepted_per_pos": [], "respsp_shape_steps": 0,
                                             "respsp_fallbacks": {}}
             token_ids, prompt_ids, cached = [], [], 0
-            for i, batch in enumerate(batches(texts, batch_size)):
-                r = worker.generate(batch, sampling, fresh_prefix_cache=i == 0)
+            for r in generate_in_batches(worker, texts, batch_size, sampling):
                 seconds += r["seconds"]
                 tokens += r["output_tokens"]
                 token_ids += r["token_ids"]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import throughput
+from vllm_respsp.testbed import engines
 
 
 def test_summaries_and_speedups():
@@ -108,7 +109,7 @@ def test_every_engine_warms_up_and_every_repetition_starts_from_an_empty_prefix_
     samples = throughput.run_cell(workers, ["a", "b", "c"], 2, {"max_tokens": 50}, 2, throughput._Quiet())
     for w in workers:
         warm_up, *timed = w.calls
-        assert warm_up == (2, throughput.WARM_UP_TOKENS, False)
+        assert warm_up == (2, engines.WARM_UP_TOKENS, False)
         # per repetition: batches of 2 and 1, the first from an empty prefix cache
         assert timed == [(2, 50, True), (1, 50, False)] * 2
         assert [s["output_tokens"] for s in samples[w.config.name]] == [3, 3]

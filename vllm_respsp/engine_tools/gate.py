@@ -27,6 +27,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, generate_in_batches, warm_up
+
 DEFAULT_LOADS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -61,11 +63,8 @@ def open_gate_copy(policy: Path, folder: Path) -> Path:
 
 def rate(worker, prompts: list, load: int, sampling: dict) -> float:
     """Output tokens/s over `prompts` in batches of `load`, from an empty prefix cache."""
-    tokens, seconds = 0, 0.0
-    for i in range(0, len(prompts), load):
-        r = worker.generate(prompts[i:i + load], sampling, fresh_prefix_cache=i == 0)
-        tokens, seconds = tokens + r["output_tokens"], seconds + r["seconds"]
-    return tokens / seconds
+    runs = generate_in_batches(worker, prompts, load, sampling)
+    return sum(r["output_tokens"] for r in runs) / sum(r["seconds"] for r in runs)
 
 
 def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int, dict]:
@@ -75,8 +74,7 @@ def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int,
     rows: dict[int, dict] = {}
     for load in loads:
         prompts = pool[:max(load, args.min_prompts)]
-        for worker in workers.values():  # an engine's first batch of a size is slower: untimed
-            worker.generate(prompts[:load], {**sampling, "max_tokens": 16})
+        warm_up(workers.values(), prompts[:load], sampling)
         rates: dict[str, list[float]] = {name: [] for name in workers}
         for rep in range(args.reps):
             for name in (list(workers) if rep % 2 == 0 else list(workers)[::-1]):
@@ -112,7 +110,6 @@ def main(argv=None) -> dict:
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.engine_tools.profile import prompt_pool
     from vllm_respsp.policy.policy_file import load_policy
-    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
     from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.tree.shape import TreeShape
 

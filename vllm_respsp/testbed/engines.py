@@ -84,6 +84,23 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
+WARM_UP_TOKENS = 16
+
+
+def warm_up(workers, prompts: list, sampling: dict) -> None:
+    """One short untimed batch per engine: an engine's first batch of a size is slower."""
+    for worker in workers:
+        worker.generate(prompts, {**sampling, "max_tokens": WARM_UP_TOKENS})
+
+
+def generate_in_batches(worker, prompts: list, batch_size: int, sampling: dict) -> list[dict]:
+    """One timed pass over `prompts` in batches of `batch_size`. Its first batch empties the
+    prefix cache: earlier passes over the same prompts must not let this one skip prefill they
+    paid; hits within the pass (prompts that share a start) still count, as in serving."""
+    return [worker.generate(prompts[i:i + batch_size], sampling, fresh_prefix_cache=i == 0)
+            for i in range(0, len(prompts), batch_size)]
+
+
 class EngineWorker:
     def __init__(self, model: str, config: EngineConfig, kv_cache_gib: int = 1):
         from vllm_respsp.testbed.engine_run import prepare_cpu_env
