@@ -47,7 +47,7 @@ def job(fixture_models, policy, samplings):
     return {"model": str(fixture_models["successor"]), "prompts": PROMPTS, "samplings": samplings,
             "engine": {"dtype": "float32", "max_model_len": 256},
             "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                   "shape": STATIC, "policy": str(policy)}}
+                                   "shape": STATIC, "policy": str(policy), "schedule": "policy"}}
 
 
 def expected(n):
@@ -139,6 +139,7 @@ def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_fi
                  {"temperature": 0.8, "max_tokens": 24, "ignore_eos": True}]
     tp_job = job(fixture_models, policy_file, samplings)
     tp_job["engine"]["tensor_parallel_size"] = 2
+    del tp_job["speculative_config"]["schedule"]  # "measured" by default: off on more than one rank
     results = run_engine(tp_job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
     for r in results:
         assert r["token_ids"] == expected(24)
@@ -148,7 +149,28 @@ def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_fi
     assert ranks[0]["steps"] == ranks[1]["steps"] > 10
     assert ranks[0]["shapes"] == ranks[1]["shapes"] and len(ranks[0]["shapes"]) > 1  # the policy varied
     assert ranks[0]["decisions_digest"] == ranks[1]["decisions_digest"]
+    assert ranks[0]["schedule"] is None and ranks[1]["schedule"] is None  # wall time would differ
     assert not ranks[0]["fallbacks"] and not ranks[1]["fallbacks"]
+
+
+def test_the_measured_schedule_tries_every_mode_and_stays_lossless(fixture_models, policy_file, tmp_path):
+    """By default a policy file runs under the measured schedule (policy/schedule.py): at its
+    load the engine measures the policy's shapes, chains of 1-3 drafts and no drafts, and runs
+    the fastest; every mode is exact, and switching between them loses no draft context."""
+    stats_file = tmp_path / "stats.json"
+    run = job(fixture_models, policy_file, [{"temperature": 0.0, "max_tokens": 200, "ignore_eos": True}])
+    del run["speculative_config"]["schedule"]
+    results = run_engine(run, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
+    assert results[0]["token_ids"] == expected(200)
+    stats = json.loads(stats_file.read_text())
+    assert stats["config"]["schedule"] == "measured" and not stats["fallbacks"]
+    steps, bucket = stats["schedule"]["steps"], stats["schedule"]["buckets"][str(len(PROMPTS))]
+    assert min(steps.values()) >= 6, steps  # every mode ran, and was measured
+    assert set(bucket["tokens_per_s"]) == {"policy", "chain1", "chain2", "chain3", "no_drafts"}, bucket
+    assert all(stats["shapes"][s] >= 6 for s in ("T1/D1/K1", "T2/D2/K1", "T3/D3/K1", "T0/D0/K0"))
+    # the successor head is always right: no drafts emits a quarter of the tokens per step of
+    # the policy's trees, on steps that cost about the same on this tiny model
+    assert bucket["mode"] != "no_drafts", bucket
 
 
 def test_no_drafts_skips_the_head_and_catches_up_exactly(fixture_models, tmp_path):
@@ -161,7 +183,7 @@ def test_no_drafts_skips_the_head_and_catches_up_exactly(fixture_models, tmp_pat
            "samplings": [{"temperature": 0.0, "max_tokens": 30, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "shape": STATIC, "policy": str(policy)}}
+                                  "shape": STATIC, "policy": str(policy), "schedule": "policy"}}
     runs = {}
     for name, env in (("lazy", {}), ("eager", {"RESPSP_TEST_FAULT": "never_defer"})):
         stats = tmp_path / f"{name}.json"
@@ -188,7 +210,7 @@ def test_above_the_load_gate_nothing_drafts_until_the_load_falls(fixture_models,
     job = {"model": str(fixture_models["successor"]), "phases": [requests],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "shape": STATIC, "policy": str(policy)}}
+                                  "shape": STATIC, "policy": str(policy), "schedule": "policy"}}
     result = run_requests(job, env={"VLLM_RESPSP_STATS_FILE": str(stats)})
     outputs = [c[0] for c in result["phases"][0]["token_ids"]]
     assert outputs == [[(p[-1] + 1 + i) % 128 for i in range(n)] for p, n in lengths.items()]

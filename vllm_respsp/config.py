@@ -3,7 +3,8 @@
     {"method": "respsp", "model": <EAGLE-3 head>,
      "shape": {"total_tokens": T, "depth": D, "top_k": K},   # the static / fallback shape
      "policy": "static" | "cycle" | <policy file>,
-     "actions": [<shape>, ...]}                              # what a policy may choose from
+     "actions": [<shape>, ...],                              # what a policy may choose from
+     "schedule": "measured" | "policy"}                      # with a policy file (policy/schedule.py)
 
 Every problem is reported at start-up as one `RespspConfigError` that names the field and what
 is allowed; nothing is left to fail later inside a request.
@@ -18,10 +19,14 @@ from pathlib import Path
 from vllm_respsp.tree.shape import DEFAULT_SHAPE, ShapeError, TreeShape, validate_actions
 
 METHOD = "respsp"
-RESPSP_KEYS = {"method", "model", "shape", "policy", "actions"}
+RESPSP_KEYS = {"method", "model", "shape", "policy", "actions", "schedule"}
 # "static": every request uses `shape`. "cycle": each request gets one of `actions`, fixed for
 # the request and chosen by its prompt, so one batch mixes shapes (tests, demos, A/B runs).
 POLICIES = ("static", "cycle")
+# With a policy file: "measured" runs, at each load the policy may draft at, whichever of the
+# policy, one draft per request or no drafts this engine measures fastest (policy/schedule.py);
+# "policy" runs the policy alone (the tools that measure the policy itself).
+SCHEDULES = ("measured", "policy")
 EAGLE3_ARCHITECTURES = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator"}
 
 
@@ -35,6 +40,7 @@ class RespspConfig:
     shape: TreeShape = DEFAULT_SHAPE
     policy: str = "static"
     actions: tuple[TreeShape, ...] = field(default=())
+    schedule: str = "measured"  # read only with a policy file
 
     @property
     def shapes(self) -> tuple[TreeShape, ...]:
@@ -53,6 +59,8 @@ class RespspConfig:
         out = {"method": METHOD, "model": self.model, "shape": self.shape.to_dict(), "policy": self.policy}
         if self.actions:
             out["actions"] = [a.to_dict() for a in self.actions]
+        if self.policy not in POLICIES:
+            out["schedule"] = self.schedule
         return out
 
 
@@ -136,9 +144,15 @@ def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
         raise RespspConfigError(f"policy={policy!r}: no such file; allowed: {list(POLICIES)} or a policy file path")
     if policy == "cycle" and "actions" not in raw:
         raise RespspConfigError('policy="cycle" picks each request\'s shape from actions: give "actions"')
+    schedule = raw.get("schedule", "measured")
+    if schedule not in SCHEDULES:
+        raise RespspConfigError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    if "schedule" in raw and policy in POLICIES:
+        raise RespspConfigError(f"schedule applies to a policy file; policy={policy!r} has none. "
+                                f"Allowed: leave schedule out, or give a policy file")
     if policy not in POLICIES:
         actions = _policy_file(RespspConfig(model, shape, policy, actions)).actions
-    return RespspConfig(model=model, shape=shape, policy=policy, actions=tuple(actions))
+    return RespspConfig(model=model, shape=shape, policy=policy, actions=tuple(actions), schedule=schedule)
 
 
 def _policy_file(cfg: RespspConfig, target_hidden_size: int | None = None):

@@ -40,7 +40,7 @@ class RespspSpeculativeConfig(SpeculativeConfig):
     """An EAGLE-3 `SpeculativeConfig` that also carries the respsp settings."""
 
     respsp: dict | None = None
-    """`RespspConfig.to_dict()`: head, static shape, policy, action set."""
+    """`RespspConfig.to_dict()`: head, static shape, policy, action set, schedule."""
 
     def compute_hash(self) -> str:
         base = super().compute_hash()

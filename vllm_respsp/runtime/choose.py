@@ -5,7 +5,10 @@
   (tests, demos, A/B runs).
 - a policy file: the learned `ShapePolicy`, one batched call per step for every request whose
   hold ran out, over the features of `policy.features` and the extras the simulator builds
-  (batch load, an EMA of each request's accepted draft tokens).
+  (batch load, an EMA of each request's accepted draft tokens). With `schedule: "measured"`
+  (the default) a `MeasuredSchedule` picks each step's mode where the policy's gate is open:
+  the policy's shapes, a chain of 1-3 drafts for every request, or no drafts
+  (policy/schedule.py).
 
 A policy that fails (raises, returns NaN, wrong widths) gives the affected requests the static
 shape for this step; each such request-step is counted as a `policy_error` fallback.
@@ -19,6 +22,7 @@ import torch
 
 from vllm_respsp.config import POLICIES, RespspConfig
 from vllm_respsp.policy.features import RootStates, feature_dims, policy_features
+from vllm_respsp.policy.schedule import NO_DRAFTS, POLICY, MeasuredSchedule, mode_shape, modes_within
 from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.simulator import update_recent
 from vllm_respsp.tree.shape import TreeShape
@@ -27,8 +31,13 @@ logger = logging.getLogger("vllm_respsp")
 
 
 class ShapeChooser:
-    def __init__(self, config: RespspConfig):
+    def __init__(self, config: RespspConfig, measure: bool = True):
+        """measure: whether a policy file's `schedule: "measured"` may run (False where ranks
+        would measure different times: tensor-parallel size > 1)."""
         self.config = config
+        measured = measure and self.learned and config.schedule == "measured"
+        self.schedule = MeasuredSchedule(modes_within(config.max_total_tokens)) if measured else None
+        self.step_mode: str | None = None  # this step's mode; None: the schedule did not choose
         self.actions = list(config.actions) or [config.shape]
         self.policy: ShapePolicy | None = None  # loaded on first use: needs the head's width
         self.load_failed = False
@@ -53,10 +62,18 @@ class ShapeChooser:
             if self.policy is not None:
                 self.policy.release(req_id)
 
+    def begin_step(self, batch_load: int) -> None:
+        """Fix this step's mode: the schedule's, at a load where the policy's gate is open."""
+        gate_open = self.policy is None or self.policy.drafts_at(batch_load)
+        self.step_mode = self.schedule.mode(batch_load) if self.schedule is not None and gate_open else None
+
     def drafts_at(self, batch_load: int) -> bool:
-        """Whether any request may draft at this load: False when the policy's load gate is shut
-        or the static shape is NO_DRAFTS (a policy not loaded yet is asked, so True)."""
+        """Whether any request may draft at this load: False when the policy's load gate is shut,
+        the step's mode is NO_DRAFTS, or the static shape is NO_DRAFTS (a policy not loaded yet
+        is asked, so True)."""
         if self.learned:
+            if self.step_mode is not None:
+                return self.step_mode != NO_DRAFTS
             return self.policy is None or self.policy.drafts_at(batch_load)
         return self.config.policy == "cycle" or bool(self.config.shape.drafts)
 
@@ -72,6 +89,8 @@ class ShapeChooser:
         decision, a load above the policy's `max_draft_load`, its cycle action, or a static
         NO_DRAFTS): then it needs no root this step."""
         if self.learned:
+            if self.step_mode not in (None, POLICY):
+                return self.step_mode == NO_DRAFTS
             return self.policy is not None and self.policy.drafts_nothing_next(req_id, batch_load)
         if self.config.policy == "cycle":
             shape = self.by_request.get(req_id)
@@ -87,6 +106,9 @@ class ShapeChooser:
     def __call__(self, req_ids: list[str], prompts: list[list[int] | None], roots: RootStates,
                  batch_load: int) -> tuple[list[TreeShape], int]:
         """(one shape per request, number of request-steps the policy failed and fell back)."""
+        if self.step_mode not in (None, POLICY):
+            self.hold_all(req_ids)  # asked afresh when the policy's mode comes back
+            return [mode_shape(self.step_mode)] * len(req_ids), 0
         if self.learned:
             return self._learned(req_ids, roots, batch_load)
         if self.config.policy != "cycle":

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 
 import torch
@@ -44,9 +45,11 @@ class RespspRuntime:
     def __init__(self, runner, config: RespspConfig):
         self.runner = runner
         self.config = config
-        self.choose = ShapeChooser(config)
         record = envs.record_dir()
         self.recorder = TraceRecorder(record, config.shapes) if record else None
+        # the measured schedule decides on wall time: only where one process decides alone
+        self.choose = ShapeChooser(config, measure=self.recorder is None and _tensor_parallel_size() == 1)
+        self.decode_only = False  # the step schedules no prefill (its time measures decoding)
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
         self.index: StepIndex | None = None
@@ -134,6 +137,7 @@ class RespspRuntime:
         self.accepted = {}
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         self.drafted = {i for i, req_id in enumerate(index.req_ids) if spec_tokens.get(req_id)}
+        self.decode_only = index.num_tokens == index.num_reqs + sum(len(t) for t in spec_tokens.values())
         try:
             with timed("tree_layout"):
                 self._lay_out_trees(index, spec_tokens)
@@ -200,6 +204,10 @@ class RespspRuntime:
             self._fallback("drafter_error")
             self.proposed = {}
             drafts = [[] for _ in index.req_ids]
+        if self.choose.schedule is not None:
+            emitted = int((sampled_token_ids >= 0).sum()) if self.choose.step_mode is not None else 0
+            self.choose.schedule.step_done(index.num_reqs, self.choose.step_mode, emitted,
+                                           self.decode_only, time.perf_counter())
         self.steps += 1
         self._write_stats()
         return drafts
@@ -208,6 +216,7 @@ class RespspRuntime:
         """Extend every request's draft context with its newly verified tokens, then choose a
         shape for each request that can draft and grow all trees in one batched pass."""
         self._forget_finished()
+        self.choose.begin_step(index.num_reqs)
         sampled = sampled_token_ids.tolist()  # one host copy for the batch
         new_rows, roots = self._verified_rows(index, sampled)
         self.proposed = {}
@@ -405,6 +414,7 @@ class RespspRuntime:
                 "head_kv": "paged" if self._drafter and isinstance(self._drafter.kv, PagedHeadKV) else "dense",
                 "seconds": {k: round(v, 4) for k, v in SECONDS.items()},
                 "scheduled_drafts": {shape: dict(c) for shape, c in self.scheduled.items()},
+                "schedule": self.choose.schedule.report() if self.choose.schedule is not None else None,
                 "config": self.config.to_dict()}
 
     def _write_stats(self) -> None:
@@ -415,6 +425,15 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
+
+
+def _tensor_parallel_size() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return int(get_tensor_model_parallel_world_size())
+    except Exception:  # no distributed state (unit tests, a runner built outside vLLM)
+        return 1
 
 
 def _tensor_parallel_rank() -> int:
