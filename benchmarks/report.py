@@ -27,7 +27,7 @@ def markdown_table(result: dict) -> str:
                 f"{s['tokens_per_s']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
                 f"{s['ms_per_output_token']:.1f} | {s['acceptance_length']:.2f} | "
                 f"{s['speedup_vs_none']:.2f}x | {vs_chain} | {s.get('identical_to_none', '-')} | "
-                f"{s.get('lossless', {}).get('label', '-')}{fallback_note(s)} |")
+                f"{s.get('lossless', {}).get('label', '-')}{fallback_note(s)}{schedule_note(s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -38,6 +38,16 @@ def fallback_note(summary: dict) -> str:
         return ""
     text = ", ".join(f"{kind} {n}" for kind, n in sorted(fallbacks.items()))
     return f"; **FALLBACKS** {text}" if summary.get("respsp_fallbacks_flag") else f"; fallbacks {text}"
+
+
+def schedule_note(summary: dict) -> str:
+    """The share of steps respsp's measured schedule ran in each mode, most first."""
+    modes = summary.get("respsp_schedule_steps") or {}
+    total = sum(modes.values())
+    if not total:
+        return ""
+    return "; steps " + ", ".join(f"{m} {100 * n / total:.0f}%" for m, n in
+                                  sorted(modes.items(), key=lambda kv: -kv[1]))
 
 
 def plot_speedups(result: dict, path: Path) -> None:

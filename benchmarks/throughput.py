@@ -129,7 +129,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
         for worker in order:
             seconds, tokens, spec = 0.0, 0, {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,
                                             "accepted_per_pos": [], "respsp_shape_steps": 0,
-                                            "respsp_fallbacks": {}}
+                                            "respsp_fallbacks": {}, "respsp_schedule_steps": {}}
             token_ids, prompt_ids, cached = [], [], 0
             for r in generate_in_batches(worker, texts, batch_size, sampling):
                 seconds += r["seconds"]
@@ -139,8 +139,9 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                 cached += sum(r["cached_tokens"])
                 for key in ("drafts", "draft_tokens", "accepted_tokens", "respsp_shape_steps"):
                     spec[key] += r["spec"].get(key, 0)
-                for kind, n in r["spec"].get("respsp_fallbacks", {}).items():
-                    spec["respsp_fallbacks"][kind] = spec["respsp_fallbacks"].get(kind, 0) + n
+                for key in ("respsp_fallbacks", "respsp_schedule_steps"):
+                    for kind, n in r["spec"].get(key, {}).items():
+                        spec[key][kind] = spec[key].get(kind, 0) + n
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
                 {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
@@ -159,13 +160,18 @@ def summarize(samples: list[dict], batch_size: int) -> dict:
     median = statistics.median(rates)
     steps = sum(s["spec"].get("respsp_shape_steps", 0) for s in samples)
     fallbacks: dict[str, int] = {}
+    modes: dict[str, int] = {}
     for s in samples:
         for kind, n in s["spec"].get("respsp_fallbacks", {}).items():
             fallbacks[kind] = fallbacks.get(kind, 0) + n
+        for mode, n in s["spec"].get("respsp_schedule_steps", {}).items():
+            modes[mode] = modes.get(mode, 0) + n
     return {
         # respsp's safety nets by kind, and whether they fired on more than 1% of request-steps
         "respsp_fallbacks": fallbacks,
         "respsp_fallbacks_flag": bool(steps) and sum(fallbacks.values()) > 0.01 * steps,
+        # engine steps the measured schedule ran in each mode (policy/schedule.py)
+        "respsp_schedule_steps": modes,
         "tokens_per_s": median,
         "tokens_per_s_min": min(rates),
         "tokens_per_s_max": max(rates),

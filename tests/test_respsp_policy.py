@@ -166,6 +166,7 @@ def test_the_measured_schedule_tries_every_mode_and_stays_lossless(fixture_model
     assert stats["config"]["schedule"] == "measured" and not stats["fallbacks"]
     steps, bucket = stats["schedule"]["steps"], stats["schedule"]["buckets"][str(len(PROMPTS))]
     assert min(steps.values()) >= 6, steps  # every mode ran, and was measured
+    assert results[0]["spec"]["respsp_schedule_steps"] == steps  # vllm:respsp_schedule_steps_total
     assert set(bucket["tokens_per_s"]) == {"policy", "chain1", "chain2", "chain3", "no_drafts"}, bucket
     assert all(stats["shapes"][s] >= 6 for s in ("T1/D1/K1", "T2/D2/K1", "T3/D3/K1", "T0/D0/K0"))
     # the successor head is always right: no drafts emits a quarter of the tokens per step of

@@ -38,6 +38,7 @@ class ShapeChooser:
         measured = measure and self.learned and config.schedule == "measured"
         self.schedule = MeasuredSchedule(modes_within(config.max_total_tokens)) if measured else None
         self.step_mode: str | None = None  # this step's mode; None: the schedule did not choose
+        self.verified_mode: str | None = None  # the last step's: the drafts this step verifies
         self.actions = list(config.actions) or [config.shape]
         self.policy: ShapePolicy | None = None  # loaded on first use: needs the head's width
         self.load_failed = False
@@ -65,6 +66,7 @@ class ShapeChooser:
     def begin_step(self, batch_load: int) -> None:
         """Fix this step's mode: the schedule's, at a load where the policy's gate is open."""
         gate_open = self.policy is None or self.policy.drafts_at(batch_load)
+        self.verified_mode = self.step_mode
         self.step_mode = self.schedule.mode(batch_load) if self.schedule is not None and gate_open else None
 
     def drafts_at(self, batch_load: int) -> bool:
@@ -97,8 +99,10 @@ class ShapeChooser:
             return shape is not None and not shape.drafts
         return not self.config.shape.drafts
 
-    def observe(self, req_id: str, accepted_drafts: int) -> None:
-        """A verification step of `req_id` accepted this many draft tokens."""
+    def observe(self, req_id: str, drafts: int, accepted_drafts: int) -> None:
+        """A verification step of `req_id` accepted this many of its `drafts` draft tokens."""
+        if self.verified_mode is not None and self.verified_mode.startswith("chain"):
+            self.schedule.verified_chain(drafts, accepted_drafts)
         if self.learned:
             # the simulator's own update: the policy sees the state it was trained on
             self.recent[req_id] = update_recent(self.recent.get(req_id, 0.0), accepted_drafts)

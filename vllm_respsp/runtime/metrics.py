@@ -16,8 +16,10 @@ end reads every such file of the directory at scrape time with `MultiProcessColl
   a single API server exposes and `LLM.get_metrics()` reads.
 - `record_fallback(kind)` runs in the engine core, once per fallback: one mmap write.
 
-Exposed: `vllm:respsp_fallbacks_total{kind="drafter_error"|"chain_for_logprobs"|...}` and
-`vllm:respsp_tree_shapes_total{shape="T8/D4/K2"}` (trees drafted per shape).
+Exposed: `vllm:respsp_fallbacks_total{kind="drafter_error"|"chain_for_logprobs"|...}`,
+`vllm:respsp_tree_shapes_total{shape="T8/D4/K2"}` (trees drafted per shape) and
+`vllm:respsp_schedule_steps_total{mode="policy"|"chain1"|...|"no_drafts"}` (steps the measured
+schedule ran in each mode, policy/schedule.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ logger = logging.getLogger("vllm_respsp")
 FALLBACKS = ("vllm:respsp_fallbacks", "kind",
              "Times a respsp safety net fired (drafting failed, chains for vLLM's sampler, ...)")
 SHAPES = ("vllm:respsp_tree_shapes", "shape", "Draft trees proposed by respsp, per tree shape")
+MODES = ("vllm:respsp_schedule_steps", "mode", "Engine steps respsp's measured schedule ran in each mode")
 
 _lock = threading.Lock()
 _private_dir: tempfile.TemporaryDirectory | None = None
@@ -107,3 +110,11 @@ def record_shape(shape: str, count: int = 1) -> None:
         _increment(SHAPES, shape, count)
     except Exception:  # noqa: BLE001
         logger.exception("respsp: could not record a shape metric")
+
+
+def record_mode(mode: str) -> None:
+    """Count one engine step the measured schedule ran in this mode."""
+    try:
+        _increment(MODES, mode, 1)
+    except Exception:  # noqa: BLE001
+        logger.exception("respsp: could not record a schedule metric")

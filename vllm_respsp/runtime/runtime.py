@@ -205,9 +205,11 @@ class RespspRuntime:
             self.proposed = {}
             drafts = [[] for _ in index.req_ids]
         if self.choose.schedule is not None:
-            emitted = int((sampled_token_ids >= 0).sum()) if self.choose.step_mode is not None else 0
-            self.choose.schedule.step_done(index.num_reqs, self.choose.step_mode, emitted,
-                                           self.decode_only, time.perf_counter())
+            mode = self.choose.step_mode
+            emitted = int((sampled_token_ids >= 0).sum()) if mode is not None else 0
+            self.choose.schedule.step_done(index.num_reqs, mode, emitted, self.decode_only, time.perf_counter())
+            if mode is not None:
+                metrics.record_mode(mode)
         self.steps += 1
         self._write_stats()
         return drafts
@@ -285,7 +287,7 @@ class RespspRuntime:
             valid = [t for t in sampled_rows[i] if t >= 0]
             if i in self.drafted:  # its accepted path
                 if valid:
-                    self.choose.observe(req_id, len(valid) - 1)
+                    self.choose.observe(req_id, n_sched - 1, len(valid) - 1)
                 nodes = self.accepted.get(i, list(range(len(valid))))
                 rows, next_tokens = torch.tensor(nodes) + steps.first_row(i), torch.tensor(valid[:len(nodes)])
                 count = len(nodes)

@@ -53,6 +53,7 @@ class SpecCounters:
     # respsp's own counters: request-steps given a shape, and safety nets fired, by kind
     respsp_shape_steps: int = 0
     respsp_fallbacks: dict[str, int] = field(default_factory=dict)
+    respsp_schedule_steps: dict[str, int] = field(default_factory=dict)  # steps per measured-schedule mode
 
     @property
     def acceptance_length(self) -> float:
@@ -63,10 +64,11 @@ class SpecCounters:
         per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
                    for i, a in enumerate(self.accepted_per_pos)]
         fallbacks = {k: v - before.respsp_fallbacks.get(k, 0) for k, v in self.respsp_fallbacks.items()}
+        modes = {k: v - before.respsp_schedule_steps.get(k, 0) for k, v in self.respsp_schedule_steps.items()}
         return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
                             self.accepted_tokens - before.accepted_tokens, per_pos,
                             self.respsp_shape_steps - before.respsp_shape_steps,
-                            {k: v for k, v in fallbacks.items() if v})
+                            {k: v for k, v in fallbacks.items() if v}, {k: v for k, v in modes.items() if v})
 
 
 def read_spec_counters(llm) -> SpecCounters:
@@ -81,6 +83,9 @@ def read_spec_counters(llm) -> SpecCounters:
         elif metric.name == "vllm:respsp_fallbacks":
             kind = metric.labels.get("kind", "?")
             counters.respsp_fallbacks[kind] = counters.respsp_fallbacks.get(kind, 0) + int(metric.value)
+        elif metric.name == "vllm:respsp_schedule_steps":
+            mode = metric.labels.get("mode", "?")
+            counters.respsp_schedule_steps[mode] = counters.respsp_schedule_steps.get(mode, 0) + int(metric.value)
     return counters
 
 
