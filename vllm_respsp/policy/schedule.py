@@ -80,6 +80,11 @@ class ScheduleSettings:
     # kernels have not seen (oneDNN builds its primitives per shape), up to 20% slower, and a
     # mode priced on them would lose its turn for long.
     warm_steps: int = 4
+    # Shapes keep being new for a while (a chain of 2 verifies 1-3 tokens and extends the head
+    # by as many): until a mode has run this many decode steps at a load it is measured again
+    # every `reprobe_steps`, however far behind its first steps put it (a chain of 2 measured
+    # 26.6 tokens/s in its first window at batch 1, where it runs at ~40).
+    settled_steps: int = 32
     reprobe_steps: int = 256  # steps before a mode measured 5% behind is measured again
     # at most: a figure taken in a slow patch still gets measured again within a few batches
     max_reprobe_steps: int = 1024
@@ -212,7 +217,7 @@ class MeasuredSchedule:
             rates |= {m: 0.95 * max(rates.values()) for m in self.modes if m not in rates}
         best = max(self.modes, key=rates.get)
         # the mode that has waited longest past its turn first
-        due = [(bucket.waited.get(m, 0) - self._reprobe_after(rates[m], rates[best]), m)
+        due = [(bucket.waited.get(m, 0) - self._reprobe_after(rates[m], rates[best], bucket.decoded.get(m, 0)), m)
                for m in self.modes if m != best]
         overdue, m = max(due, default=(-1, best))
         return (m, s.probe_steps) if overdue >= 0 else (best, s.exploit_steps)
@@ -239,8 +244,10 @@ class MeasuredSchedule:
             return self._bucket(load).policy_yield.value(min_weight=ChainAcceptance.MIN_TRIED)
         return self.acceptance.tokens_per_request(int(mode.removeprefix("chain")))
 
-    def _reprobe_after(self, rate: float, best: float) -> int:
+    def _reprobe_after(self, rate: float, best: float, decoded: int) -> int:
         s = self.settings
+        if decoded < s.settled_steps:  # too new at this load to be judged far behind
+            return s.reprobe_steps
         behind = 1.0 - rate / best if best > 0 else 1.0
         return min(s.max_reprobe_steps, int(s.reprobe_steps * max(1.0, behind / 0.05)))
 
