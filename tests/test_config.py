@@ -47,7 +47,7 @@ BAD = [
     ({"actions": [{"total_tokens": 99, "depth": 2, "top_k": 2}]}, r"actions\[0\].total_tokens=99 is more than"),
     ({"policy": "/no/such/policy.safetensors"}, "no such file"),
     ({"policy": 3}, "policy must be"),
-    ({"schedule": "fastest"}, r"schedule must be one of \['measured', 'policy'\], got 'fastest'"),
+    ({"schedule": "fastest"}, r"schedule must be one of \['policy', 'measured'\], got 'fastest'"),
     ({"schedule": "policy"}, "schedule applies to a policy file; policy='static' has none"),
 ]
 

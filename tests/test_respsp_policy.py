@@ -139,7 +139,7 @@ def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_fi
                  {"temperature": 0.8, "max_tokens": 24, "ignore_eos": True}]
     tp_job = job(fixture_models, policy_file, samplings)
     tp_job["engine"]["tensor_parallel_size"] = 2
-    del tp_job["speculative_config"]["schedule"]  # "measured" by default: off on more than one rank
+    tp_job["speculative_config"]["schedule"] = "measured"  # asked for, and off on more than one rank
     results = run_engine(tp_job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
     for r in results:
         assert r["token_ids"] == expected(24)
@@ -154,12 +154,12 @@ def test_tensor_parallel_ranks_take_the_same_decisions(fixture_models, policy_fi
 
 
 def test_the_measured_schedule_tries_every_mode_and_stays_lossless(fixture_models, policy_file, tmp_path):
-    """By default a policy file runs under the measured schedule (policy/schedule.py): at its
+    """With `"schedule": "measured"` a policy file runs under the measured schedule: at its
     load the engine measures the policy's shapes, chains of 1-3 drafts and no drafts, and runs
     the fastest; every mode is exact, and switching between them loses no draft context."""
     stats_file = tmp_path / "stats.json"
     run = job(fixture_models, policy_file, [{"temperature": 0.0, "max_tokens": 200, "ignore_eos": True}])
-    del run["speculative_config"]["schedule"]
+    run["speculative_config"]["schedule"] = "measured"
     results = run_engine(run, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"]
     assert results[0]["token_ids"] == expected(200)
     stats = json.loads(stats_file.read_text())

@@ -4,7 +4,7 @@
      "shape": {"total_tokens": T, "depth": D, "top_k": K},   # the static / fallback shape
      "policy": "static" | "cycle" | <policy file>,
      "actions": [<shape>, ...],                              # what a policy may choose from
-     "schedule": "measured" | "policy"}                      # with a policy file (policy/schedule.py)
+     "schedule": "policy" | "measured"}                      # with a policy file (policy/schedule.py)
 
 Every problem is reported at start-up as one `RespspConfigError` that names the field and what
 is allowed; nothing is left to fail later inside a request.
@@ -23,10 +23,11 @@ RESPSP_KEYS = {"method", "model", "shape", "policy", "actions", "schedule"}
 # "static": every request uses `shape`. "cycle": each request gets one of `actions`, fixed for
 # the request and chosen by its prompt, so one batch mixes shapes (tests, demos, A/B runs).
 POLICIES = ("static", "cycle")
-# With a policy file: "measured" runs, at each load the policy may draft at, whichever of the
-# policy, one draft per request or no drafts this engine measures fastest (policy/schedule.py);
-# "policy" runs the policy alone (the tools that measure the policy itself).
-SCHEDULES = ("measured", "policy")
+# With a policy file: "policy" (the default) runs the policy alone; "measured" runs, at each
+# load the policy may draft at, whichever of the policy, chains of 1-3 drafts or no drafts this
+# engine measures fastest (policy/schedule.py). Opt-in: in the 2026-12-06 benchmark it did not
+# beat the policy alone (benchmarks/results/throughput-20261206i).
+SCHEDULES = ("policy", "measured")
 EAGLE3_ARCHITECTURES = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator"}
 
 
@@ -40,7 +41,7 @@ class RespspConfig:
     shape: TreeShape = DEFAULT_SHAPE
     policy: str = "static"
     actions: tuple[TreeShape, ...] = field(default=())
-    schedule: str = "measured"  # read only with a policy file
+    schedule: str = "policy"  # read only with a policy file
 
     @property
     def shapes(self) -> tuple[TreeShape, ...]:
@@ -144,7 +145,7 @@ def parse(raw: dict, max_tokens_per_request: int | None = None) -> RespspConfig:
         raise RespspConfigError(f"policy={policy!r}: no such file; allowed: {list(POLICIES)} or a policy file path")
     if policy == "cycle" and "actions" not in raw:
         raise RespspConfigError('policy="cycle" picks each request\'s shape from actions: give "actions"')
-    schedule = raw.get("schedule", "measured")
+    schedule = raw.get("schedule", "policy")
     if schedule not in SCHEDULES:
         raise RespspConfigError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     if "schedule" in raw and policy in POLICIES:

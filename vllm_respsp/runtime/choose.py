@@ -6,7 +6,7 @@
 - a policy file: the learned `ShapePolicy`, one batched call per step for every request whose
   hold ran out, over the features of `policy.features` and the extras the simulator builds
   (batch load, an EMA of each request's accepted draft tokens). With `schedule: "measured"`
-  (the default) a `MeasuredSchedule` picks each step's mode where the policy's gate is open:
+  (opt-in) a `MeasuredSchedule` picks each step's mode where the policy's gate is open:
   the policy's shapes, a chain of 1-3 drafts for every request, or no drafts
   (policy/schedule.py).
 
