@@ -18,16 +18,21 @@ the best:
 Per load (1, 2, ... 8, then buckets 9-16, 17-32, ...) the schedule runs windows of steps in one
 mode: at the first load it sees, `min_samples` measured steps of every mode; at a later load,
 the best mode of the nearest load measured, the others in their turn; then the best mode in
-windows of `exploit_steps`,
-probing each other mode for `probe_steps` once it has waited `reprobe_steps` (longer the further
-behind it was measured, so a mode that loses by much is rarely paid for again). A step is
-measured for a mode only if it and the step before it ran in that mode at the same load with
-no prefill: a step verifies the previous step's drafts and drafts its own, so the first step
-after a switch belongs to neither mode. A mode's rate at a load is its tokens per step over its
-median step time there. Step times are steady, so a few steps price a mode at a load; what a
-step emits is not (one request's run of easy tokens moves a step of four by a quarter), so it is
-pooled over every load: per-position acceptance of every chain verified (`ChainAcceptance`),
-tokens per request of every policy step.
+windows of `exploit_steps`, probing each other mode for `probe_steps` once it has waited
+`reprobe_steps` (longer the further behind it was measured, once it has run `settled_steps`
+there). A step is measured for a mode only if it and the step before it ran in that mode at
+the same load with no prefill (a step verifies the previous step's drafts and drafts its own,
+so the first step after a switch belongs to neither mode), and not among the mode's first
+`warm_steps` at that load. A mode's rate at a load is its tokens per step over its median step
+time there. Step times are steady, so a few steps price a mode at a load; what a step emits is
+not (one request's run of easy tokens moves a step of four by a quarter), so it is pooled:
+per-position acceptance of every chain verified at any load (`ChainAcceptance`), tokens per
+request of the policy's recent steps at the load (it drafts deeper at lower loads).
+
+Opt-in (`"schedule": "measured"`): on the project's CPU it did not beat the policy alone
+(benchmarks/results/throughput-20261206i). A few steps per mode are noisy on a shared 2-core
+machine, and in a batch run to its end, drafting moves work to the batch's low-load tail, which
+figures per step cannot see.
 
 Plain Python: the runtime gives it each step's load, mode, emitted tokens and end time. Its
 choices depend on wall time, so it runs only where one process decides alone (tensor-parallel
