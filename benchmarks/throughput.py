@@ -115,6 +115,12 @@ def batches(prompts: list, batch_size: int) -> list[list]:
     return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
 
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add per-label counts (fallbacks by kind, steps by mode) into `total`."""
+    for label, n in more.items():
+        total[label] = total.get(label, 0) + n
+
+
 def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sampling: dict,
              reps: int, progress) -> dict[str, list[dict]]:
     """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}.
@@ -140,8 +146,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                 for key in ("drafts", "draft_tokens", "accepted_tokens", "respsp_shape_steps"):
                     spec[key] += r["spec"].get(key, 0)
                 for key in ("respsp_fallbacks", "respsp_schedule_steps"):
-                    for kind, n in r["spec"].get(key, {}).items():
-                        spec[key][kind] = spec[key].get(kind, 0) + n
+                    add_counts(spec[key], r["spec"].get(key, {}))
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
                 {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
@@ -162,10 +167,8 @@ def summarize(samples: list[dict], batch_size: int) -> dict:
     fallbacks: dict[str, int] = {}
     modes: dict[str, int] = {}
     for s in samples:
-        for kind, n in s["spec"].get("respsp_fallbacks", {}).items():
-            fallbacks[kind] = fallbacks.get(kind, 0) + n
-        for mode, n in s["spec"].get("respsp_schedule_steps", {}).items():
-            modes[mode] = modes.get(mode, 0) + n
+        add_counts(fallbacks, s["spec"].get("respsp_fallbacks", {}))
+        add_counts(modes, s["spec"].get("respsp_schedule_steps", {}))
     return {
         # respsp's safety nets by kind, and whether they fired on more than 1% of request-steps
         "respsp_fallbacks": fallbacks,

@@ -82,7 +82,7 @@ def engine_share(policy: str, batch: int, tokens: int) -> dict:
     model, head = str(testbed_model_path()), str(shipped_head_path())
     stats = Path(tempfile.mkdtemp(prefix="respsp-bench-policy-")) / "stats.json"
     os.environ[envs.STATS_FILE] = str(stats)
-    spec = {"method": "respsp", "model": head, "policy": policy, "schedule": "policy"}
+    spec = {"method": "respsp", "model": head, "policy": policy}
     worker = EngineWorker(model, EngineConfig("policy", spec, {"dtype": "bfloat16", "max_num_seqs": batch}))
     try:
         worker.wait_ready()

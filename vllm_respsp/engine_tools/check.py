@@ -62,7 +62,7 @@ def run_checks(stem: str | Path, shapes: list[TreeShape], policies: list[str], m
     reference = [p["output"] for p in recorded["prompts"]]
     greedy = {"temperature": 0.0, "max_tokens": recorded["max_tokens"]}
     runs = [(str(s), {"method": "respsp", "model": head, "shape": s.to_dict()}, max_num_seqs) for s in shapes]
-    runs += [(p, {"method": "respsp", "model": head, "policy": p, "schedule": "policy"}, 1) for p in policies]
+    runs += [(p, {"method": "respsp", "model": head, "policy": p}, 1) for p in policies]
     report = {}
     for name, spec, seqs in runs:
         if "policy" in spec:

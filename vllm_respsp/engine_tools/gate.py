@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         open_policy = open_gate_copy(args.policy, Path(tmp))
         spec = {"method": "respsp", "model": str(shipped_head_path()), "policy": str(open_policy),
-                "schedule": "policy", "shape": TreeShape.parse(args.static_shape).to_dict()}
+                "shape": TreeShape.parse(args.static_shape).to_dict()}
         workers = {"none": EngineWorker(model, EngineConfig("none", None, engine)),
                    "policy": EngineWorker(model, EngineConfig("policy", spec, engine))}
         try:

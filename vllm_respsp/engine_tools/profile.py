@@ -167,8 +167,7 @@ def profile_group(shapes, model, head, engine, args, pool, stats_dir, bar) -> li
             spec = None
         elif shape == NO_DRAFTS:
             policy = constant_policy(stats_dir / "no-drafts-policy", NO_DRAFTS, chain(1))
-            spec = {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy),
-                    "schedule": "policy"}
+            spec = {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy)}
         else:
             spec = {"method": "respsp", "model": head, "shape": shape.to_dict()}
         clock = stats_dir / f"{name.replace('/', '_')}.steps"

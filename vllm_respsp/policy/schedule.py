@@ -58,6 +58,11 @@ def chain_mode(drafts: int) -> str:
     return f"chain{drafts}"
 
 
+def chain_length(mode: str | None) -> int | None:
+    """The drafts of a chain mode (None: not a chain mode)."""
+    return int(mode.removeprefix("chain")) if mode is not None and mode.startswith("chain") else None
+
+
 def modes_within(budget: int) -> tuple[str, ...]:
     """Every mode whose step fits a draft budget of this many tokens per request, in the order
     a new bucket measures them."""
@@ -68,7 +73,7 @@ def mode_shape(mode: str) -> TreeShape | None:
     """The shape every request drafts in this mode (None: the policy's own shapes)."""
     if mode == POLICY:
         return None
-    return NO_DRAFTS_SHAPE if mode == NO_DRAFTS else chain(int(mode.removeprefix("chain")))
+    return NO_DRAFTS_SHAPE if mode == NO_DRAFTS else chain(chain_length(mode))
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ class MeasuredSchedule:
             return 1.0
         if mode == POLICY:
             return self._bucket(load).policy_yield.value(min_weight=ChainAcceptance.MIN_TRIED)
-        return self.acceptance.tokens_per_request(int(mode.removeprefix("chain")))
+        return self.acceptance.tokens_per_request(chain_length(mode))
 
     def _reprobe_after(self, rate: float, best: float, decoded: int) -> int:
         s = self.settings

@@ -17,14 +17,16 @@ shape for this step; each such request-step is counted as a `policy_error` fallb
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from vllm_respsp.config import POLICIES, RespspConfig
 from vllm_respsp.policy.features import RootStates, feature_dims, policy_features
-from vllm_respsp.policy.schedule import NO_DRAFTS, POLICY, MeasuredSchedule, mode_shape, modes_within
+from vllm_respsp.policy.schedule import NO_DRAFTS, POLICY, MeasuredSchedule, chain_length, mode_shape, modes_within
 from vllm_respsp.policy.shape_policy import ShapePolicy
 from vllm_respsp.policy.simulator import update_recent
+from vllm_respsp.runtime import metrics
 from vllm_respsp.tree.shape import TreeShape
 
 logger = logging.getLogger("vllm_respsp")
@@ -69,6 +71,16 @@ class ShapeChooser:
         self.verified_mode = self.step_mode
         self.step_mode = self.schedule.mode(batch_load) if self.schedule is not None and gate_open else None
 
+    def end_step(self, batch_load: int, sampled_token_ids: torch.Tensor, decode_only: bool) -> None:
+        """The step is done: its time and emitted tokens go to the schedule (if it runs)."""
+        if self.schedule is None:
+            return
+        mode = self.step_mode
+        emitted = int((sampled_token_ids >= 0).sum()) if mode is not None else 0
+        self.schedule.step_done(batch_load, mode, emitted, decode_only, time.perf_counter())
+        if mode is not None:
+            metrics.record_mode(mode)
+
     def drafts_at(self, batch_load: int) -> bool:
         """Whether any request may draft at this load: False when the policy's load gate is shut,
         the step's mode is NO_DRAFTS, or the static shape is NO_DRAFTS (a policy not loaded yet
@@ -101,7 +113,7 @@ class ShapeChooser:
 
     def observe(self, req_id: str, drafts: int, accepted_drafts: int) -> None:
         """A verification step of `req_id` accepted this many of its `drafts` draft tokens."""
-        if self.verified_mode is not None and self.verified_mode.startswith("chain"):
+        if chain_length(self.verified_mode) is not None:
             self.schedule.verified_chain(drafts, accepted_drafts)
         if self.learned:
             # the simulator's own update: the policy sees the state it was trained on

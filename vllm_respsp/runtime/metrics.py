@@ -96,25 +96,24 @@ def _increment(metric: tuple[str, str, str], label: str, count: float) -> None:
         _file[2].write_value(counter[0], counter[1], 0.0)
 
 
-def record_fallback(kind: str, count: int = 1) -> None:
-    """Count `count` fallbacks of this kind. Never raises: a metric must not cost a step."""
+def _record(metric: tuple[str, str, str], label: str, count: float) -> None:
+    """Never raises: a metric must not cost a step."""
     try:
-        _increment(FALLBACKS, kind, count)
+        _increment(metric, label, count)
     except Exception:  # noqa: BLE001
-        logger.exception("respsp: could not record a fallback metric")
+        logger.exception("respsp: could not record %s", metric[0])
+
+
+def record_fallback(kind: str, count: int = 1) -> None:
+    """Count `count` fallbacks of this kind."""
+    _record(FALLBACKS, kind, count)
 
 
 def record_shape(shape: str, count: int = 1) -> None:
     """Count `count` draft trees of this shape (e.g. "T8/D4/K2")."""
-    try:
-        _increment(SHAPES, shape, count)
-    except Exception:  # noqa: BLE001
-        logger.exception("respsp: could not record a shape metric")
+    _record(SHAPES, shape, count)
 
 
 def record_mode(mode: str) -> None:
     """Count one engine step the measured schedule ran in this mode."""
-    try:
-        _increment(MODES, mode, 1)
-    except Exception:  # noqa: BLE001
-        logger.exception("respsp: could not record a schedule metric")
+    _record(MODES, mode, 1)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections import Counter
 
 import torch
@@ -48,7 +47,8 @@ class RespspRuntime:
         record = envs.record_dir()
         self.recorder = TraceRecorder(record, config.shapes) if record else None
         # the measured schedule decides on wall time: only where one process decides alone
-        self.choose = ShapeChooser(config, measure=self.recorder is None and _tensor_parallel_size() == 1)
+        self.rank, tp_size = _tensor_parallel()
+        self.choose = ShapeChooser(config, measure=self.recorder is None and tp_size == 1)
         self.decode_only = False  # the step schedules no prefill (its time measures decoding)
         self._drafter: TreeDrafter | None = None
         self.proposed: dict[str, ProposedTree] = {}
@@ -73,7 +73,6 @@ class RespspRuntime:
         # of every (step, request, shape) decision and every proposed tree lets tests compare ranks.
         # Kept only where the stats file reports it: hashing every decision is not serving work.
         self.decisions = hashlib.sha256() if envs.stats_file() else None
-        self.rank = _tensor_parallel_rank()
 
     @property
     def drafter(self) -> TreeDrafter:
@@ -137,7 +136,8 @@ class RespspRuntime:
         self.accepted = {}
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         self.drafted = {i for i, req_id in enumerate(index.req_ids) if spec_tokens.get(req_id)}
-        self.decode_only = index.num_tokens == index.num_reqs + sum(len(t) for t in spec_tokens.values())
+        if self.choose.schedule is not None:  # only the schedule reads it
+            self.decode_only = index.num_tokens == index.num_reqs + sum(len(t) for t in spec_tokens.values())
         try:
             with timed("tree_layout"):
                 self._lay_out_trees(index, spec_tokens)
@@ -204,12 +204,7 @@ class RespspRuntime:
             self._fallback("drafter_error")
             self.proposed = {}
             drafts = [[] for _ in index.req_ids]
-        if self.choose.schedule is not None:
-            mode = self.choose.step_mode
-            emitted = int((sampled_token_ids >= 0).sum()) if mode is not None else 0
-            self.choose.schedule.step_done(index.num_reqs, mode, emitted, self.decode_only, time.perf_counter())
-            if mode is not None:
-                metrics.record_mode(mode)
+        self.choose.end_step(index.num_reqs, sampled_token_ids, self.decode_only)
         self.steps += 1
         self._write_stats()
         return drafts
@@ -429,19 +424,11 @@ class RespspRuntime:
             os.replace(tmp, path)
 
 
-def _tensor_parallel_size() -> int:
+def _tensor_parallel() -> tuple[int, int]:
+    """(this rank, the tensor-parallel size)."""
     try:
-        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        return int(get_tensor_model_parallel_world_size())
+        return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
     except Exception:  # no distributed state (unit tests, a runner built outside vLLM)
-        return 1
-
-
-def _tensor_parallel_rank() -> int:
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        return int(get_tensor_model_parallel_rank())
-    except Exception:  # no distributed state (unit tests, a runner built outside vLLM)
-        return 0
+        return 0, 1

@@ -44,6 +44,11 @@ def prepare_cpu_env(kv_cache_gib: int = 2, tensor_parallel_size: int = 1) -> Non
         os.environ["LD_PRELOAD"] = ":".join(p for p in (str(iomp), preload) if p)
 
 
+# respsp's counters with a label: metric -> (SpecCounters field, label name)
+LABELLED_COUNTERS = {"vllm:respsp_fallbacks": ("respsp_fallbacks", "kind"),
+                     "vllm:respsp_schedule_steps": ("respsp_schedule_steps", "mode")}
+
+
 @dataclass
 class SpecCounters:
     drafts: int = 0
@@ -63,12 +68,16 @@ class SpecCounters:
     def minus(self, before: SpecCounters) -> SpecCounters:
         per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
                    for i, a in enumerate(self.accepted_per_pos)]
-        fallbacks = {k: v - before.respsp_fallbacks.get(k, 0) for k, v in self.respsp_fallbacks.items()}
-        modes = {k: v - before.respsp_schedule_steps.get(k, 0) for k, v in self.respsp_schedule_steps.items()}
         return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
                             self.accepted_tokens - before.accepted_tokens, per_pos,
                             self.respsp_shape_steps - before.respsp_shape_steps,
-                            {k: v for k, v in fallbacks.items() if v}, {k: v for k, v in modes.items() if v})
+                            _counts_minus(self.respsp_fallbacks, before.respsp_fallbacks),
+                            _counts_minus(self.respsp_schedule_steps, before.respsp_schedule_steps))
+
+
+def _counts_minus(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Per-label counts added since `before` (labels that did not move are left out)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 def read_spec_counters(llm) -> SpecCounters:
@@ -80,12 +89,11 @@ def read_spec_counters(llm) -> SpecCounters:
             counters.accepted_per_pos = [int(v) for v in metric.values]
         elif metric.name == "vllm:respsp_tree_shapes":
             counters.respsp_shape_steps += int(metric.value)
-        elif metric.name == "vllm:respsp_fallbacks":
-            kind = metric.labels.get("kind", "?")
-            counters.respsp_fallbacks[kind] = counters.respsp_fallbacks.get(kind, 0) + int(metric.value)
-        elif metric.name == "vllm:respsp_schedule_steps":
-            mode = metric.labels.get("mode", "?")
-            counters.respsp_schedule_steps[mode] = counters.respsp_schedule_steps.get(mode, 0) + int(metric.value)
+        elif metric.name in LABELLED_COUNTERS:
+            attr, label = LABELLED_COUNTERS[metric.name]
+            counts = getattr(counters, attr)
+            key = metric.labels.get(label, "?")
+            counts[key] = counts.get(key, 0) + int(metric.value)
     return counters
 
 
