@@ -248,6 +248,27 @@ def test_data_fractions_keep_the_held_out_slice_fixed():
     train_eighth, held_eighth = split_sequences(seqs, TrainConfig(heldout_sequences=10, data_fraction=0.125))
     assert held == held_eighth == list(range(10))
     assert train_all == list(range(10, 100)) and train_eighth == train_all[:11]
+    # a run on a fraction may load only the leading sequences it reads, and splits them alike
+    assert split_sequences(seqs[:21], TrainConfig(heldout_sequences=10, data_fraction=0.125), total=100) == \
+        (train_eighth, held)
+    with pytest.raises(ValueError, match="only 20 were loaded"):
+        split_sequences(seqs[:20], TrainConfig(heldout_sequences=10, data_fraction=0.125), total=100)
+
+
+def test_a_data_fraction_needs_only_its_leading_reply_shards():
+    from vllm_respsp.draft.data import DataConfig, count_sequences, leading_shards
+    from vllm_respsp.draft.replies import default_replies_dir, read_gz_json, reply_shards
+    from vllm_respsp.draft.train import TrainConfig, sequences_read
+
+    cfg, replies = DataConfig(), default_replies_dir()  # the committed replies
+    total = count_sequences(replies, cfg)
+    needed = sequences_read(total, TrainConfig(data_fraction=0.125))
+    shards = leading_shards(replies, cfg, needed)
+    every = reply_shards(replies, cfg.sources, cfg.replies)
+    assert shards == every[:len(shards)] and len(shards) < len(every) / 4
+    sizes = [len(read_gz_json(path)) for _, _, path in shards]
+    assert sum(sizes) >= needed > sum(sizes[:-1])  # the fewest that hold them
+    assert leading_shards(replies, cfg, total) == every
 
 
 def test_scaling_curve_plot_and_ablation_names(tmp_path):
@@ -261,6 +282,24 @@ def test_scaling_curve_plot_and_ablation_names(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     fields = set(TrainConfig.__dataclass_fields__)
     assert all(set(o) <= fields for o in scaling.ABLATIONS.values())  # every lever is a real field
+
+
+def test_the_curve_reading_extrapolates_todays_recipe_only():
+    from dataclasses import asdict
+
+    from vllm_respsp.draft.card import curve_reading
+    from vllm_respsp.draft.train import TrainConfig
+
+    def point(tokens, length, first, **recipe):
+        return {"train_tokens": tokens, "train": asdict(TrainConfig(**recipe)),
+                "vllm_mtbench": {"acceptance_length": length, "per_position_rate": [first, 0.1]}}
+
+    # +0.1 per doubling from 1.5 at 1M: 2.0 at 32M; the first position +0.05 from 0.4: 0.55 at 8M
+    points = [point(2 ** k * 1e6, 1.5 + 0.1 * k, 0.4 + 0.05 * k) for k in range(3)]
+    lines = curve_reading(points + [point(8e6, 3.0, 0.9, epochs=1)], train_seconds_per_token=3600 / 1e6)
+    assert "+0.100 per doubling" in lines[2] and "2.0 at ~32M training tokens (8.0x the most here), ~32 h" in lines[2]
+    assert "+0.050 per doubling" in lines[3] and "0.55 at ~8M" in lines[3]
+    assert curve_reading(points[:1], None) == []  # one point is no line
 
 
 def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_path, monkeypatch):
@@ -289,7 +328,7 @@ def test_scaling_points_are_kept_merged_by_name_and_reused_without_features(tmp_
         return {"name": name, "overrides": overrides, "train": asdict(replace(scaling.TrainConfig(), **overrides)),
                 "train_tokens": 1000 * (len(measured) + 1),
                 "heldout_acc": [0.5, 0.3], "offline_acceptance_length": 1.7,
-                "vllm_mtbench": {"prompts": mtbench, "acceptance_length": 1.6}}
+                "vllm_mtbench": {"prompts": mtbench, "acceptance_length": 1.6, "per_position_rate": [0.4, 0.1]}}
 
     monkeypatch.setattr(scaling, "measure", fake_measure)
     kept = tmp_path / "scaling"

@@ -30,16 +30,18 @@ from vllm_respsp import envs
 from vllm_respsp.draft import shipped_head_path
 from vllm_respsp.draft.data import (
     DataConfig,
+    count_sequences,
     default_work_dir,
     extract_features,
     iter_sequences,
+    leading_shards,
     load_feature_shards,
     reply_token_counts,
 )
 from vllm_respsp.draft.model import draft_vocab_from_counts, export_head
 from vllm_respsp.draft.replies import data_table, default_replies_dir, generate_replies, reply_shards
 from vllm_respsp.draft.scaling import default_scaling_dir, load_scaling
-from vllm_respsp.draft.train import TrainConfig, offline_acceptance, split_sequences, train
+from vllm_respsp.draft.train import TrainConfig, offline_acceptance, sequences_read, split_sequences, train
 from vllm_respsp.testbed.model import testbed_model_path
 
 STAGES = ("replies", "features", "train", "eval")
@@ -148,17 +150,19 @@ def main() -> None:
                   skip_if_done=True)
     if args.stop_after == "replies":
         return
-    features = clock.run("features", extract_features, work, data_cfg, model_path, replies, skip_if_done=True)
+    total = count_sequences(replies, data_cfg)
+    shards = leading_shards(replies, data_cfg, sequences_read(total, train_cfg))
+    features = clock.run("features", extract_features, work, data_cfg, model_path, shards, skip_if_done=True)
     if args.stop_after == "features":
         return
     vocab, coverage = build_vocab(work, data_cfg, train_cfg, replies, target_cfg["vocab_size"])
     print(f"[draft] draft vocab {len(vocab)} covers {coverage:.1%} of reply tokens", flush=True)
 
-    sequences = list(iter_sequences(load_feature_shards(features, data_cfg, replies)))
+    sequences = list(iter_sequences(load_feature_shards(features, shards)))
     head = clock.run("train", train, sequences, model_path, run_dir / "train", train_cfg, vocab,
-                     data_cfg.aux_layers, skip_if_done=True)
+                     data_cfg.aux_layers, total, skip_if_done=True)
     export_head(head, target_cfg, out)
-    train_seqs, heldout = split_sequences(sequences, train_cfg)
+    train_seqs, heldout = split_sequences(sequences, train_cfg, total)
     offline = clock.run("offline_estimate", offline_acceptance, head.float().eval(), heldout)
     print(f"[draft] offline estimate on {len(heldout)} held-out sequences: {offline}", flush=True)
 

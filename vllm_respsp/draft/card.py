@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from vllm_respsp.draft.plots import plot_heldout_curve
@@ -77,6 +78,7 @@ measured with the second head. The shipped shape policy (2026-12-03) was trained
 """
 
 TARGETS = {"mt_bench": 2.0, "humaneval": 2.0}  # issue 18's acceptance-length targets (chain of 5)
+FIRST_POSITION_TARGET = 0.55  # and its first-position acceptance rate on MT-Bench
 
 LIMITATIONS = """\
 ## Limitations and what is not done
@@ -113,7 +115,41 @@ def data_lines(data: dict) -> list[str]:
     return lines
 
 
-def scaling_lines(scaling: dict | None) -> list[str]:
+def line_through(x: list[float], y: list[float]) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through the points."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    return slope, my - slope * mx
+
+
+def curve_reading(points: list[dict], train_seconds_per_token: float | None) -> list[str]:
+    """What the curve says about more data, so that the next decision is a reading: for today's
+    recipe, a line in log2(training tokens) through its vLLM points, per target, and the data (and
+    training time at the shipped run's rate) where the line reaches it. An extrapolation."""
+    today = sorted((p for p in points if recipe_label(p["train"]) == "TrainConfig defaults"
+                    and "vllm_mtbench" in p), key=lambda p: p["train_tokens"])
+    if len({p["train_tokens"] for p in today}) < 2:
+        return []
+    x, most = [math.log2(p["train_tokens"]) for p in today], today[-1]["train_tokens"]
+    lines = [f"Reading the curve: a straight line in log2(training tokens) through today's recipe's "
+             f"{len(today)} points, extrapolated (not measured):", ""]
+    for what, values, target in (
+            ("vLLM MT-Bench acceptance length", [p["vllm_mtbench"]["acceptance_length"] for p in today],
+             TARGETS["mt_bench"]),
+            ("first-position rate", [p["vllm_mtbench"]["per_position_rate"][0] for p in today],
+             FIRST_POSITION_TARGET)):
+        slope, intercept = line_through(x, values)
+        line = f"- {what}: {slope:+.3f} per doubling of the data"
+        if slope > 0 and values[-1] < target:
+            need = 2 ** ((target - intercept) / slope)
+            line += f"; {target} at ~{need / 1e6:.0f}M training tokens ({need / most:.1f}x the most here)"
+            if train_seconds_per_token:
+                line += f", ~{need * train_seconds_per_token / 3600:.0f} h of training on this machine"
+        lines.append(line)
+    return [*lines, ""]
+
+
+def scaling_lines(scaling: dict | None, train_seconds_per_token: float | None = None) -> list[str]:
     """The scaling curve (its PNG beside this card) and the ablation table, when they were run."""
     if not scaling:
         return []
@@ -128,7 +164,7 @@ def scaling_lines(scaling: dict | None) -> list[str]:
             lines.append(f"| {recipe_label(p['train'])} | {p['overrides']['data_fraction']:g} | "
                          f"{p['train_tokens'] / 1e6:.2f}M | {fmt_rates(p['heldout_acc'])} | "
                          f"{p['offline_acceptance_length']:.3f} | {f'{vllm:.3f}' if vllm else '-'} |")
-        lines.append("")
+        lines += ["", *curve_reading(scaling["curve"], train_seconds_per_token)]
     if scaling.get("ablations"):
         lines += ablation_lines(scaling["ablations"])
     return lines
@@ -231,7 +267,8 @@ def write_model_card(out: Path, summary: dict) -> Path:
         first = ev["mt_bench"]["per_position_rate"][0]
         lines += ["", "Targets (issue 18): MT-Bench >= 2.0: " + ("met" if met["mt_bench"] else "**NOT met**")
                   + "; HumanEval >= 2.0: " + ("met" if met["humaneval"] else "**NOT met**")
-                  + f"; first position on MT-Bench >= 0.55: {'met' if first >= 0.55 else '**NOT met**'} ({first:.3f})."]
+                  + f"; first position on MT-Bench >= {FIRST_POSITION_TARGET}: "
+                  + f"{'met' if first >= FIRST_POSITION_TARGET else '**NOT met**'} ({first:.3f})."]
         ident, bf16 = ev["identity"], ev.get("identity_bf16")
         lines += [
             "",
@@ -294,7 +331,7 @@ def write_model_card(out: Path, summary: dict) -> Path:
         f"Last logged step: `{summary['train_log_tail']}` (acc = per-step top-1 accuracy on the batch).",
         "",
         *heldout_curve_lines(summary.get("heldout_curve", [])),
-        *scaling_lines(summary.get("scaling")),
+        *scaling_lines(summary.get("scaling"), times["train"] / data["train_tokens"] if "train" in times else None),
         "## Wall times on this machine (2 CPU cores, shared; seconds)",
         "",
         "`replies` is skipped when every committed reply shard is there (the replies are committed under "

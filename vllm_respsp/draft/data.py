@@ -131,11 +131,29 @@ def features_dir(work: Path) -> Path:
     return work / "features"
 
 
-def extract_features(work: Path, cfg: DataConfig, model_path: Path, replies: Path) -> Path:
-    """Stage 2: a features shard for every finished reply shard (format in the module doc).
+def count_sequences(replies: Path, cfg: DataConfig) -> int:
+    """How many sequences (prompt + reply) every finished reply shard holds."""
+    return sum(len(read_gz_json(path)) for _, _, path in reply_shards(replies, cfg.sources, cfg.replies))
+
+
+def leading_shards(replies: Path, cfg: DataConfig, sequences: int) -> list[tuple[str, int, Path]]:
+    """The reply shards, in training order, that hold the first `sequences` sequences: all a
+    run on a data fraction reads, so only their features need computing (1/8 of the data takes
+    ~12 minutes here instead of ~90)."""
+    shards, held = [], 0
+    for shard in reply_shards(replies, cfg.sources, cfg.replies):
+        if held >= sequences:
+            break
+        shards.append(shard)
+        held += len(read_gz_json(shard[2]))
+    return shards
+
+
+def extract_features(work: Path, cfg: DataConfig, model_path: Path, shards: list[tuple[str, int, Path]]) -> Path:
+    """Stage 2: a features shard for each of the reply `shards` (format in the module doc).
     Progress in tokens, with an ETA over every shard still to do."""
     out = features_dir(work)
-    todo = [(source, index, path) for source, index, path in reply_shards(replies, cfg.sources, cfg.replies)
+    todo = [(source, index, path) for source, index, path in shards
             if not shard_path(out / source, index, ".pt").exists()]
     if not todo:
         return out
@@ -152,15 +170,15 @@ def extract_features(work: Path, cfg: DataConfig, model_path: Path, replies: Pat
     return out
 
 
-def load_feature_shards(folder: Path, cfg: DataConfig, replies: Path) -> list[dict[str, torch.Tensor]]:
-    """The features of every reply shard the config asks for, memory-mapped, in order."""
-    shards = []
-    for source, index, _ in reply_shards(replies, cfg.sources, cfg.replies):
+def load_feature_shards(folder: Path, shards: list[tuple[str, int, Path]]) -> list[dict[str, torch.Tensor]]:
+    """The features of each of the reply `shards`, memory-mapped, in order."""
+    loaded = []
+    for source, index, _ in shards:
         path = shard_path(folder / source, index, ".pt")
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the features stage first")
-        shards.append(torch.load(path, mmap=True, weights_only=True))
-    return shards
+        loaded.append(torch.load(path, mmap=True, weights_only=True))
+    return loaded
 
 
 class FeatureSequence(NamedTuple):

@@ -268,15 +268,24 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def split_sequences(sequences: list[FeatureSequence], cfg: TrainConfig):
-    """(training sequences, held-out sequences): the held-out slice first, then the leading
-    `data_fraction` of the rest."""
-    heldout, rest = sequences[:cfg.heldout_sequences], sequences[cfg.heldout_sequences:]
-    return rest[:max(1, round(cfg.data_fraction * len(rest)))], heldout
+def sequences_read(total: int, cfg: TrainConfig) -> int:
+    """How many of `total` sequences (in training order) a run reads: the held-out slice, then
+    the leading `data_fraction` of the rest."""
+    return cfg.heldout_sequences + max(1, round(cfg.data_fraction * (total - cfg.heldout_sequences)))
+
+
+def split_sequences(sequences: list[FeatureSequence], cfg: TrainConfig, total: int | None = None):
+    """(training sequences, held-out sequences) of a run on `total` sequences (default: all of
+    `sequences`, which may hold just the leading ones the run reads)."""
+    read = sequences_read(len(sequences) if total is None else total, cfg)
+    if read > len(sequences):
+        raise ValueError(f"data_fraction={cfg.data_fraction} of {total} sequences reads {read}, "
+                         f"but only {len(sequences)} were loaded")
+    return sequences[cfg.heldout_sequences:read], sequences[:cfg.heldout_sequences]
 
 
 def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cfg: TrainConfig,
-          draft_to_target: torch.Tensor, aux_layers) -> Eagle3Head:
+          draft_to_target: torch.Tensor, aux_layers, total_sequences: int | None = None) -> Eagle3Head:
     from vllm_respsp.draft.model import target_embedding
 
     torch.manual_seed(cfg.seed)
@@ -291,7 +300,7 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
         with safe_open(str(target_path / "model.safetensors"), "pt") as f, torch.no_grad():
             head.norm.weight.copy_(f.get_tensor("model.norm.weight").float())
 
-    train_seqs, heldout_seqs = split_sequences(sequences, cfg)
+    train_seqs, heldout_seqs = split_sequences(sequences, cfg, total_sequences)
     batches_per_epoch = len(make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, random.Random(0)))
     total_steps = cfg.epochs * batches_per_epoch
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
