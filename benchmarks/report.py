@@ -23,12 +23,18 @@ def markdown_table(result: dict) -> str:
         for name, s in cell["configs"].items():
             vs_chain = f"{s['speedup_vs_best_eagle3']:.2f}x" if s["speedup_vs_best_eagle3"] else "-"
             lines.append(
-                f"| {Path(cell['prompt_set']).name} | {cell['batch_size']} | {describe[name]} | "
+                f"| {Path(cell['prompt_set']).name} | {batch_label(cell)} | {describe[name]} | "
                 f"{s['tokens_per_s']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
                 f"{s['ms_per_output_token']:.1f} | {s['acceptance_length']:.2f} | "
                 f"{s['speedup_vs_none']:.2f}x | {vs_chain} | {s.get('identical_to_none', '-')} | "
                 f"{s.get('lossless', {}).get('label', '-')}{fallback_note(s)}{schedule_note(s)} |")
     return "\n".join(lines) + "\n"
+
+
+def batch_label(cell: dict) -> str:
+    """The batch column: "4" for groups of 4 run to their end, "4 continuous" for 4 in flight."""
+    batching = cell.get("batching", "static")  # runs before 2026-12-06 batched statically
+    return str(cell["batch_size"]) + ("" if batching == "static" else f" {batching}")
 
 
 def fallback_note(summary: dict) -> str:
@@ -56,19 +62,20 @@ def plot_speedups(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = sorted({c["prompt_set"] for c in result["cells"]})
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
-    for ax, set_name in zip(axes[0], sets):
-        cells = sorted((c for c in result["cells"] if c["prompt_set"] == set_name), key=lambda c: c["batch_size"])
+    panels = sorted({(c["prompt_set"], c.get("batching", "static")) for c in result["cells"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (set_name, batching) in zip(axes[0], panels):
+        cells = sorted((c for c in result["cells"] if (c["prompt_set"], c.get("batching", "static")) ==
+                        (set_name, batching)), key=lambda c: c["batch_size"])
         for config in result["configs"]:
             xs = [c["batch_size"] for c in cells]
             ys = [c["configs"][config["name"]]["speedup_vs_none"] for c in cells]
             ax.plot(xs, ys, marker="o", label=config["describe"])
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
+        ax.set_xlabel("batch size" if batching == "static" else "requests in flight")
         ax.set_ylabel("speedup vs no speculation")
-        ax.set_title(Path(set_name).name)
+        ax.set_title(f"{Path(set_name).name} ({batching})" if len({b for _, b in panels}) > 1 else Path(set_name).name)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -77,7 +84,7 @@ def plot_speedups(result: dict, path: Path) -> None:
 
 def plot_acceptance(result: dict, path: Path) -> None:
     plot_accepted_per_step(result["cells"], result["configs"],
-                           lambda cell: f"{cell['prompt_set']} bs{cell['batch_size']}", path)
+                           lambda cell: f"{Path(cell['prompt_set']).name} bs{batch_label(cell)}", path)
 
 
 def plot_accepted_per_step(cells: list[dict], configs: list[dict], label, path: Path) -> bool:

@@ -2,6 +2,12 @@
 
     python -m benchmarks.throughput --quick                  # < 5 minutes on the 2-core CPU
     python -m benchmarks.throughput --prompt-sets mt-bench humaneval --batch-sizes 1 4 16
+    python -m benchmarks.throughput --batch-sizes 4 --batching static continuous
+
+A batch size B runs the prompts in groups of B, each to its end ("static", the default), or all
+queued with B in flight ("continuous": a finished request's slot goes to the next prompt, as in
+a server or vLLM's offline benchmark with max_num_seqs = B); static groups end with a tail at
+loads below B, which drafting lengthens.
 
 All configurations (no speculation, vLLM's EAGLE-3 chain for each length in --chains, ...)
 stay loaded in their own processes; each repetition runs every configuration on the same
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
 import statistics
@@ -26,6 +33,7 @@ import sys
 from pathlib import Path
 
 from vllm_respsp.testbed.engines import (
+    BATCHING,
     EngineConfig,
     EngineWorker,
     generate_in_batches,
@@ -37,7 +45,7 @@ from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
 
 def engine_configs(head: str | None, chains: list[int], engine: dict,
                    respsp_shapes: list[str] = (), policies: list[str] = (),
-                   policy_shape: str = "chain3") -> list[EngineConfig]:
+                   policy_shape: str = "chain3", schedules: list[str] = ("policy",)) -> list[EngineConfig]:
     from benchmarks.tree_shapes import parse_shape
 
     configs = [EngineConfig("none", None, reference_engine(engine))]
@@ -47,10 +55,11 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
     for shape in respsp_shapes if head else []:
         configs.append(EngineConfig(f"respsp-{shape}", {"method": "respsp", "model": head,
                                                          "shape": parse_shape(shape)}, engine))
-    for policy in policies if head else []:
-        configs.append(EngineConfig(f"respsp-policy-{Path(policy).stem}", {
+    for policy, schedule in itertools.product(policies if head else [], schedules):
+        measured = {} if schedule == "policy" else {"schedule": schedule}
+        configs.append(EngineConfig(f"respsp-policy-{Path(policy).stem}" + (f"-{schedule}" if measured else ""), {
             "method": "respsp", "model": head, "shape": parse_shape(policy_shape),
-            "policy": str(Path(policy).resolve())}, engine))
+            "policy": str(Path(policy).resolve()), **measured}, engine))
     return configs
 
 
@@ -92,14 +101,14 @@ class _Quiet:
 
 
 def tune_k_schedule(workers: list[EngineWorker], texts: list[str], batch_sizes: list[int],
-                    sampling: dict) -> tuple[list[list[int]], dict]:
+                    sampling: dict, batching: str = "static") -> tuple[list[list[int]], dict]:
     """vLLM's K-by-batch-size schedule tuned on this machine from the run's own fixed-K columns
     (no speculation is K = 0): one repetition per batch size, the fastest K wins."""
     fixed = [w for w in workers if w.config.name == "none" or
              (w.config.name.startswith("eagle3-") and w.config.name[7:].isdigit())]
     rates, best_k = {}, {}
     for batch_size in batch_sizes:
-        samples = run_cell(fixed, texts, batch_size, sampling, 1, _Quiet())
+        samples = run_cell(fixed, texts, batch_size, sampling, 1, _Quiet(), batching)
         rates[batch_size] = {name: s[0]["output_tokens"] / s[0]["seconds"] for name, s in samples.items()}
         best = max(rates[batch_size], key=rates[batch_size].get)
         best_k[batch_size] = 0 if best == "none" else int(best[len("eagle3-"):])
@@ -122,8 +131,8 @@ def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
 
 
 def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sampling: dict,
-             reps: int, progress) -> dict[str, list[dict]]:
-    """All repetitions of one (prompt set, batch size) cell: {config name: [sample, ...]}.
+             reps: int, progress, batching: str = "static") -> dict[str, list[dict]]:
+    """All repetitions of one (prompt set, batching, batch size) cell: {config name: [sample, ...]}.
 
     Every engine first runs one untimed batch of this size, and every repetition starts from an
     empty prefix cache (`generate_in_batches`): the same prompts run in every repetition and in
@@ -137,7 +146,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                                             "accepted_per_pos": [], "respsp_shape_steps": 0,
                                             "respsp_fallbacks": {}, "respsp_schedule_steps": {}}
             token_ids, prompt_ids, cached = [], [], 0
-            for r in generate_in_batches(worker, texts, batch_size, sampling):
+            for r in generate_in_batches(worker, texts, batch_size, sampling, batching):
                 seconds += r["seconds"]
                 tokens += r["output_tokens"]
                 token_ids += r["token_ids"]
@@ -216,6 +225,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--head", help="EAGLE-3 head (default: the shipped testbed head, if present)")
     parser.add_argument("--prompt-sets", nargs="+", default=["mt-bench", "humaneval", "gsm8k", "sharegpt-heldout"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--batching", nargs="+", choices=BATCHING, default=["static"],
+                        help="static: groups of batch-size prompts, each group to its end; continuous: all "
+                             "prompts queued, batch-size in flight (vLLM's offline benchmark, a server); "
+                             "both: one cell of each")
     parser.add_argument("--num-prompts", type=int, default=64, help="prompts per set (batched by batch size)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--chains", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -224,6 +237,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policies", nargs="*", default=[],
                         help="respsp policy files, one column each (static fallback shape: --policy-shape)")
     parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
+    parser.add_argument("--schedules", nargs="+", choices=["policy", "measured"], default=["policy"],
+                        help="respsp's \"schedule\" for each policy column: the policy alone, the measured "
+                             "schedule (policy/schedule.py), or a column of each")
     parser.add_argument("--k-by-batch", default="auto",
                         help="vLLM EAGLE-3 with K chosen by batch size (num_speculative_tokens_per_batch_size): "
                              "'auto' tunes it from this run's fixed-K columns before the run, "
@@ -259,7 +275,8 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     engine = {"max_model_len": args.max_model_len, **({"dtype": args.dtype} if args.dtype else {})}
-    configs = engine_configs(head, args.chains, engine, args.respsp, args.policies, args.policy_shape)
+    configs = engine_configs(head, args.chains, engine, args.respsp, args.policies, args.policy_shape,
+                             args.schedules)
     # SIGTERM / SIGHUP unwind like Ctrl-C, so the engine processes are closed below.
     import signal
 
@@ -278,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
         if head and args.k_by_batch != "none":
             if args.k_by_batch == "auto":
                 texts = workers[0].render(load_prompts(args.prompt_sets[0], limit=args.num_prompts))
-                schedule, tuning = tune_k_schedule(workers, texts, args.batch_sizes, sampling)
+                schedule, tuning = tune_k_schedule(workers, texts, args.batch_sizes, sampling, args.batching[0])
             else:
                 schedule = parse_k_schedule(args.k_by_batch)
             configs.append(k_by_batch_config(head, schedule, engine))
@@ -296,22 +313,22 @@ def main(argv: list[str] | None = None) -> Path:
                 "cells": cells, "raw": raw,
             }
 
-        total = len(args.prompt_sets) * len(args.batch_sizes) * args.reps * len(workers)
+        total = len(args.prompt_sets) * len(args.batching) * len(args.batch_sizes) * args.reps * len(workers)
         with tqdm(total=total, desc="benchmark", unit="run") as progress:
-            for set_name in args.prompt_sets:
+            for set_name, batching, batch_size in itertools.product(args.prompt_sets, args.batching,
+                                                                     args.batch_sizes):
                 texts = workers[0].render(load_prompts(set_name, limit=args.num_prompts))
-                for batch_size in args.batch_sizes:
-                    samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress)
-                    cell = {name: summarize(s, batch_size) for name, s in samples.items()}
-                    add_speedups(cell)
-                    add_identity(cell, samples, args.dtype or "bfloat16",
-                                 lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
-                    cells.append({"prompt_set": set_name, "batch_size": batch_size,
-                                  "num_prompts": len(texts), "configs": cell})
-                    raw[f"{set_name}/bs{batch_size}"] = samples
-                    # Finished cells survive an interrupted run (`python -m benchmarks.report DIR`
-                    # then writes their table and plots).
-                    (out / "throughput.json").write_text(json.dumps(result(False), indent=1, default=str))
+                samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress, batching)
+                cell = {name: summarize(s, batch_size) for name, s in samples.items()}
+                add_speedups(cell)
+                add_identity(cell, samples, args.dtype or "bfloat16",
+                             lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
+                cells.append({"prompt_set": set_name, "batch_size": batch_size, "batching": batching,
+                              "num_prompts": len(texts), "configs": cell})
+                raw[f"{set_name}/bs{batch_size}" + ("" if batching == "static" else f"/{batching}")] = samples
+                # Finished cells survive an interrupted run (`python -m benchmarks.report DIR`
+                # then writes their table and plots).
+                (out / "throughput.json").write_text(json.dumps(result(False), indent=1, default=str))
     finally:
         for w in workers:
             w.close()

@@ -37,6 +37,7 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
                                  for t in ["w5 w6 w7", "w9 w3", "w40 w41 w42"]))
     out = throughput.main(["--model", str(fixture_models["tiny"]), "--head", str(fixture_models["tiny_head"]),
                            "--prompt-sets", str(prompts), "--batch-sizes", "1", "3", "--num-prompts", "3",
+                           "--batching", "static", "continuous",
                            "--max-tokens", "6", "--chains", "2", "--respsp", "T4/D2/K2", "--reps", "2",
                            "--max-model-len", "256",
                            "--dtype", "float32", "--out", str(tmp_path / "run")])
@@ -47,7 +48,8 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
     assert set(tuning["best_k"]) == {"1", "3"} and set(tuning["best_k"].values()) <= {0, 2}
     schedule = result["configs"][3]["speculative_config"]["num_speculative_tokens_per_batch_size"]
     assert [row[:2] for row in schedule] == [[1, 2], [3, 12]]
-    assert [(c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [(1, 3), (3, 3)]
+    assert [(c["batching"], c["batch_size"], c["num_prompts"]) for c in result["cells"]] == [
+        ("static", 1, 3), ("static", 3, 3), ("continuous", 1, 3), ("continuous", 3, 3)]
     for cell in result["cells"]:
         assert cell["configs"]["none"]["speedup_vs_none"] == 1.0
         assert cell["configs"]["eagle3-2"]["acceptance_length"] >= 1.0
@@ -56,11 +58,14 @@ def test_run_on_fixtures_writes_json_table_and_plots(fixture_models, tmp_path):
         assert {c["identical_to_none"] for c in cell["configs"].values()} == {"3/3"}  # float32: exact
         assert {c["lossless"]["label"] for c in cell["configs"].values()} == {"identical"}
         assert cell["configs"]["respsp-T4/D2/K2"]["respsp_fallbacks"] == {}
-    raw = result["raw"][f"{prompts}/bs1"]
-    assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
+    for key in (f"{prompts}/bs1", f"{prompts}/bs1/continuous"):  # one request in flight: the same tokens
+        raw = result["raw"][key]
+        assert [s["rep"] for s in raw["none"]] == [0, 1] and all(s["output_tokens"] == 18 for s in raw["none"])
+        assert raw["eagle3-2"][0]["token_ids"] == result["raw"][f"{prompts}/bs1"]["none"][0]["token_ids"]
     table = (out / "throughput.md").read_text()
     assert "EAGLE-3 chain of 2" in table and "respsp T4/D2/K2" in table
-    assert table.count("\n| ") == 9  # header + 2 cells x 4 configs
+    assert table.count("\n| ") == 17  # header + 4 cells x 4 configs
+    assert "| 3 continuous | EAGLE-3 chain of 2 |" in table
     assert "EAGLE-3, K by batch size" in table
     assert (out / "speedup_vs_batch.png").stat().st_size > 1000
     assert (out / "acceptance_hist.png").stat().st_size > 1000
@@ -97,8 +102,8 @@ class RecordingWorker:
         self.config = type("Config", (), {"name": name})()
         self.calls = []
 
-    def generate(self, prompts, sampling, fresh_prefix_cache=False):
-        self.calls.append((len(prompts), sampling["max_tokens"], fresh_prefix_cache))
+    def generate(self, prompts, sampling, fresh_prefix_cache=False, max_in_flight=None):
+        self.calls.append((len(prompts), sampling["max_tokens"], fresh_prefix_cache, max_in_flight))
         n = len(prompts)
         return {"seconds": 1.0, "output_tokens": n, "token_ids": [[1]] * n, "prompt_token_ids": [[2]] * n,
                 "cached_tokens": [0] * n, "spec": {"accepted_per_pos": []}}
@@ -109,10 +114,55 @@ def test_every_engine_warms_up_and_every_repetition_starts_from_an_empty_prefix_
     samples = throughput.run_cell(workers, ["a", "b", "c"], 2, {"max_tokens": 50}, 2, throughput._Quiet())
     for w in workers:
         warm_up, *timed = w.calls
-        assert warm_up == (2, engines.WARM_UP_TOKENS, False)
+        assert warm_up == (2, engines.WARM_UP_TOKENS, False, None)
         # per repetition: batches of 2 and 1, the first from an empty prefix cache
-        assert timed == [(2, 50, True), (1, 50, False)] * 2
+        assert timed == [(2, 50, True, None), (1, 50, False, None)] * 2
         assert [s["output_tokens"] for s in samples[w.config.name]] == [3, 3]
+    throughput.run_cell(workers[:1], ["a", "b", "c"], 2, {"max_tokens": 50}, 1, throughput._Quiet(), "continuous")
+    assert workers[0].calls[-1] == (3, 50, True, 2)  # all queued, 2 in flight
+    with pytest.raises(ValueError, match="batching='dynamic': allowed values are \\['static', 'continuous'\\]"):
+        engines.generate_in_batches(workers[0], ["a"], 1, {}, "dynamic")
+
+
+class CountingEngine:
+    """vLLM's LLMEngine as generate_in_flight uses it: request i finishes after `steps[i]`
+    steps; add_request returns vLLM's internal id (the caller's with a suffix), outputs carry
+    the caller's."""
+
+    class Output:
+        def __init__(self, request_id, finished):
+            self.request_id, self.finished = request_id, finished
+
+    def __init__(self, steps):
+        self.steps, self.running, self.most_running = steps, {}, 0
+
+    def add_request(self, request_id, prompt, params):
+        self.running[request_id] = self.steps[int(request_id)]
+        return f"{request_id}-x"
+
+    def has_unfinished_requests(self):
+        return bool(self.running)
+
+    def get_num_unfinished_requests(self):
+        return len(self.running)
+
+    def step(self):
+        self.most_running = max(self.most_running, len(self.running))
+        for rid in self.running:
+            self.running[rid] -= 1
+        done = [rid for rid, left in self.running.items() if left == 0]
+        for rid in done:
+            del self.running[rid]
+        return [self.Output(rid, True) for rid in done] + [self.Output(rid, False) for rid in self.running]
+
+
+def test_continuous_batching_keeps_the_cap_and_the_input_order():
+    from vllm_respsp.testbed.engine_run import generate_in_flight
+
+    engine = CountingEngine([5, 1, 1, 3, 2])
+    outputs = generate_in_flight(engine, ["p0", "p1", "p2", "p3", "p4"], None, max_in_flight=2)
+    assert [o.request_id for o in outputs] == ["0", "1", "2", "3", "4"]
+    assert engine.most_running == 2 and not engine.running
 
 
 def test_k_by_batch_schedules():
@@ -153,3 +203,11 @@ def test_near_tie_verdicts():
     exact = judge(reference, candidate, prompts, "float32", logits(0.0))  # float32: no tolerance
     assert exact.label() == "MISMATCH (1 of 2 prompts)"
     assert judge(reference, reference, prompts, "bfloat16", None).label() == "identical"
+
+
+def test_a_policy_column_per_schedule():
+    configs = throughput.engine_configs("h", [], {}, [], ["pol/bandit.json"], "chain3", ["policy", "measured"])
+    assert [c.name for c in configs] == ["none", "respsp-policy-bandit", "respsp-policy-bandit-measured"]
+    assert "schedule" not in configs[1].speculative_config and configs[2].speculative_config["schedule"] == "measured"
+    assert [c.describe() for c in configs[1:]] == ["respsp policy pol/bandit",
+                                                   "respsp policy pol/bandit (measured schedule)"]

@@ -127,14 +127,35 @@ def make_llm(model: str, speculative_config: dict | None = None, **engine_kwargs
     return LLM(model=model, speculative_config=speculative_config, **kwargs)
 
 
-def generate(llm, prompts: list, sampling: dict, use_tqdm: bool = False) -> RunResult:
-    """Generate for `prompts` (strings or token-id lists) with one SamplingParams dict."""
+def generate_in_flight(engine, inputs: list, params, max_in_flight: int) -> list:
+    """Every input through vLLM's `LLMEngine` with at most `max_in_flight` requests unfinished:
+    the next prompt joins as soon as a request finishes (what a server or vLLM's offline
+    benchmark with max_num_seqs = `max_in_flight` sees, for an engine started with a larger
+    max_num_seqs). The finished outputs, in input order. Request ids are the inputs' indices
+    (vLLM's outputs carry the caller's id; it keeps its own, suffixed, inside)."""
+    waiting, finished = list(reversed(inputs)), {}
+    while waiting or engine.has_unfinished_requests():
+        while waiting and engine.get_num_unfinished_requests() < max_in_flight:
+            engine.add_request(str(len(inputs) - len(waiting)), waiting.pop(), params)
+        for output in engine.step():
+            if output.finished:
+                finished[int(output.request_id)] = output
+    return [finished[i] for i in range(len(inputs))]
+
+
+def generate(llm, prompts: list, sampling: dict, use_tqdm: bool = False,
+             max_in_flight: int | None = None) -> RunResult:
+    """Generate for `prompts` (strings or token-id lists) with one SamplingParams dict: all at
+    once (`LLM.generate`), or with at most `max_in_flight` unfinished (`generate_in_flight`)."""
     from vllm import SamplingParams
 
     inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     before = read_spec_counters(llm)
     start = time.perf_counter()
-    outputs = llm.generate(inputs, SamplingParams(**sampling), use_tqdm=use_tqdm)
+    if max_in_flight is not None and max_in_flight < len(inputs):
+        outputs = generate_in_flight(llm.llm_engine, inputs, SamplingParams(**sampling), max_in_flight)
+    else:
+        outputs = llm.generate(inputs, SamplingParams(**sampling), use_tqdm=use_tqdm)
     seconds = time.perf_counter() - start
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     return RunResult(

@@ -37,7 +37,8 @@ class EngineConfig:
             from pathlib import Path
 
             policy = Path(spec["policy"])
-            return f"respsp policy {policy.parent.name}/{policy.stem}"
+            schedule = " (measured schedule)" if spec.get("schedule") == "measured" else ""
+            return f"respsp policy {policy.parent.name}/{policy.stem}{schedule}"
         return str(spec)
 
 
@@ -76,10 +77,10 @@ def _serve(conn, model: str, config: EngineConfig) -> None:
 
                 conn.send(("ok", top_logits(llm, *payload)))
             else:
-                prompts, sampling, fresh_prefix_cache = payload
+                prompts, sampling, fresh_prefix_cache, max_in_flight = payload
                 if fresh_prefix_cache:
                     llm.reset_prefix_cache()
-                conn.send(("ok", generate(llm, prompts, sampling).to_json()))
+                conn.send(("ok", generate(llm, prompts, sampling, max_in_flight=max_in_flight).to_json()))
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
@@ -93,10 +94,21 @@ def warm_up(workers, prompts: list, sampling: dict) -> None:
         worker.generate(prompts, {**sampling, "max_tokens": WARM_UP_TOKENS})
 
 
-def generate_in_batches(worker, prompts: list, batch_size: int, sampling: dict) -> list[dict]:
-    """One timed pass over `prompts` in batches of `batch_size`. Its first batch empties the
-    prefix cache: earlier passes over the same prompts must not let this one skip prefill they
-    paid; hits within the pass (prompts that share a start) still count, as in serving."""
+BATCHING = ("static", "continuous")
+
+
+def generate_in_batches(worker, prompts: list, batch_size: int, sampling: dict,
+                        batching: str = "static") -> list[dict]:
+    """One timed pass over `prompts`, `batch_size` at a time: "static", in groups of
+    `batch_size` (the next group starts when the whole group has finished), or "continuous",
+    all queued with at most `batch_size` unfinished (a request's slot goes to the next prompt
+    when it finishes, as in serving or vLLM's offline benchmark with max_num_seqs). The pass
+    starts from an empty prefix cache: earlier passes over the same prompts must not let this
+    one skip prefill they paid; hits within the pass (prompts that share a start) still count."""
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r}: allowed values are {list(BATCHING)}")
+    if batching == "continuous":
+        return [worker.generate(prompts, sampling, fresh_prefix_cache=True, max_in_flight=batch_size)]
     return [worker.generate(prompts[i:i + batch_size], sampling, fresh_prefix_cache=i == 0)
             for i in range(0, len(prompts), batch_size)]
 
@@ -132,10 +144,12 @@ class EngineWorker:
         self._conn.send(("top_logits", (contexts, k)))
         return self._reply()
 
-    def generate(self, prompts: list, sampling: dict, fresh_prefix_cache: bool = False) -> dict:
-        """One `LLM.generate`; `fresh_prefix_cache` empties vLLM's prefix cache first, so what
-        earlier calls left there (the same prompts, in a benchmark's repetitions) is not reused."""
-        self._conn.send(("generate", (prompts, sampling, fresh_prefix_cache)))
+    def generate(self, prompts: list, sampling: dict, fresh_prefix_cache: bool = False,
+                 max_in_flight: int | None = None) -> dict:
+        """One `engine_run.generate` (at most `max_in_flight` requests unfinished at a time, if
+        given); `fresh_prefix_cache` empties vLLM's prefix cache first, so what earlier calls
+        left there (the same prompts, in a benchmark's repetitions) is not reused."""
+        self._conn.send(("generate", (prompts, sampling, fresh_prefix_cache, max_in_flight)))
         return self._reply()
 
     def close(self) -> None:
