@@ -31,9 +31,13 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cell_batching(cell: dict) -> str:
+    return cell.get("batching", "static")  # runs before 2026-12-06 batched statically
+
+
 def batch_label(cell: dict) -> str:
     """The batch column: "4" for groups of 4 run to their end, "4 continuous" for 4 in flight."""
-    batching = cell.get("batching", "static")  # runs before 2026-12-06 batched statically
+    batching = cell_batching(cell)
     return str(cell["batch_size"]) + ("" if batching == "static" else f" {batching}")
 
 
@@ -62,11 +66,12 @@ def plot_speedups(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(c["prompt_set"], c.get("batching", "static")) for c in result["cells"]})
+    panels = sorted({(c["prompt_set"], cell_batching(c)) for c in result["cells"]})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (set_name, batching) in zip(axes[0], panels):
-        cells = sorted((c for c in result["cells"] if (c["prompt_set"], c.get("batching", "static")) ==
-                        (set_name, batching)), key=lambda c: c["batch_size"])
+    for ax, panel in zip(axes[0], panels):
+        set_name, batching = panel
+        cells = sorted((c for c in result["cells"] if (c["prompt_set"], cell_batching(c)) == panel),
+                       key=lambda c: c["batch_size"])
         for config in result["configs"]:
             xs = [c["batch_size"] for c in cells]
             ys = [c["configs"][config["name"]]["speedup_vs_none"] for c in cells]

@@ -32,6 +32,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from vllm_respsp.config import SCHEDULES
 from vllm_respsp.testbed.engines import (
     BATCHING,
     EngineConfig,
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policies", nargs="*", default=[],
                         help="respsp policy files, one column each (static fallback shape: --policy-shape)")
     parser.add_argument("--policy-shape", default="chain3", help="the static shape given with a policy file")
-    parser.add_argument("--schedules", nargs="+", choices=["policy", "measured"], default=["policy"],
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["policy"],
                         help="respsp's \"schedule\" for each policy column: the policy alone, the measured "
                              "schedule (policy/schedule.py), or a column of each")
     parser.add_argument("--k-by-batch", default="auto",
