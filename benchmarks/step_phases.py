@@ -2,19 +2,25 @@
 
     python -m benchmarks.step_phases --batch 8 --reps 4 none held
     python -m benchmarks.step_phases --batch 1 --reps 6 eagle3-3 respsp-chain3 --out FILE.json
+    python -m benchmarks.step_phases --batch 4 --batching continuous --num-prompts 16 eagle3-1 respsp-chain1
 
 Configurations: `none` (no speculation), `held` (respsp with a constant NO_DRAFTS policy, whose
 load gate is shut at every load: the step a loaded server gets), `policy` (respsp with the
-shipped shape policy, whose actions set vLLM's draft slots to its largest shape), `eagle3-K` (vLLM's EAGLE-3 chain
-of K) and `respsp-chainK`. Every engine runs in this process (vLLM's in-process engine core and
-executor), so one set of wrappers times the same vLLM functions in each: the runner's
+shipped shape policy, whose actions set vLLM's draft slots to its largest shape), `eagle3-K`
+(vLLM's EAGLE-3 chain of K) and `respsp-chainK`; a suffix `@N` starts another engine of the same
+configuration (how much two engines of one configuration differ is the noise floor of a
+comparison). Every engine runs in this process (vLLM's in-process engine core and executor), so
+one set of wrappers times the same vLLM functions in each: the runner's
 `execute_model`, `_prepare_inputs`, `_model_forward`, `_sample`, `sample_tokens`,
 `propose_draft_token_ids`, `_bookkeeping_sync` and the scheduler's `schedule` and
 `update_from_output`, plus respsp's own step-clock phases (`respsp:*`, per engine step).
 `step` is the time from one `execute_model` start to the next: the whole engine step. Medians
-over the decode steps (the first 8 steps and the last 2 of each run are dropped), in ms; `run`
-is the median wall time of a whole `generate` (prefill included), in ms.
-MT-Bench prompts, greedy, 64 tokens, the shipped head, bf16. Repetitions alternate the order
+over the decode steps at full load, in ms: steps whose schedule holds `--batch` requests and no
+prompt tokens (the first 8 steps and the last 2 of each run are dropped); the respsp phases are
+per such step too. `run` is the median wall time of a whole `generate` (prefill included), in ms.
+`--batching continuous` keeps `--batch` requests in flight over `--num-prompts` prompts (a
+finished request's slot goes to the next prompt, as a server sees) instead of one batch.
+MT-Bench prompts, greedy, 64 tokens (`--max-tokens`), the shipped head, bf16. Repetitions alternate the order
 of the engines, so slow drifts hit them alike. Not a throughput benchmark (benchmarks.throughput
 is): it answers which part of a step a configuration adds.
 """
@@ -39,6 +45,7 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
     from vllm_respsp.policy.policy_file import constant_policy
     from vllm_respsp.tree.shape import NO_DRAFTS, chain
 
+    name = name.partition("@")[0]  # "eagle3-1@2": a second engine of the same configuration
     if name == "none":
         return None
     if name == "held":
@@ -58,30 +65,58 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
 
 
 class CallLog:
-    """(function, start, end) of every wrapped call, process-wide."""
+    """(function, start, end) of every wrapped call, process-wide; per engine step, whether its
+    schedule was a pure decode step of how many requests, and respsp's step clock at its start."""
 
     def __init__(self):
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         self.calls: list[tuple[str, float, float]] = []
+        self.decode_loads: list[int] = []  # per schedule: requests of a decode-only step, 0 otherwise
+        self.clocks: list[dict[str, float]] = []  # respsp's SECONDS at each execute_model start
         for cls, names in ((GPUModelRunner, WRAPPED["runner"]), (Scheduler, WRAPPED["scheduler"])):
             for name in names:
                 if hasattr(cls, name):
                     setattr(cls, name, self._timed(name, getattr(cls, name)))
 
+    def clear(self) -> None:
+        self.calls.clear()
+        self.decode_loads.clear()
+        self.clocks.clear()
+
     def _timed(self, name, original):
+        from vllm_respsp.step_clock import SECONDS
+
         def call(*args, **kwargs):
+            if name == "execute_model":
+                self.clocks.append(dict(SECONDS))
             start = time.perf_counter()
+            out = None
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
+                return out
             finally:
                 self.calls.append((name, start, time.perf_counter()))
+                if name == "schedule" and out is not None:
+                    self.decode_loads.append(_decode_load(out))
         return call
 
-    def decode_steps(self) -> list[tuple[float, float]]:
+    def decode_steps(self, load: int) -> list[tuple[int, float, float]]:
+        """(step number, start, end) of the decode steps of `load` requests."""
         starts = [start for name, start, _ in self.calls if name == "execute_model"]
-        return list(zip(starts, starts[1:]))[8:-2]
+        steps = [(i, a, b) for i, (a, b) in enumerate(zip(starts, starts[1:]))][8:-2]
+        return [(i, a, b) for i, a, b in steps if i < len(self.decode_loads) and self.decode_loads[i] == load]
+
+
+def _decode_load(scheduler_output) -> int:
+    """The number of requests of a step that schedules no prompt tokens (0 if it does): every
+    request runs its one verified token plus its drafts."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    counts = scheduler_output.num_scheduled_tokens
+    if scheduler_output.scheduled_new_reqs or any(n > 1 + len(spec.get(r, ())) for r, n in counts.items()):
+        return 0
+    return len(counts)
 
 
 def main() -> None:
@@ -90,6 +125,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batching", choices=("static", "continuous"), default="static",
+                        help="one batch of --batch prompts, or --batch requests in flight over --num-prompts")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="prompts per run with --batching continuous (default: 4 x --batch)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -111,29 +150,33 @@ def main() -> None:
     engines = {name: make_llm(model, spec, distributed_executor_backend="uni", dtype="bfloat16")
                for name, spec in specs.items()}
     log = CallLog()
-    prompts = prompt_token_ids("mt-bench", testbed_model_path(), args.batch)
+    continuous = args.batching == "continuous"
+    num_prompts = (args.num_prompts or 4 * args.batch) if continuous else args.batch
+    prompts = prompt_token_ids("mt-bench", testbed_model_path(), num_prompts)
     for llm in engines.values():
         generate(llm, prompts[:2], {"temperature": 0.0, "max_tokens": 8})
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
     for rep in range(args.reps):
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
         for name in order:
-            log.calls.clear()
-            before, started = dict(SECONDS), time.perf_counter()
-            generate(engines[name], prompts, {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True})
+            log.clear()
+            started = time.perf_counter()
+            generate(engines[name], prompts, {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True},
+                     max_in_flight=args.batch if continuous else None)
             samples[name].setdefault("run", []).append(time.perf_counter() - started)
-            steps = sum(1 for call, _, _ in log.calls if call == "execute_model")
-            for phase, seconds in SECONDS.items():
-                samples[name].setdefault(f"respsp:{phase}", []).append((seconds - before.get(phase, 0)) / max(steps, 1))
-            for a, b in log.decode_steps():
+            log.clocks.append(dict(SECONDS))
+            for i, a, b in log.decode_steps(args.batch):
                 samples[name].setdefault("step", []).append(b - a)
                 for call, start, end in log.calls:
                     if a <= start < b:
                         samples[name].setdefault(call, []).append(end - start)
+                for phase, seconds in log.clocks[i + 1].items():
+                    samples[name].setdefault(f"respsp:{phase}", []).append(seconds - log.clocks[i].get(phase, 0))
     table = {name: {key: round(statistics.median(values) * 1000, 3) for key, values in rows.items()}
              | {"decode_steps": len(rows.get("step", []))} for name, rows in samples.items()}
     table["command"] = "python -m benchmarks.step_phases " + " ".join(
-        [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}"])
+        [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}",
+         f"--batching {args.batching}"] + ([f"--num-prompts {num_prompts}"] if continuous else []))
     text = json.dumps(table, indent=1)
     print(text)
     if args.out:

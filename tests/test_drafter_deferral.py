@@ -8,6 +8,7 @@ import torch
 
 from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
 from vllm_respsp.runtime.head import StepInputs
+from vllm_respsp.tree.shape import chain
 
 H, HEADS, KV_HEADS, D, VOCAB, DRAFT_VOCAB = 16, 4, 2, 8, 50, 20
 
@@ -137,3 +138,12 @@ def test_a_deferral_longer_than_the_window_restarts_the_context_at_the_window():
         assert torch.allclose(getattr(roots, field)[0], getattr(fresh_roots, field)[0], atol=1e-5)
     # within the window nothing is dropped: the exact catch-up of the test above
     assert run({"a": {1, 2, 3, 4}}, window=8)[0].restarts == 0
+
+
+def test_single_drafts_are_the_tree_builders_one_draft_chains():
+    """The runtime's shortcut for a step of one-draft shapes (vLLM's K = 1) proposes what
+    growing depth-1 chains through the tree builder proposes."""
+    drafter, (roots, ids) = run({})
+    tree = drafter.draft(ids, [chain(1)] * len(ids), torch.tensor([7, 8]), roots.hidden, roots.logprobs)
+    assert tree.cu_nodes.tolist() == [0, 2, 4]
+    assert drafter.single_drafts(roots.logprobs) == tree.tokens[1::2].tolist()

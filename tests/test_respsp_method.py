@@ -44,13 +44,15 @@ def test_bad_respsp_configs_fail_at_start_up(fixture_models, change, message):
         engine_config(fixture_models["successor"], spec)
 
 
-def test_respsp_chain_is_lossless_on_the_successor_pair(fixture_models):
+# chain 1 takes the runtime's one-draft shortcut (the roots' argmax, no tree builder)
+@pytest.mark.parametrize("shape", [CHAIN4, {"total_tokens": 1, "depth": 1, "top_k": 1}], ids=["chain4", "chain1"])
+def test_respsp_chain_is_lossless_on_the_successor_pair(fixture_models, shape):
     job = {"model": str(fixture_models["successor"]), "prompts": [[5, 9, 30], [100, 7]],
            "samplings": [{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True},
                          {"temperature": 0.8, "max_tokens": 40, "ignore_eos": True, "seed": 7}],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["successor_head"]),
-                                  "shape": CHAIN4}}
+                                  "shape": shape}}
     results = run_engine(job)["results"]
     for r in results:
         assert r["token_ids"] == [[31 + i for i in range(40)], [(8 + i) % 128 for i in range(40)]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -179,13 +180,23 @@ class TreeDrafter:
             d = self.deferred[r.req_id] = Deferred(r.start)
         return d
 
-    def _with_deferred(self, aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+    def _with_deferred(self, own_aux: torch.Tensor, r: NewRows) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
         """(first position, aux states, next tokens, whether the context restarts there) of a
-        request's rows, deferred ones first."""
+        request's rows, deferred ones first (`own_aux`: the aux states of its rows this step)."""
         d = self.deferred.pop(r.req_id, None)
         if d is None or r.start != d.end:
-            return r.start, aux[r.aux_rows], r.next_tokens, False
-        return d.start, torch.cat([*d.aux, aux[r.aux_rows]]), torch.cat([*d.tokens, r.next_tokens]), d.restart
+            return r.start, own_aux, r.next_tokens, False
+        return d.start, torch.cat([*d.aux, own_aux]), torch.cat([*d.tokens, r.next_tokens]), d.restart
+
+    def _step_rows(self, aux: torch.Tensor, rows: list[NewRows]):
+        """Per request (first position, aux states, next tokens, restart), deferred rows first.
+        The step's own rows are gathered from `aux` in one index, not one per request."""
+        own = aux[torch.cat([r.aux_rows for r in rows])]
+        if not any(r.req_id in self.deferred for r in rows):  # the common step: nothing to catch up
+            return [(r.start, None, r.next_tokens, False) for r in rows], own
+        bounds = [0, *accumulate(r.aux_rows.numel() for r in rows)]
+        parts = [self._with_deferred(own[a:b], r) for r, a, b in zip(rows, bounds, bounds[1:])]
+        return parts, torch.cat([a for _, a, _, _ in parts])
 
     def _context(self, req_id: str, start: int, restart: bool = False) -> DraftContext:
         ctx = self.contexts.get(req_id)
@@ -208,11 +219,11 @@ class TreeDrafter:
         contexts as padded for this pass (for `draft`)."""
         head = self.head
         padded: PaddedContexts | None = None  # set by `attend`, inside the head's pass
-        parts = [self._with_deferred(aux, r) for r in rows]
+        parts, step_aux = self._step_rows(aux, rows)
         tokens = torch.cat([t for _, _, t, _ in parts])
         positions = torch.cat([torch.arange(start, start + len(t)) for start, _, t, _ in parts])
         contexts = [self._context(r.req_id, start, restart) for r, (start, _, _, restart) in zip(rows, parts)]
-        hidden = head.combine(torch.cat([a for _, a, _, _ in parts]))
+        hidden = head.combine(step_aux)
 
         sizes = [len(t) for _, _, t, _ in parts]  # Python ints: reading them back from tensors costs a sync each
         counts, longest = torch.tensor(sizes), max(sizes)
@@ -242,6 +253,12 @@ class TreeDrafter:
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
         return RootStates(hidden[last], prenorm[last], logprobs), padded
+
+    def single_drafts(self, root_logprobs: torch.Tensor) -> list[int]:
+        """Each root's most likely next token, in target-vocabulary ids: the whole tree of a
+        one-draft shape (depth 1, top-k 1), without the tree builder (no head pass is needed:
+        `extend` already scored the roots' children)."""
+        return self.head.draft_to_target[root_logprobs.argmax(dim=-1)].tolist()
 
     @torch.inference_mode()
     def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,

@@ -362,6 +362,12 @@ class RespspRuntime:
         if not chosen:
             return
         states = root_states.at([root.context_row for root, _ in chosen])
+        names = {shape: str(shape) for _, shape in chosen}
+        if all(shape.depth == 1 and shape.is_chain for _, shape in chosen):  # vLLM's K = 1: the roots' argmax
+            with timed("draft_grow"):
+                for (root, shape), token in zip(chosen, self.drafter.single_drafts(states.logprobs)):
+                    self._propose_tree(root.req_id, ProposedTree([root.token, token], [-1, 0], [0, 1], names[shape]))
+            return
         with timed("draft_grow"):
             tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
                                       torch.tensor([root.token for root, _ in chosen]),
@@ -371,13 +377,14 @@ class RespspRuntime:
         host = torch.cat([tree.tokens.long(), tree.parents.long(), tree.depths.long(),
                           tree.cu_nodes.long().to(tree.tokens.device)]).tolist()
         tokens, parents, depths, cu = host[:n], host[n:2 * n], host[2 * n:3 * n], host[3 * n:]
-        names = {shape: str(shape) for _, shape in chosen}
         for b, (root, shape) in enumerate(chosen):
             nodes = slice(cu[b], cu[b + 1])
-            proposed = ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape])
-            self.proposed[root.req_id] = proposed
-            if self.decisions is not None:
-                self.decisions.update(f"{proposed.tokens}{proposed.parents}".encode())
+            self._propose_tree(root.req_id, ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape]))
+
+    def _propose_tree(self, req_id: str, tree: ProposedTree) -> None:
+        self.proposed[req_id] = tree
+        if self.decisions is not None:
+            self.decisions.update(f"{tree.tokens}{tree.parents}".encode())
 
     def _upstream_requests(self, index: StepIndex) -> dict[int, str]:
         """{batch index: reason} of the requests whose sampling needs vLLM's own sampler."""
