@@ -17,7 +17,8 @@ one set of wrappers times the same vLLM functions in each: the runner's
 `step` is the time from one `execute_model` start to the next: the whole engine step. Medians
 over the decode steps at full load, in ms: steps whose schedule holds `--batch` requests and no
 prompt tokens (the first 8 steps and the last 2 of each run are dropped); the respsp phases are
-per such step too. `run` is the median wall time of a whole `generate` (prefill included), in ms.
+per such step too. `run` is the median wall time of a whole `generate` (prefill included), in ms;
+`step_and_run_by_rep` has both per repetition (an engine's own offset against the machine's drift).
 `--batching continuous` keeps `--batch` requests in flight over `--num-prompts` prompts (a
 finished request's slot goes to the next prompt, as a server sees) instead of one batch.
 MT-Bench prompts, greedy, 64 tokens (`--max-tokens`), the shipped head, bf16. Repetitions alternate the order
@@ -156,6 +157,9 @@ def main() -> None:
     for llm in engines.values():
         generate(llm, prompts[:2], {"temperature": 0.0, "max_tokens": 8})
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
+    # per repetition, in the order run: (decode-step median, run) in ms, to tell an engine's own
+    # offset from the machine's drift
+    by_rep: dict[str, list[list[float]]] = {name: [] for name in engines}
     for rep in range(args.reps):
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
         for name in order:
@@ -165,7 +169,10 @@ def main() -> None:
                      max_in_flight=args.batch if continuous else None)
             samples[name].setdefault("run", []).append(time.perf_counter() - started)
             log.clocks.append(dict(SECONDS))
-            for i, a, b in log.decode_steps(args.batch):
+            steps = log.decode_steps(args.batch)
+            by_rep[name].append([round(statistics.median([b - a for _, a, b in steps]) * 1000, 3) if steps else None,
+                                 round(samples[name]["run"][-1] * 1000, 1)])
+            for i, a, b in steps:
                 samples[name].setdefault("step", []).append(b - a)
                 for call, start, end in log.calls:
                     if a <= start < b:
@@ -173,7 +180,8 @@ def main() -> None:
                 for phase, seconds in log.clocks[i + 1].items():
                     samples[name].setdefault(f"respsp:{phase}", []).append(seconds - log.clocks[i].get(phase, 0))
     table = {name: {key: round(statistics.median(values) * 1000, 3) for key, values in rows.items()}
-             | {"decode_steps": len(rows.get("step", []))} for name, rows in samples.items()}
+             | {"decode_steps": len(rows.get("step", [])), "step_and_run_by_rep": by_rep[name]}
+             for name, rows in samples.items()}
     table["command"] = "python -m benchmarks.step_phases " + " ".join(
         [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}",
          f"--batching {args.batching}"] + ([f"--num-prompts {num_prompts}"] if continuous else []))
