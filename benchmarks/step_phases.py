@@ -19,6 +19,8 @@ over the decode steps at full load, in ms: steps whose schedule holds `--batch` 
 prompt tokens (the first 8 steps and the last 2 of each run are dropped); the respsp phases are
 per such step too. `run` is the median wall time of a whole `generate` (prefill included), in ms;
 `step_and_run_by_rep` has both per repetition (an engine's own offset against the machine's drift).
+Equal drafts take equal numbers of decode steps (`decode_steps`): vLLM's acceptance counters are
+process-wide, so with every engine in one process they cannot be read per engine.
 `--batching continuous` keeps `--batch` requests in flight over `--num-prompts` prompts (a
 finished request's slot goes to the next prompt, as a server sees) instead of one batch.
 MT-Bench prompts, greedy, 64 tokens (`--max-tokens`), the shipped head, bf16. Repetitions alternate the order
@@ -165,8 +167,8 @@ def main() -> None:
         for name in order:
             log.clear()
             started = time.perf_counter()
-            generate(engines[name], prompts, {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True},
-                     max_in_flight=args.batch if continuous else None)
+            sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True}
+            generate(engines[name], prompts, sampling, max_in_flight=args.batch if continuous else None)
             samples[name].setdefault("run", []).append(time.perf_counter() - started)
             log.clocks.append(dict(SECONDS))
             steps = log.decode_steps(args.batch)

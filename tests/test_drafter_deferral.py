@@ -140,10 +140,16 @@ def test_a_deferral_longer_than_the_window_restarts_the_context_at_the_window():
     assert run({"a": {1, 2, 3, 4}}, window=8)[0].restarts == 0
 
 
-def test_single_drafts_are_the_tree_builders_one_draft_chains():
-    """The runtime's shortcut for a step of one-draft shapes (vLLM's K = 1) proposes what
-    growing depth-1 chains through the tree builder proposes."""
-    drafter, (roots, ids) = run({})
-    tree = drafter.draft(ids, [chain(1)] * len(ids), torch.tensor([7, 8]), roots.hidden, roots.logprobs)
-    assert tree.cu_nodes.tolist() == [0, 2, 4]
-    assert drafter.single_drafts(roots.logprobs) == tree.tokens[1::2].tolist()
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_plain_chains_are_what_the_tree_builder_grows(depth):
+    """The runtime's shortcut for a step of whole chains of one depth (vLLM's chains of K)
+    proposes what growing chain(depth) shapes through the tree builder proposes (over several
+    root states, so that a wrong position or path would change some draft)."""
+    drafter, (_, ids) = run({})
+    g = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        hidden = torch.randn(2, H, generator=g) * 3
+        logprobs = torch.log_softmax(torch.randn(2, DRAFT_VOCAB, generator=g), -1)
+        tree = drafter.draft(ids, [chain(depth)] * 2, torch.tensor([7, 8]), hidden, logprobs)
+        assert tree.cu_nodes.tolist() == [0, depth + 1, 2 * depth + 2]
+        assert drafter.draft_chains(ids, depth, hidden, logprobs) == tree.tokens.view(2, depth + 1)[:, 1:].tolist()

@@ -44,7 +44,7 @@ def test_bad_respsp_configs_fail_at_start_up(fixture_models, change, message):
         engine_config(fixture_models["successor"], spec)
 
 
-# chain 1 takes the runtime's one-draft shortcut (the roots' argmax, no tree builder)
+# whole chains take the runtime's chain path (`TreeDrafter.draft_chains`); chain 1 runs no head pass in it
 @pytest.mark.parametrize("shape", [CHAIN4, {"total_tokens": 1, "depth": 1, "top_k": 1}], ids=["chain4", "chain1"])
 def test_respsp_chain_is_lossless_on_the_successor_pair(fixture_models, shape):
     job = {"model": str(fixture_models["successor"]), "prompts": [[5, 9, 30], [100, 7]],

@@ -254,11 +254,37 @@ class TreeDrafter:
                                          attend, logit_rows=last)
         return RootStates(hidden[last], prenorm[last], logprobs), padded
 
-    def single_drafts(self, root_logprobs: torch.Tensor) -> list[int]:
-        """Each root's most likely next token, in target-vocabulary ids: the whole tree of a
-        one-draft shape (depth 1, top-k 1), without the tree builder (no head pass is needed:
-        `extend` already scored the roots' children)."""
-        return self.head.draft_to_target[root_logprobs.argmax(dim=-1)].tolist()
+    @torch.inference_mode()
+    def draft_chains(self, req_ids: list[str], depth: int, root_hidden: torch.Tensor, root_logprobs: torch.Tensor,
+                     extended: PaddedContexts | None = None) -> list[list[int]]:
+        """Every request's greedy chain of `depth` drafts, in target-vocabulary ids: what `draft`
+        grows for chain(depth) shapes, without the tree builder's candidate pool. Level 1 is the
+        roots' argmax (`extend` already scored it: no head pass); each further level is one head
+        pass in which a request's one row attends to its context and its own path."""
+        head = self.head
+        draft = root_logprobs.argmax(dim=-1)
+        drafts = [draft]
+        if depth > 1:
+            root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
+            padded = self._padded_for(req_ids, extended)
+            hidden, path = root_hidden, {"k": None, "v": None}
+
+            def attend(step: StepInputs) -> torch.Tensor:
+                for name, new in (("k", step.k[:, None]), ("v", step.v[:, None])):
+                    path[name] = new if path[name] is None else torch.cat([path[name], new], dim=1)
+                return self._attend_one_row_per_request(step.q, padded, path["k"], path["v"])
+
+            for level in range(1, depth):
+                positions = (root_pos + level - 1).to(draft.device)
+                _, hidden, logprobs = head.step(hidden, head.draft_to_target[draft], positions, attend)
+                draft = logprobs.argmax(dim=-1)
+                drafts.append(draft)
+        return head.draft_to_target[torch.stack(drafts, dim=1)].tolist()
+
+    def _padded_for(self, req_ids: list[str], extended: PaddedContexts | None):
+        """These requests' contexts, padded: from this step's `extend` where it has them all."""
+        return (extended.of(req_ids) if extended is not None else None) or \
+            self._padded(self.kv.locate(req_ids), [self.contexts[r] for r in req_ids])
 
     @torch.inference_mode()
     def draft(self, req_ids: list[str], shapes: list[TreeShape], root_tokens: torch.Tensor,
@@ -269,8 +295,7 @@ class TreeDrafter:
         head = self.head
         contexts = [self.contexts[r] for r in req_ids]
         root_pos = torch.tensor([c.end for c in contexts])  # the root token's position
-        padded = (extended.of(req_ids) if extended is not None else None) or \
-            self._padded(self.kv.locate(req_ids), contexts)
+        padded = self._padded_for(req_ids, extended)
         state = {"hidden": torch.empty(0, root_hidden.shape[-1], dtype=root_hidden.dtype),
                  "row": torch.empty(0, dtype=torch.long), "path_k": None, "path_v": None}
 

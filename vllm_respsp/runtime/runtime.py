@@ -363,10 +363,14 @@ class RespspRuntime:
             return
         states = root_states.at([root.context_row for root, _ in chosen])
         names = {shape: str(shape) for _, shape in chosen}
-        if all(shape.depth == 1 and shape.is_chain for _, shape in chosen):  # vLLM's K = 1: the roots' argmax
+        depth = _plain_chain_depth([shape for _, shape in chosen])
+        if depth:  # vLLM's chains of K: no candidate pool, no rerank
             with timed("draft_grow"):
-                for (root, shape), token in zip(chosen, self.drafter.single_drafts(states.logprobs)):
-                    self._propose_tree(root.req_id, ProposedTree([root.token, token], [-1, 0], [0, 1], names[shape]))
+                chains = self.drafter.draft_chains([root.req_id for root, _ in chosen], depth,
+                                                   states.hidden, states.logprobs, root_states.padded)
+            for (root, shape), drafts in zip(chosen, chains):
+                self._propose_tree(root.req_id, ProposedTree([root.token, *drafts], list(range(-1, depth)),
+                                                             list(range(depth + 1)), names[shape]))
             return
         with timed("draft_grow"):
             tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
@@ -429,6 +433,13 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
+
+
+def _plain_chain_depth(shapes: list[TreeShape]) -> int:
+    """The depth when every shape is a whole chain of that one depth (no confidence bound), else 0."""
+    depths = {shape.depth for shape in shapes}
+    plain = all(s.is_chain and s.min_prob == 0 and s.total_tokens == s.depth for s in shapes)
+    return depths.pop() if plain and len(depths) == 1 else 0
 
 
 def _tensor_parallel() -> tuple[int, int]:
