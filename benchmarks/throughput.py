@@ -11,7 +11,10 @@ loads below B, which drafting lengthens.
 
 All configurations (no speculation, vLLM's EAGLE-3 chain for each length in --chains, ...)
 stay loaded in their own processes; each repetition runs every configuration on the same
-prompts, in a rotated order, so machine noise hits all of them alike. Reported per prompt set
+prompts, in a rotated order, so machine noise hits all of them alike. `--engines-per-config N`
+starts N engines of each configuration, all run every repetition, their samples pooled (each
+sample names its engine): on a machine where two engines of one configuration differ by a few
+percent, that difference averages out instead of landing on one column. Reported per prompt set
 and batch size: median output tokens/s with min-max spread, time per output token, vLLM's
 acceptance length and per-position acceptance, speedups against no speculation and against
 the best EAGLE-3 chain, and whether the outputs are the target's own: "identical" to no
@@ -140,6 +143,7 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
     the K-by-batch tuning."""
     warm_up(workers, texts[:batch_size], sampling)
     samples: dict[str, list[dict]] = {w.config.name: [] for w in workers}
+    engine_of = replica_numbers(workers)
     for rep in range(reps):
         order = workers[rep % len(workers):] + workers[:rep % len(workers)]
         for worker in order:
@@ -159,10 +163,21 @@ def run_cell(workers: list[EngineWorker], texts: list[str], batch_size: int, sam
                     add_counts(spec[key], r["spec"].get(key, {}))
                 spec["accepted_per_pos"] = add_lists(spec["accepted_per_pos"], r["spec"]["accepted_per_pos"])
             samples[worker.config.name].append(
-                {"rep": rep, "seconds": seconds, "output_tokens": tokens, "spec": spec, "token_ids": token_ids,
-                 "prompt_token_ids": prompt_ids, "cached_prompt_tokens": cached})
+                {"rep": rep, "engine": engine_of[id(worker)], "seconds": seconds, "output_tokens": tokens,
+                 "spec": spec, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "cached_prompt_tokens": cached})
             progress.update(1)
     return samples
+
+
+def replica_numbers(workers: list) -> dict[int, int]:
+    """{id(worker): its number among the engines of its configuration} (0, 1, ...): with
+    `--engines-per-config N` a configuration's samples pool N engines, each sample says which."""
+    seen: dict[str, int] = {}
+    numbers = {}
+    for worker in workers:
+        numbers[id(worker)] = seen.get(worker.config.name, 0)
+        seen[worker.config.name] = numbers[id(worker)] + 1
+    return numbers
 
 
 def summarize(samples: list[dict], batch_size: int) -> dict:
@@ -246,6 +261,9 @@ def main(argv: list[str] | None = None) -> Path:
                              "'auto' tunes it from this run's fixed-K columns before the run, "
                              "'1-2:3,3-1024:0' gives it, 'none' leaves the column out")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--engines-per-config", type=int, default=1,
+                        help="engines started per configuration, each run every repetition (samples pooled): "
+                             "two engines of one configuration can differ by a few percent on a noisy machine")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's, bfloat16 "
                                                       "for the testbed); float32 for token-exact outputs")
@@ -255,8 +273,8 @@ def main(argv: list[str] | None = None) -> Path:
         args.prompt_sets, args.batch_sizes = ["mt-bench"], [1, 4]
         args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3, 5], 1
         args.respsp = args.respsp[:1]
-    if any(b < 1 for b in args.batch_sizes) or args.num_prompts < 1 or args.reps < 1:
-        parser.error("--batch-sizes, --num-prompts and --reps must be positive")
+    if any(b < 1 for b in args.batch_sizes) or min(args.num_prompts, args.reps, args.engines_per_config) < 1:
+        parser.error("--batch-sizes, --num-prompts, --reps and --engines-per-config must be positive")
     if args.k_by_batch not in ("auto", "none"):
         try:
             parse_k_schedule(args.k_by_batch)
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    workers = [EngineWorker(model, c) for c in configs]
+    workers = [EngineWorker(model, c) for c in configs for _ in range(args.engines_per_config)]
     try:
         for w in tqdm(workers, desc="starting engines"):
             w.wait_ready()
@@ -300,8 +318,10 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 schedule = parse_k_schedule(args.k_by_batch)
             configs.append(k_by_batch_config(head, schedule, engine))
-            workers.append(EngineWorker(model, configs[-1]))
-            workers[-1].wait_ready()
+            added = [EngineWorker(model, configs[-1]) for _ in range(args.engines_per_config)]
+            workers += added
+            for w in added:
+                w.wait_ready()
 
         def result(complete: bool) -> dict:
             return {

@@ -1,6 +1,7 @@
 """The throughput benchmark's own logic, end to end on the tiny fixtures (two small engines)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -211,3 +212,25 @@ def test_a_policy_column_per_schedule():
     assert "schedule" not in configs[1].speculative_config and configs[2].speculative_config["schedule"] == "measured"
     assert [c.describe() for c in configs[1:]] == ["respsp policy pol/bandit",
                                                    "respsp policy pol/bandit (measured schedule)"]
+
+
+class ReplayWorker:
+    """Stands in for an EngineWorker: a configuration name and a fixed time per generate."""
+
+    def __init__(self, name, seconds):
+        self.config = SimpleNamespace(name=name)
+        self.seconds = seconds
+
+    def generate(self, prompts, sampling, fresh_prefix_cache=False, max_in_flight=None):
+        return {"seconds": self.seconds, "output_tokens": 10 * len(prompts), "token_ids": [[1]] * len(prompts),
+                "prompt_token_ids": [[0]] * len(prompts), "cached_tokens": [0] * len(prompts),
+                "spec": {"accepted_per_pos": []}}
+
+
+def test_engines_of_one_configuration_pool_their_samples_and_say_which_engine():
+    workers = [ReplayWorker("none", 1.0), ReplayWorker("none", 2.0), ReplayWorker("eagle3-1", 1.0)]
+    samples = throughput.run_cell(workers, ["a", "b"], 2, {}, 2, SimpleNamespace(update=lambda n: None))
+    assert sorted((s["rep"], s["engine"], s["seconds"]) for s in samples["none"]) == [
+        (0, 0, 1.0), (0, 1, 2.0), (1, 0, 1.0), (1, 1, 2.0)]
+    assert [s["engine"] for s in samples["eagle3-1"]] == [0, 0]
+    assert throughput.summarize(samples["none"], 2)["tokens_per_s"] == 15.0  # median of 20, 20, 10, 10
