@@ -140,16 +140,25 @@ def test_a_deferral_longer_than_the_window_restarts_the_context_at_the_window():
     assert run({"a": {1, 2, 3, 4}}, window=8)[0].restarts == 0
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_plain_chains_are_what_the_tree_builder_grows(depth):
-    """The runtime's shortcut for a step of whole chains of one depth (vLLM's chains of K)
-    proposes what growing chain(depth) shapes through the tree builder proposes (over several
-    root states, so that a wrong position or path would change some draft)."""
+@pytest.mark.parametrize("shapes", [
+    [chain(1), chain(1)], [chain(3), chain(3)],  # vLLM's chains of K
+    # what a policy mixes: depths, confidence bounds
+    [chain(1), chain(3)], [chain(4, 0.3), chain(2)], [chain(5, 0.1), chain(3, 0.5)], [chain(5, 0.2), chain(4, 0.05)],
+], ids=str)
+def test_chains_are_what_the_tree_builder_grows(shapes):
+    """The runtime's path for a step of chains only (any depths, confidence bounds) proposes what
+    growing them through the tree builder proposes (over several root states, so that a wrong
+    position, path or bound would change some draft)."""
     drafter, (_, ids) = run({})
     g = torch.Generator().manual_seed(3)
-    for _ in range(12):
-        hidden = torch.randn(2, H, generator=g) * 3
-        logprobs = torch.log_softmax(torch.randn(2, DRAFT_VOCAB, generator=g), -1)
-        tree = drafter.draft(ids, [chain(depth)] * 2, torch.tensor([7, 8]), hidden, logprobs)
-        assert tree.cu_nodes.tolist() == [0, depth + 1, 2 * depth + 2]
-        assert drafter.draft_chains(ids, depth, hidden, logprobs) == tree.tokens.view(2, depth + 1)[:, 1:].tolist()
+    lengths = set()
+    for _ in range(24):
+        hidden = torch.randn(2, H, generator=g) * 6
+        logprobs = torch.log_softmax(torch.randn(2, DRAFT_VOCAB, generator=g) * 2, -1)
+        tree = drafter.draft(ids, shapes, torch.tensor([7, 8]), hidden, logprobs)
+        cu = tree.cu_nodes.tolist()
+        grown = [tree.tokens[cu[b] + 1:cu[b + 1]].tolist() for b in range(2)]
+        assert drafter.draft_chains(ids, shapes, hidden, logprobs) == grown
+        lengths |= {len(chain) for chain in grown}
+    if any(s.min_prob for s in shapes):  # the bound cut some chains and not others
+        assert len(lengths) > 1

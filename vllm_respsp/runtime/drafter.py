@@ -255,31 +255,43 @@ class TreeDrafter:
         return RootStates(hidden[last], prenorm[last], logprobs), padded
 
     @torch.inference_mode()
-    def draft_chains(self, req_ids: list[str], depth: int, root_hidden: torch.Tensor, root_logprobs: torch.Tensor,
-                     extended: PaddedContexts | None = None) -> list[list[int]]:
-        """Every request's greedy chain of `depth` drafts, in target-vocabulary ids: what `draft`
-        grows for chain(depth) shapes, without the tree builder's candidate pool. Level 1 is the
-        roots' argmax (`extend` already scored it: no head pass); each further level is one head
-        pass in which a request's one row attends to its context and its own path."""
+    def draft_chains(self, req_ids: list[str], shapes: list[TreeShape], root_hidden: torch.Tensor,
+                     root_logprobs: torch.Tensor, extended: PaddedContexts | None = None) -> list[list[int]]:
+        """Every request's greedy chain of drafts, in target-vocabulary ids, for shapes that are
+        all chains (top-k 1, any depths and bounds): what `draft` grows for them, without the
+        tree builder's candidate pool and rerank. A chain has min(total_tokens, depth) drafts,
+        cut after the first whose cumulative log-prob is below its shape's bound (a bounded
+        shape expands only nodes at or above it). Level 1 is the roots' argmax (`extend`
+        already scored it: no head pass); each further level is one head pass over every
+        request (a finished chain's row costs next to nothing: the pass reads the same weights),
+        its one row attending to its context and its own path."""
         head = self.head
-        draft = root_logprobs.argmax(dim=-1)
-        drafts = [draft]
-        if depth > 1:
-            root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
-            padded = self._padded_for(req_ids, extended)
-            hidden, path = root_hidden, {"k": None, "v": None}
+        lengths = torch.tensor([min(s.total_tokens, s.depth) for s in shapes])
+        log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32)
+        score, draft = root_logprobs.max(dim=-1)
+        drafts, grown = [draft], torch.ones(len(shapes), dtype=torch.long)
+        alive = torch.ones(len(shapes), dtype=torch.bool)
+        root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
+        padded, hidden, path = None, root_hidden, {"k": None, "v": None}
 
-            def attend(step: StepInputs) -> torch.Tensor:
-                for name, new in (("k", step.k[:, None]), ("v", step.v[:, None])):
-                    path[name] = new if path[name] is None else torch.cat([path[name], new], dim=1)
-                return self._attend_one_row_per_request(step.q, padded, path["k"], path["v"])
+        def attend(step: StepInputs) -> torch.Tensor:
+            for name, new in (("k", step.k[:, None]), ("v", step.v[:, None])):
+                path[name] = new if path[name] is None else torch.cat([path[name], new], dim=1)
+            return self._attend_one_row_per_request(step.q, padded, path["k"], path["v"])
 
-            for level in range(1, depth):
-                positions = (root_pos + level - 1).to(draft.device)
-                _, hidden, logprobs = head.step(hidden, head.draft_to_target[draft], positions, attend)
-                draft = logprobs.argmax(dim=-1)
-                drafts.append(draft)
-        return head.draft_to_target[torch.stack(drafts, dim=1)].tolist()
+        for level in range(1, int(lengths.max())):
+            alive &= (lengths > level) & (score.float().cpu() >= log_min)
+            if not bool(alive.any()):
+                break
+            padded = padded or self._padded_for(req_ids, extended)
+            positions = (root_pos + level - 1).to(draft.device)
+            _, hidden, logprobs = head.step(hidden, head.draft_to_target[draft], positions, attend)
+            step_score, draft = logprobs.max(dim=-1)
+            score = score + step_score
+            drafts.append(draft)
+            grown += alive
+        tokens = head.draft_to_target[torch.stack(drafts, dim=1)].tolist()
+        return [row[:n] for row, n in zip(tokens, grown.tolist())]
 
     def _padded_for(self, req_ids: list[str], extended: PaddedContexts | None):
         """These requests' contexts, padded: from this step's `extend` where it has them all."""

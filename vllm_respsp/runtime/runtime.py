@@ -363,14 +363,14 @@ class RespspRuntime:
             return
         states = root_states.at([root.context_row for root, _ in chosen])
         names = {shape: str(shape) for _, shape in chosen}
-        depth = _plain_chain_depth([shape for _, shape in chosen])
-        if depth:  # vLLM's chains of K: no candidate pool, no rerank
+        if all(shape.is_chain for _, shape in chosen):  # chains only (vLLM's K, bounded chains): no rerank
             with timed("draft_grow"):
-                chains = self.drafter.draft_chains([root.req_id for root, _ in chosen], depth,
+                chains = self.drafter.draft_chains([root.req_id for root, _ in chosen], [s for _, s in chosen],
                                                    states.hidden, states.logprobs, root_states.padded)
             for (root, shape), drafts in zip(chosen, chains):
-                self._propose_tree(root.req_id, ProposedTree([root.token, *drafts], list(range(-1, depth)),
-                                                             list(range(depth + 1)), names[shape]))
+                n = len(drafts)
+                self._propose_tree(root.req_id, ProposedTree([root.token, *drafts], list(range(-1, n)),
+                                                             list(range(n + 1)), names[shape]))
             return
         with timed("draft_grow"):
             tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
@@ -433,13 +433,6 @@ class RespspRuntime:
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f)
             os.replace(tmp, path)
-
-
-def _plain_chain_depth(shapes: list[TreeShape]) -> int:
-    """The depth when every shape is a whole chain of that one depth (no confidence bound), else 0."""
-    depths = {shape.depth for shape in shapes}
-    plain = all(s.is_chain and s.min_prob == 0 and s.total_tokens == s.depth for s in shapes)
-    return depths.pop() if plain and len(depths) == 1 else 0
 
 
 def _tensor_parallel() -> tuple[int, int]:
