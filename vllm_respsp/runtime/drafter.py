@@ -268,6 +268,7 @@ class TreeDrafter:
         head = self.head
         lengths = torch.tensor([min(s.total_tokens, s.depth) for s in shapes])
         log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32)
+        bounded = any(s.min_prob > 0 for s in shapes)
         score, draft = root_logprobs.max(dim=-1)
         drafts, grown = [draft], torch.ones(len(shapes), dtype=torch.long)
         alive = torch.ones(len(shapes), dtype=torch.bool)
@@ -280,7 +281,9 @@ class TreeDrafter:
             return self._attend_one_row_per_request(step.q, padded, path["k"], path["v"])
 
         for level in range(1, int(lengths.max())):
-            alive &= (lengths > level) & (score.float().cpu() >= log_min)
+            alive &= lengths > level
+            if bounded:  # reads the scores back (a sync on a GPU): only where a bound can cut
+                alive &= score.float().cpu() >= log_min
             if not bool(alive.any()):
                 break
             padded = padded or self._padded_for(req_ids, extended)
