@@ -266,12 +266,12 @@ class TreeDrafter:
         request (a finished chain's row costs next to nothing: the pass reads the same weights),
         its one row attending to its context and its own path."""
         head = self.head
-        lengths = torch.tensor([min(s.total_tokens, s.depth) for s in shapes])
-        log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32)
+        # what the host knows without reading the device: each chain's length but for its bound
+        lengths = [min(s.total_tokens, s.depth) for s in shapes]
         bounded = any(s.min_prob > 0 for s in shapes)
+        log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=root_logprobs.device)
         score, draft = root_logprobs.max(dim=-1)
-        drafts, grown = [draft], torch.ones(len(shapes), dtype=torch.long)
-        alive = torch.ones(len(shapes), dtype=torch.bool)
+        drafts, grown, alive = [draft], [1] * len(shapes), [True] * len(shapes)
         root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
         padded, hidden, path = None, root_hidden, {"k": None, "v": None}
 
@@ -280,21 +280,21 @@ class TreeDrafter:
                 path[name] = new if path[name] is None else torch.cat([path[name], new], dim=1)
             return self._attend_one_row_per_request(step.q, padded, path["k"], path["v"])
 
-        for level in range(1, int(lengths.max())):
-            alive &= lengths > level
-            if bounded:  # reads the scores back (a sync on a GPU): only where a bound can cut
-                alive &= score.float().cpu() >= log_min
-            if not bool(alive.any()):
+        for level in range(1, max(lengths)):
+            # one read of the scores per level (a sync on a GPU), only where a bound can cut
+            reaches = (score.float() >= log_min).tolist() if bounded else alive
+            alive = [a and n > level and r for a, n, r in zip(alive, lengths, reaches)]
+            if not any(alive):
                 break
+            grown = [g + a for g, a in zip(grown, alive)]
             padded = padded or self._padded_for(req_ids, extended)
             positions = (root_pos + level - 1).to(draft.device)
             _, hidden, logprobs = head.step(hidden, head.draft_to_target[draft], positions, attend)
             step_score, draft = logprobs.max(dim=-1)
             score = score + step_score
             drafts.append(draft)
-            grown += alive
-        tokens = head.draft_to_target[torch.stack(drafts, dim=1)].tolist()
-        return [row[:n] for row, n in zip(tokens, grown.tolist())]
+        tokens = head.draft_to_target[torch.stack(drafts, dim=1)].tolist()  # the one read of the drafts
+        return [row[:n] for row, n in zip(tokens, grown)]
 
     def _padded_for(self, req_ids: list[str], extended: PaddedContexts | None):
         """These requests' contexts, padded: from this step's `extend` where it has them all."""
