@@ -269,11 +269,11 @@ class TreeDrafter:
         # what the host knows without reading the device: each chain's length but for its bound
         lengths = [min(s.total_tokens, s.depth) for s in shapes]
         bounded = any(s.min_prob > 0 for s in shapes)
-        log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=root_logprobs.device)
+        if bounded:
+            log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=root_logprobs.device)
         score, draft = root_logprobs.max(dim=-1)
         drafts, grown, alive = [draft], [1] * len(shapes), [True] * len(shapes)
-        root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
-        padded, hidden, path = None, root_hidden, {"k": None, "v": None}
+        padded, root_pos, hidden, path = None, None, root_hidden, {"k": None, "v": None}  # set at the first pass
 
         def attend(step: StepInputs) -> torch.Tensor:
             for name, new in (("k", step.k[:, None]), ("v", step.v[:, None])):
@@ -287,7 +287,9 @@ class TreeDrafter:
             if not any(alive):
                 break
             grown = [g + a for g, a in zip(grown, alive)]
-            padded = padded or self._padded_for(req_ids, extended)
+            if padded is None:
+                padded = self._padded_for(req_ids, extended)
+                root_pos = torch.tensor([self.contexts[r].end for r in req_ids])
             positions = (root_pos + level - 1).to(draft.device)
             _, hidden, logprobs = head.step(hidden, head.draft_to_target[draft], positions, attend)
             step_score, draft = logprobs.max(dim=-1)
