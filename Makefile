@@ -49,7 +49,10 @@ draft-head: venv
 # against the simulator's. A rerun after an interruption skips the trace sets already
 # recorded with the same head, target and arguments (record's --force records again).
 TRACES ?= $(VLLM_RESPSP_CACHE)/traces
-POLICY_DIR := vllm_respsp/assets/policy/smollm2-135m-cpu
+# One policy and cost profile per kind of CPU (AMX or AVX-512: vllm_respsp/policy/shipped.py);
+# this recipe trains the one of the CPU it runs on. Expanded when the recipe runs, after venv.
+POLICY_DIR = $(shell $(PY) -m vllm_respsp.policy.shipped policy)
+PROFILE = $(shell $(PY) -m vllm_respsp.policy.shipped profile)
 # On this CPU trees pay for re-running attention through their masks: the policy picks among
 # chains, confidence-bounded chains and NO_DRAFTS.
 POLICY_ACTIONS := chain1 chain2 chain3 chain4 chain6 $(foreach p,0.1 0.2 0.3 0.4 0.5 0.6 0.7,T8/D8/K1/p$(p))
@@ -57,11 +60,11 @@ policy: venv
 	$(PY) -m vllm_respsp.engine_tools.record --prompts sharegpt-train --unseen-by-head --num-prompts 900 --max-prompt-tokens 768 --out $(TRACES)/sharegpt-train
 	$(PY) -m vllm_respsp.engine_tools.record --prompts mt-bench --out $(TRACES)/mt-bench --check chain3 T4/D2/K2 T8/D3/K4
 	$(PY) -m vllm_respsp.engine_tools.record --prompts humaneval --num-prompts 164 --out $(TRACES)/humaneval
-	$(PY) -m vllm_respsp.engine_tools.profile --out vllm_respsp/policy/profiles/cpu-smollm2-135m-measured.json \
+	$(PY) -m vllm_respsp.engine_tools.profile --out vllm_respsp/policy/profiles/$(PROFILE).json \
 		--batch-sizes 1 8 32 --reps 3 --max-engines 5
 	$(PY) -m vllm_respsp.policy.train --traces $(TRACES)/sharegpt-train.json \
 		--eval-traces $(TRACES)/mt-bench.json $(TRACES)/humaneval.json --actions $(POLICY_ACTIONS) \
-		--profile cpu-smollm2-135m-measured --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
+		--profile $(PROFILE) --algo bandit --features draft_root_probs --bandit-epochs 40 --out $(POLICY_DIR)
 	$(PY) -m vllm_respsp.engine_tools.gate --policy $(POLICY_DIR)/bandit.json
 	$(PY) -m vllm_respsp.engine_tools.check --traces $(TRACES)/mt-bench --policy $(POLICY_DIR)/bandit.json
 

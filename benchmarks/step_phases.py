@@ -55,9 +55,9 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
         policy = constant_policy(policy_dir / "no-drafts", NO_DRAFTS, chain(1))
         return {"method": "respsp", "model": head, "shape": chain(1).to_dict(), "policy": str(policy)}
     if name == "policy":
-        from vllm_respsp.policy import SHIPPED_POLICY
+        from vllm_respsp.policy.shipped import shipped_policy
 
-        return {"method": "respsp", "model": head, "shape": chain(3).to_dict(), "policy": str(SHIPPED_POLICY)}
+        return {"method": "respsp", "model": head, "shape": chain(3).to_dict(), "policy": str(shipped_policy().path)}
     for prefix, method in (("eagle3-", "eagle3"), ("respsp-chain", "respsp")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             k = int(name[len(prefix):])

@@ -61,10 +61,23 @@ def engine_configs(head: str | None, chains: list[int], engine: dict,
                                                          "shape": parse_shape(shape)}, engine))
     for policy, schedule in itertools.product(policies if head else [], schedules):
         measured = {} if schedule == "policy" else {"schedule": schedule}
-        configs.append(EngineConfig(f"respsp-policy-{Path(policy).stem}" + (f"-{schedule}" if measured else ""), {
+        name = f"respsp-policy-{policy_label(policy, policies)}" + (f"-{schedule}" if measured else "")
+        configs.append(EngineConfig(name, {
             "method": "respsp", "model": head, "shape": parse_shape(policy_shape),
             "policy": str(Path(policy).resolve()), **measured}, engine))
+    names = [c.name for c in configs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two columns would share a name (one would replace the other's figures): {names}")
     return configs
+
+
+def policy_label(policy: str, policies: list[str]) -> str:
+    """A policy column's name: its file's stem, with its folder where another file has the same
+    stem (every shipped policy is a bandit.json)."""
+    stem = Path(policy).stem
+    if sum(Path(p).stem == stem for p in policies) > 1:
+        return f"{Path(policy).parent.name}-{stem}"
+    return stem
 
 
 def parse_k_schedule(text: str) -> list[list[int]]:

