@@ -10,9 +10,8 @@ once per layer at engine start, never in the step.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vllm_respsp.patches.registry import Patch
+from vllm_respsp.policy.shipped import cpu_kind
 
 
 def request_amx_tiles() -> bool:
@@ -25,8 +24,7 @@ def request_amx_tiles() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "amx_tile" in cpuinfo.read_text().split()
+    return cpu_kind() == "amx"
 
 
 class CpuAttentionAmxTiles(Patch):
