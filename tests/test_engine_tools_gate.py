@@ -3,12 +3,15 @@ rewrites). The engines themselves are `testbed.engines.EngineWorker`s, tested wi
 benchmarks; here they are stood in for by workers whose speed is set per load."""
 
 import argparse
+import json
 
 import pytest
+import torch
 
 from vllm_respsp.engine_tools import gate
-from vllm_respsp.policy.policy_file import constant_policy, load_policy
-from vllm_respsp.tree.shape import chain
+from vllm_respsp.policy.policy_file import LoadShape, PolicyFileError, constant_policy, load_policy
+from vllm_respsp.policy.shape_policy import ShapePolicy
+from vllm_respsp.tree.shape import NO_DRAFTS, chain
 
 
 def test_the_measured_limit_is_the_last_load_of_the_first_paying_run():
@@ -28,13 +31,78 @@ def test_the_shipped_gate_is_never_wider_than_the_simulators():
 
 def test_the_open_copy_has_no_gate_and_the_rewrite_round_trips(tmp_path):
     path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
-    gate.set_max_draft_load(path, 4)
-    assert load_policy(path).max_draft_load == 4
+    rows = (LoadShape(3, 4, chain(1)),)
+    gate.write_gate(path, 4, rows)
+    assert load_policy(path).max_draft_load == 4 and load_policy(path).static_loads == rows
     (tmp_path / "open").mkdir()
     copy = gate.open_gate_copy(path, tmp_path / "open")
-    assert load_policy(copy).max_draft_load is None and load_policy(path).max_draft_load == 4
-    gate.set_max_draft_load(path, None)
-    assert load_policy(path).max_draft_load is None
+    assert load_policy(copy).max_draft_load is None and load_policy(copy).static_loads == ()
+    assert load_policy(path).max_draft_load == 4
+    gate.write_gate(path, None)
+    assert load_policy(path).max_draft_load is None and load_policy(path).static_loads == ()
+
+
+def test_a_rerun_reads_the_simulators_gate_from_the_last_report(tmp_path):
+    path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
+    assert gate.simulated_gate(path, 16, "abc") == 16  # never measured: the file's is the simulator's
+    gate.report_path(path).write_text(json.dumps({"simulated_max_draft_load": 16, "weights_sha256": "abc"}))
+    assert gate.simulated_gate(path, 4, "abc") == 16
+    assert gate.simulated_gate(path, 4, "def") == 4  # retrained since: the report is of other weights
+
+
+def test_static_loads_cover_the_loads_up_to_each_measured_load_a_chain_won():
+    shapes = {"chain1": chain(1), "chain2": chain(2)}
+    rows = {1: {"best": "policy"}, 2: {"best": "chain2"}, 4: {"best": "chain1"}, 8: {"best": "chain1"},
+            16: {"best": "policy"}}
+    assert gate.static_loads(rows, None, shapes) == (LoadShape(2, 2, chain(2)), LoadShape(3, 8, chain(1)))
+    # never past the gate: a gate of 6 cuts the row that load 8's measurement gave
+    assert gate.static_loads(rows, 6, shapes) == (LoadShape(2, 2, chain(2)), LoadShape(3, 6, chain(1)))
+    assert gate.static_loads(rows, 2, shapes) == (LoadShape(2, 2, chain(2)),)
+    assert gate.static_loads({1: {"best": "policy"}}, None, shapes) == ()
+
+
+def test_a_static_load_runs_its_shape_without_the_network(tmp_path):
+    path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
+    gate.write_gate(path, 8, (LoadShape(3, 4, chain(1)),))
+    policy = ShapePolicy.from_file(path)
+    features = torch.zeros(3, 8)
+    assert policy.choose(["a", "b", "c"], features, torch.zeros(3), 3) == [chain(1)] * 3
+    assert not policy.needs_network(["a", "b", "c"], 3)
+    assert policy.choose(["a", "b"], features[:2], torch.zeros(2), 2) == [chain(2)] * 2  # the network's
+    assert policy.needs_network(["x"], 5) and policy.choose(["x"], features[:1], torch.zeros(1), 5) == [chain(2)]
+    assert policy.choose(["a"], features[:1], torch.zeros(1), 9) == [NO_DRAFTS]  # above the gate
+
+
+def test_a_request_held_on_no_drafts_drafts_at_a_static_load(tmp_path):
+    """The runtime skips the root of a request whose next shape is known to draft nothing; at a
+    static load its held NO_DRAFTS does not count: the row's shape drafts."""
+    path = constant_policy(tmp_path / "p" / "none", NO_DRAFTS, chain(1))
+    gate.write_gate(path, 8, (LoadShape(3, 4, chain(1)),))
+    policy = ShapePolicy.from_file(path)
+    assert policy.choose(["a"], torch.zeros(1, 8), torch.zeros(1), 1) == [NO_DRAFTS]  # held from now on
+    assert policy.drafts_nothing_next("a", 1) and policy.drafts_nothing_next("a", 2)
+    assert not policy.drafts_nothing_next("a", 3)
+    assert policy.choose(["a", "b", "c"], torch.zeros(3, 8), torch.zeros(3), 3) == [chain(1)] * 3
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"loads": [4, 3], "shape": chain(1).to_dict()}], "1 <= first <= last"),
+    ([{"loads": [1, 4], "shape": chain(1).to_dict()}, {"loads": [4, 8], "shape": chain(1).to_dict()}],
+     "after the previous row's last load"),
+    ([{"loads": [1, 2], "shape": chain(3).to_dict()}], "not one of the policy's actions"),
+    ([{"loads": [1, 2], "shape": NO_DRAFTS.to_dict()}], "load gate's"),
+    ([{"loads": [1], "shape": chain(1).to_dict()}], "must be"),
+])
+def test_static_loads_are_checked_field_by_field(tmp_path, rows, message):
+    path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "static_loads": rows}))
+    with pytest.raises(PolicyFileError, match=r"static_loads\[\d\]"):
+        try:
+            load_policy(path)
+        except PolicyFileError as e:
+            assert message in str(e)
+            raise
 
 
 class PacedWorker:
@@ -58,11 +126,13 @@ class Bar:
 
 def test_the_walk_stops_at_the_first_load_where_the_policy_does_not_pay():
     workers = {"none": PacedWorker({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}),
-               "policy": PacedWorker({1: 0.5, 2: 0.9, 4: 1.2, 8: 0.5})}
-    args = argparse.Namespace(min_prompts=4, max_tokens=32, reps=2, margin=0.03)
+               "policy": PacedWorker({1: 0.5, 2: 0.9, 4: 1.2, 8: 0.5}),
+               "chain1": PacedWorker({1: 0.6, 2: 0.8, 4: 1.1, 8: 0.5})}
+    args = argparse.Namespace(min_prompts=4, max_tokens=32, reps=2, margin=0.03, batching="static")
     rows = gate.measure(workers, list(range(16)), [1, 2, 4, 8], args, Bar())
     assert list(rows) == [1, 2, 4]  # load 8 is never run: the gate is shut from 4
-    assert rows[1]["ratio"] == pytest.approx(2.0) and rows[4]["ratio"] == pytest.approx(1.0 / 1.2)
+    assert [rows[load]["best"] for load in rows] == ["policy", "chain1", "chain1"]
+    assert rows[1]["ratio"] == pytest.approx(2.0) and rows[4]["ratio"] == pytest.approx(1.0 / 1.1)
     assert gate.measured_limit({k: r["ratio"] for k, r in rows.items()}, 0.03) == 2
     # per load: one untimed warm-up batch, then each repetition from an empty prefix cache
     assert workers["policy"].calls[:5] == [(1, 16, False), (1, 32, True), (1, 32, False), (1, 32, False),

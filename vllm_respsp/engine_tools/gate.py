@@ -1,5 +1,6 @@
-"""A policy's load gate measured in the engine: the largest batch load at which the policy, run
-end to end, beats no speculation.
+"""A policy's load gate measured in the engine: the largest batch load at which drafting (the
+policy, or one static chain for every request), run end to end, beats no speculation; and the
+loads below it where a static chain beats the policy.
 
     python -m vllm_respsp.engine_tools.gate --policy vllm_respsp/assets/policy/smollm2-135m-cpu/bandit.json
 
@@ -9,13 +10,23 @@ drafts (the head catching prompts up during prefill, steps of a batch that drain
 scheduler's work for drafts), and on this CPU the simulated gate let the policy draft at batch
 4-16, where it ran at 0.80-0.91x no speculation (benchmarks/results/throughput-20261206a).
 
-So this stage measures. For each load, walked upward, two engines run the same prompts side by
-side in batches of that load, interleaved, each repetition from an empty prefix cache: the
-policy with its gate open and no speculation. The gate is the largest load up to which the
-policy is faster by more than `--margin` at every load (0 when it is not even at the first);
+So this stage measures. For each load, walked upward, engines run the same prompts side by
+side with that load in flight (`--batching`), interleaved, each repetition from an empty prefix
+cache: the policy with its gate open, no speculation, and the chains below. The gate is the
+largest load up to which the fastest drafting mode is faster by more than `--margin` at every
+load (0 when it is not even at the first);
 it never opens the gate wider than the simulator's. The prompts are ShareGPT training prompts
 from the slice `make policy` records its training traces from, never an evaluation set. The
-policy file's `max_draft_load` is rewritten in place; the figures go to `<policy>.gate.json`.
+policy file's `max_draft_load` and `static_loads` are rewritten in place; the figures go to
+`<policy>.gate.json`.
+
+Below the gate the policy can still lose to one static shape at some load: on the AVX-512 CPU at
+4 in flight vLLM's chain of 1 ran 1.19x no speculation and the policy 1.03x (MT-Bench,
+benchmarks/results/throughput-20261206n), although the simulator had them equal there. So
+respsp's own chains of `--chains` drafts run beside them (static shapes, every request alike),
+and at each measured load where a chain is the fastest drafting mode, the loads from the one
+measured before it up to it get that chain for every request, without the network: the file's
+`static_loads` rows (policy_file.LoadShape, like vLLM's K-by-batch-size rows).
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, generate_in_batches, warm_up
+from vllm_respsp.policy.policy_file import LoadShape
+from vllm_respsp.testbed.engines import BATCHING, EngineConfig, EngineWorker, generate_in_batches, warm_up
+from vllm_respsp.tree.shape import TreeShape, chain
 
 DEFAULT_LOADS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -52,24 +65,26 @@ def combined_gate(simulated: int | None, measured: int, loads_tried: list[int]) 
 
 
 def open_gate_copy(policy: Path, folder: Path) -> Path:
-    """A copy of the policy file (and its weights) with no load gate."""
+    """A copy of the policy file (and its weights) with no load gate and no static loads."""
     meta = json.loads(policy.read_text())
     meta.pop("max_draft_load", None)
+    meta.pop("static_loads", None)
     shutil.copy(policy.parent / meta["weights"]["file"], folder / meta["weights"]["file"])
     copy = folder / policy.name
     copy.write_text(json.dumps(meta, indent=1))
     return copy
 
 
-def rate(worker, prompts: list, load: int, sampling: dict) -> float:
-    """Output tokens/s over `prompts` in batches of `load`, from an empty prefix cache."""
-    runs = generate_in_batches(worker, prompts, load, sampling)
+def rate(worker, prompts: list, load: int, sampling: dict, batching: str = "static") -> float:
+    """Output tokens/s over `prompts`, `load` at a time, from an empty prefix cache."""
+    runs = generate_in_batches(worker, prompts, load, sampling, batching)
     return sum(r["output_tokens"] for r in runs) / sum(r["seconds"] for r in runs)
 
 
 def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int, dict]:
-    """{load: {policy and no-speculation tokens/s per repetition, ratio of medians}}, walking
-    the loads upward until the policy stops paying."""
+    """{load: {tokens/s per worker and repetition, the fastest drafting worker ("best": the
+    policy or a chain) and its ratio of medians to no speculation}}, walking the loads upward
+    until drafting stops paying. `workers`: "none", "policy" and any chains ("chain<k>")."""
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
     rows: dict[int, dict] = {}
     for load in loads:
@@ -78,14 +93,33 @@ def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int,
         rates: dict[str, list[float]] = {name: [] for name in workers}
         for rep in range(args.reps):
             for name in (list(workers) if rep % 2 == 0 else list(workers)[::-1]):
-                rates[name].append(rate(workers[name], prompts, load, sampling))
+                rates[name].append(rate(workers[name], prompts, load, sampling, args.batching))
                 bar.update(1)
-        ratio = statistics.median(rates["policy"]) / statistics.median(rates["none"])
-        rows[load] = {"prompts": len(prompts), "tokens_per_s": rates, "ratio": ratio}
-        bar.write(f"load {load}: policy / no speculation = {ratio:.3f}")
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        best = max((name for name in medians if name != "none"), key=medians.get)
+        ratio = medians[best] / medians["none"]
+        rows[load] = {"prompts": len(prompts), "tokens_per_s": rates, "best": best, "ratio": ratio}
+        bar.write(f"load {load}: fastest drafting mode {best}, {ratio:.3f}x no speculation")
         if ratio <= 1 + args.margin:
             break
     return rows
+
+
+def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, TreeShape]) -> tuple[LoadShape, ...]:
+    """The file's `static_loads` (module doc): each measured load within the gate whose fastest
+    drafting mode is a static shape (`shapes`: worker name -> shape) gives that shape to the
+    loads after the previous measured load up to it; neighbouring rows of one shape merge."""
+    out: list[LoadShape] = []
+    previous = 0
+    for load in sorted(rows):
+        shape = shapes.get(rows[load]["best"])
+        if shape is not None and (gate is None or previous < gate):
+            first = previous + 1
+            if out and out[-1].shape == shape and out[-1].last == previous:
+                first = out.pop().first
+            out.append(LoadShape(first, min(load, gate) if gate is not None else load, shape))
+        previous = load
+    return tuple(out)
 
 
 def main(argv=None) -> dict:
@@ -98,22 +132,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--margin", type=float, default=0.03,
                     help="the policy must beat no speculation by more than this share to draft at a load")
     ap.add_argument("--static-shape", default="chain3", help="the static shape given with the policy")
+    ap.add_argument("--chains", nargs="*", type=int, default=[1],
+                    help="respsp chains of this many drafts measured beside the policy (static_loads)")
+    ap.add_argument("--batching", choices=BATCHING, default="continuous",
+                    help="static: batches of the load run to their end; continuous: the load in flight")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip", type=int, default=4000, help="ShareGPT-train prompts to skip first")
     ap.add_argument("--context", type=int, default=256, help="longest prompt, in tokens")
     ap.add_argument("--dry-run", action="store_true", help="measure and report, leave the policy file")
     args = ap.parse_args(argv)
-    if any(x < 1 for x in args.loads) or args.reps < 1 or args.min_prompts < 1:
-        ap.error("--loads, --reps and --min-prompts must be positive")
+    if any(x < 1 for x in args.loads + args.chains) or args.reps < 1 or args.min_prompts < 1:
+        ap.error("--loads, --chains, --reps and --min-prompts must be positive")
     from tqdm import tqdm
 
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.engine_tools.profile import prompt_pool
     from vllm_respsp.policy.policy_file import load_policy
     from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.tree.shape import TreeShape
 
-    simulated = load_policy(args.policy).max_draft_load
+    policy_file = load_policy(args.policy)
+    simulated = simulated_gate(args.policy, policy_file.max_draft_load, weights_digest(policy_file.meta))
     loads = sorted(set(args.loads))
     model = str(testbed_model_path())
     pool = prompt_pool("sharegpt-train", args.skip, args.context, max(max(loads), args.min_prompts), model)
@@ -122,12 +160,15 @@ def main(argv=None) -> dict:
         open_policy = open_gate_copy(args.policy, Path(tmp))
         spec = {"method": "respsp", "model": str(shipped_head_path()), "policy": str(open_policy),
                 "shape": TreeShape.parse(args.static_shape).to_dict()}
-        workers = {"none": EngineWorker(model, EngineConfig("none", None, engine)),
-                   "policy": EngineWorker(model, EngineConfig("policy", spec, engine))}
+        shapes = {f"chain{k}": chain(k) for k in args.chains}
+        configs = [EngineConfig("none", None, engine), EngineConfig("policy", spec, engine)] + [
+            EngineConfig(name, {**spec, "policy": "static", "shape": shape.to_dict()}, engine)
+            for name, shape in shapes.items()]
+        workers = {c.name: EngineWorker(model, c) for c in configs}
         try:
             for w in workers.values():
                 w.wait_ready()
-            with tqdm(total=len(loads) * args.reps * 2, desc="gate", unit="run") as bar:
+            with tqdm(total=len(loads) * args.reps * len(workers), desc="gate", unit="run") as bar:
                 rows = measure(workers, pool, loads, args, bar)
         finally:
             for w in workers.values():
@@ -135,22 +176,49 @@ def main(argv=None) -> dict:
     ratios = {load: row["ratio"] for load, row in rows.items()}
     measured = measured_limit(ratios, args.margin)
     gate = combined_gate(simulated, measured, loads)
+    rows_static = static_loads(rows, gate, shapes)
     report = {"command": "python -m vllm_respsp.engine_tools.gate " + " ".join(argv or []),
-              "policy": str(args.policy), "simulated_max_draft_load": simulated, "measured_max_draft_load": measured,
-              "max_draft_load": gate, "margin": args.margin, "settings": {k: str(v) for k, v in vars(args).items()},
+              "policy": str(args.policy), "weights_sha256": weights_digest(policy_file.meta),
+              "simulated_max_draft_load": simulated, "measured_max_draft_load": measured,
+              "max_draft_load": gate, "static_loads": [r.to_dict() for r in rows_static],
+              "margin": args.margin, "settings": {k: str(v) for k, v in vars(args).items()},
               "loads": {str(k): v for k, v in rows.items()}}
-    Path(f"{args.policy.with_suffix('')}.gate.json").write_text(json.dumps(report, indent=1) + "\n")
+    report_path(args.policy).write_text(json.dumps(report, indent=1) + "\n")
     if not args.dry_run:
-        set_max_draft_load(args.policy, gate)
-    print(f"max_draft_load: {gate} (simulated {simulated}, measured {measured})")
+        write_gate(args.policy, gate, rows_static)
+    print(f"max_draft_load: {gate} (simulated {simulated}, measured {measured}); static loads: "
+          + (", ".join(f"{r.first}-{r.last} {r.shape}" for r in rows_static) or "none"))
     return report
 
 
-def set_max_draft_load(policy: Path, gate: int | None) -> None:
+def report_path(policy: Path) -> Path:
+    return Path(f"{policy.with_suffix('')}.gate.json")
+
+
+def weights_digest(meta: dict) -> str | None:
+    return (meta.get("weights") or {}).get("sha256")
+
+
+def simulated_gate(policy: Path, in_file: int | None, digest: str | None) -> int | None:
+    """The simulator's gate: the file's, unless this stage rewrote this very policy (its weights'
+    digest) already: a rerun, whose last report kept the simulator's figure."""
+    report = report_path(policy)
+    if report.is_file():
+        previous = json.loads(report.read_text())
+        if digest is not None and previous.get("weights_sha256") == digest:
+            return previous.get("simulated_max_draft_load")
+    return in_file
+
+
+def write_gate(policy: Path, gate: int | None, rows: tuple[LoadShape, ...] = ()) -> None:
+    """Rewrite the policy file's `max_draft_load` and `static_loads` in place."""
     meta = json.loads(policy.read_text())
-    meta.pop("max_draft_load", None)
+    for key in ("max_draft_load", "static_loads"):
+        meta.pop(key, None)
     if gate is not None:
         meta["max_draft_load"] = gate
+    if rows:
+        meta["static_loads"] = [r.to_dict() for r in rows]
     policy.write_text(json.dumps(meta, indent=1) + "\n")
 
 

@@ -6,7 +6,9 @@ respsp config points at the JSON).
                          training info, the weights file's name and sha256, and for a bandit
                          the units of its scores (`coordination`, see policy/coordinate.py),
                          and `max_draft_load` when drafting stops paying above some batch load
-                         (policy/simulator.py: the load gate)
+                         (policy/simulator.py: the load gate), and `static_loads` where one
+                         static shape for every request was measured faster than the policy
+                         (engine_tools.gate)
     <stem>.safetensors   PolicyNet's state dict
 
 Loading checks everything before the engine serves a request, and every error names the field:
@@ -50,6 +52,27 @@ class PolicyFile:
     hold: int
     coordination: Coordination | None = None
     max_draft_load: int | None = None  # above this batch load nothing drafts (simulator.draft_load_limit)
+    static_loads: tuple[LoadShape, ...] = ()  # loads where every request runs one static shape
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """At batch loads `first`..`last` every request runs `shape` and the network is not asked:
+    the engine measured that static shape faster than the policy there (engine_tools.gate; the
+    policy's in-batch simulation sees part of it: a batch's deepest tree sets its draft passes).
+    Like a row `[start_bs, end_bs, K]` of vLLM's `num_speculative_tokens_per_batch_size`."""
+
+    first: int
+    last: int
+    shape: TreeShape
+
+    def to_dict(self) -> dict:
+        return {"loads": [self.first, self.last], "shape": self.shape.to_dict()}
+
+
+def static_shape_at(rows, load: int) -> TreeShape | None:
+    """The static shape of the row covering `load`, or None (the policy decides)."""
+    return next((r.shape for r in rows if r.first <= load <= r.last), None)
 
 
 def _sha256(path: Path) -> str:
@@ -60,7 +83,7 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
                 feature_spec: list[FeatureSpec], *, hold: int = 1, target: dict | None = None,
                 head: dict | None = None, cost_profile: dict | None = None,
                 training: dict | None = None, coordination: Coordination | None = None,
-                max_draft_load: int | None = None) -> Path:
+                max_draft_load: int | None = None, static_loads=()) -> Path:
     """Write <stem>.safetensors and <stem>.json; return the JSON's path (the policy file)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +103,8 @@ def save_policy(stem: str | Path, net: PolicyNet, actions: list[TreeShape],
         meta["coordination"] = coordination.to_dict()
     if max_draft_load is not None:
         meta["max_draft_load"] = max_draft_load
+    if static_loads:
+        meta["static_loads"] = [r.to_dict() for r in static_loads]
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(meta, indent=1))
     return path
@@ -139,10 +164,11 @@ def load_policy(path: str | Path, *, config=None, hidden_size: int | None = None
     max_draft_load = meta.get("max_draft_load")
     if max_draft_load is not None and (type(max_draft_load) is not int or max_draft_load < 0):
         _fail(path, "max_draft_load", f"must be null or an integer >= 0 (a batch load), got {max_draft_load!r}")
+    static_loads = _check_static_loads(path, meta, actions)
     net = PolicyNet(arch["feature_dim"], arch["extra_dim"], arch["num_actions"], arch["proj_dim"],
                     tuple(arch["hidden"]), arch["activation"])
     net.load_state_dict(_load_weights(path, meta, net))
-    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination, max_draft_load)
+    return PolicyFile(path, meta, net.eval(), actions, spec, hold, coordination, max_draft_load, static_loads)
 
 
 def _read_meta(path: Path) -> dict:
@@ -192,6 +218,31 @@ def _check_features(path: Path, meta: dict, hidden_size: int | None,
             _fail(path, f"feature_spec.{f.name}", f"trained for width {f.dim}, the engine "
                                                   f"provides width {want}")
     return spec
+
+
+def _check_static_loads(path: Path, meta: dict, actions: list[TreeShape]) -> tuple[LoadShape, ...]:
+    """`static_loads`: rows {"loads": [first, last], "shape": one of the policy's drafting actions},
+    1 <= first <= last, in increasing order without overlap."""
+    rows, after = [], 0
+    for i, row in enumerate(meta.get("static_loads") or []):
+        field = f"static_loads[{i}]"
+        try:
+            first, last = (int(x) for x in row["loads"])
+            shape = TreeShape.from_dict(row["shape"], f"{field}.shape")
+        except ShapeError as e:
+            _fail(path, field, str(e))
+        except (KeyError, TypeError, ValueError):
+            _fail(path, field, f"must be {{\"loads\": [first, last], \"shape\": {{...}}}}, got {row!r}")
+        if not after < first <= last:
+            _fail(path, field, f"loads {[first, last]} must have 1 <= first <= last and start after "
+                               f"the previous row's last load ({after})")
+        if not shape.drafts:
+            _fail(path, field, "NO_DRAFTS: loads where nothing drafts are the load gate's (max_draft_load)")
+        if shape not in actions:
+            _fail(path, field, f"shape {shape} is not one of the policy's actions {[str(a) for a in actions]}")
+        rows.append(LoadShape(first, last, shape))
+        after = last
+    return tuple(rows)
 
 
 def _check_architecture(path: Path, meta: dict, spec: list[FeatureSpec], actions) -> dict:

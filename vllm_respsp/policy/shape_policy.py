@@ -27,7 +27,7 @@ from torch import nn
 
 from vllm_respsp.policy.coordinate import Coordination, action_levels, coordinated_choice
 from vllm_respsp.policy.network import PolicyNet
-from vllm_respsp.policy.policy_file import load_policy
+from vllm_respsp.policy.policy_file import LoadShape, load_policy, static_shape_at
 from vllm_respsp.policy.simulator import drafts_at
 from vllm_respsp.tree.shape import DEFAULT_SHAPE, NO_DRAFTS, TreeShape
 
@@ -38,7 +38,7 @@ FALLBACK = -1  # action index meaning "use the static fallback shape"
 class ShapePolicy(nn.Module):
     def __init__(self, net: PolicyNet, actions: list[TreeShape], fallback: TreeShape, hold: int = 1,
                  feature_spec: list | None = None, coordination: Coordination | None = None,
-                 max_draft_load: int | None = None):
+                 max_draft_load: int | None = None, static_loads: tuple[LoadShape, ...] = ()):
         super().__init__()
         self.feature_spec = list(feature_spec or [])  # the FeatureSpec blocks `features` must hold
         self.net = net.eval()
@@ -48,6 +48,7 @@ class ShapePolicy(nn.Module):
         self.max_depth = max(a.depth for a in actions)
         self.coordination = coordination
         self.max_draft_load = max_draft_load
+        self.static_loads = tuple(static_loads)
         self.levels = torch.tensor(action_levels(self.actions))
         self.fallback_count = 0
         self._held: dict[object, list[int]] = {}  # request id -> [action index, steps left]
@@ -58,11 +59,15 @@ class ShapePolicy(nn.Module):
                   feature_dims: dict[str, int] | None = None) -> ShapePolicy:
         pf = load_policy(path, config=config, hidden_size=hidden_size, feature_dims=feature_dims)
         return cls(pf.net, pf.actions, config.shape if config is not None else DEFAULT_SHAPE, pf.hold,
-                   pf.feature_spec, pf.coordination, pf.max_draft_load)
+                   pf.feature_spec, pf.coordination, pf.max_draft_load, pf.static_loads)
 
     def drafts_at(self, batch_load: int) -> bool:
         """Whether the network is asked at this load (else every request gets NO_DRAFTS)."""
         return drafts_at(batch_load, self.max_draft_load)
+
+    def static_at(self, batch_load: int) -> TreeShape | None:
+        """The static shape every request runs at this load without the network, or None."""
+        return static_shape_at(self.static_loads, batch_load)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:
@@ -99,6 +104,10 @@ class ShapePolicy(nn.Module):
             if not self.drafts_at(load):
                 self.forget_holds(request_ids)  # ask afresh when the load falls again
                 return [NO_DRAFTS] * len(request_ids)
+            static = self.static_at(load)
+            if static is not None:
+                self.forget_holds(request_ids)  # asked afresh at a load where the network decides
+                return [static] * len(request_ids)
             need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
             if need:
                 if len(need) == len(request_ids):  # nothing held: skip the row gather (a copy)
@@ -122,13 +131,19 @@ class ShapePolicy(nn.Module):
 
     def drafts_nothing_next(self, request_id, batch_load: int) -> bool:
         """Whether `choose` at this load will give this request NO_DRAFTS without the network:
-        the load gate is shut, or it holds NO_DRAFTS."""
+        the load gate is shut, or it holds NO_DRAFTS at a load without a static row."""
+        if not self.drafts_at(batch_load):
+            return True
+        static = self.static_at(batch_load)
+        if static is not None:
+            return not static.drafts
         held = self.held(request_id)
-        return not self.drafts_at(batch_load) or (held is not None and not held.drafts)
+        return held is not None and not held.drafts
 
     def needs_network(self, request_ids, batch_load: int) -> bool:
         """Whether `choose` at this load asks the network (and so needs the features)."""
-        return self.drafts_at(batch_load) and any(self.held(r) is None for r in request_ids)
+        return self.drafts_at(batch_load) and self.static_at(batch_load) is None and \
+            any(self.held(r) is None for r in request_ids)
 
     def held(self, request_id) -> TreeShape | None:
         """The shape a request's next `choose` will give without asking the network (its hold
