@@ -24,7 +24,7 @@ Below the gate the policy can still lose to one static shape at some load: on th
 4 in flight vLLM's chain of 1 ran 1.19x no speculation and the policy 1.03x (MT-Bench,
 benchmarks/results/throughput-20261206n), although the simulator had them equal there. So
 respsp's own chains of `--chains` drafts run beside them (static shapes, every request alike),
-and at each measured load where a chain is the fastest drafting mode, the loads from the one
+and at each measured load where a chain beats the policy by more than `--margin`, the loads from the one
 measured before it up to it get that chain for every request, without the network: the file's
 `static_loads` rows (policy_file.LoadShape, like vLLM's K-by-batch-size rows).
 """
@@ -82,8 +82,8 @@ def rate(worker, prompts: list, load: int, sampling: dict, batching: str = "stat
 
 
 def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int, dict]:
-    """{load: {tokens/s per worker and repetition, the fastest drafting worker ("best": the
-    policy or a chain) and its ratio of medians to no speculation}}, walking the loads upward
+    """{load: {tokens/s per worker and repetition, the drafting mode to run ("best": the policy,
+    or a chain faster by more than the margin) and its ratio of medians to no speculation}}, walking the loads upward
     until drafting stops paying. `workers`: "none", "policy" and any chains ("chain<k>")."""
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
     rows: dict[int, dict] = {}
@@ -96,13 +96,23 @@ def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int,
                 rates[name].append(rate(workers[name], prompts, load, sampling, args.batching))
                 bar.update(1)
         medians = {name: statistics.median(r) for name, r in rates.items()}
-        best = max((name for name in medians if name != "none"), key=medians.get)
+        best = fastest_drafting(medians, args.margin)
         ratio = medians[best] / medians["none"]
         rows[load] = {"prompts": len(prompts), "tokens_per_s": rates, "best": best, "ratio": ratio}
         bar.write(f"load {load}: fastest drafting mode {best}, {ratio:.3f}x no speculation")
         if ratio <= 1 + args.margin:
             break
     return rows
+
+
+def fastest_drafting(medians: dict[str, float], margin: float) -> str:
+    """The drafting mode to run at a load: the policy, unless a static chain beats it by more
+    than `margin` (a near tie is noise on this machine; the policy keeps its loads then)."""
+    chains = [name for name in medians if name not in ("none", "policy")]
+    best_chain = max(chains, key=medians.get, default=None)
+    if best_chain is not None and medians[best_chain] > (1 + margin) * medians["policy"]:
+        return best_chain
+    return "policy"
 
 
 def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, TreeShape]) -> tuple[LoadShape, ...]:
