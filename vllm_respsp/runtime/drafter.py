@@ -226,7 +226,6 @@ class TreeDrafter:
         hidden = head.combine(step_aux)
 
         sizes = [len(t) for _, _, t, _ in parts]  # Python ints: reading them back from tensors costs a sync each
-        counts, longest = torch.tensor(sizes), max(sizes)
 
         req_ids = [r.req_id for r in rows]
         place = self.kv.locate(req_ids)
@@ -238,21 +237,47 @@ class TreeDrafter:
                 ctx.length += n
             keys, values, lengths = self._padded(place, contexts)
             padded = PaddedContexts({r: i for i, r in enumerate(req_ids)}, keys, values, lengths)
-            request, local = _ragged_index(counts, sum(sizes))
-            queries = step.q.new_zeros(len(rows), longest, *step.q.shape[1:])
-            queries[request, local] = step.q
-            # new row i of a request sees every key up to its own position
-            own_pos = (lengths - counts)[:, None] + torch.arange(longest)[None, :]
-            mask = torch.arange(keys.shape[1])[None, None, :] <= own_pos[:, :, None]
-            out = F.scaled_dot_product_attention(
-                queries.float().transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=mask[:, None], scale=head.scale, enable_gqa=self.group > 1)
-            return out.transpose(1, 2)[request, local]
+            return self._attend_new_rows(step.q, keys, values, lengths, sizes)
 
+        counts = torch.tensor(sizes)
         last = counts.cumsum(0) - 1
         _, prenorm, logprobs = head.step(hidden, tokens.to(aux.device), positions.to(aux.device),
                                          attend, logit_rows=last)
         return RootStates(hidden[last], prenorm[last], logprobs), padded
+
+    def _attend_new_rows(self, q, keys, values, lengths, sizes: list[int]) -> torch.Tensor:
+        """Request i's `sizes[i]` new rows (q [N, H, D], in request order) attend causally to its
+        context (keys/values [R, L, Hkv, D] padded, `lengths` held, the new rows last). Requests
+        with one new row (decoding) and those with several (a prompt joining, a catch-up) run as
+        two padded groups: one joining prompt must not pad every decoding request's queries to
+        its length (a join step's extend pass cost 9.8 ms against vLLM's 6.4-6.9 at 4 in flight
+        on HumanEval prompts when it did)."""
+        several = [i for i, n in enumerate(sizes) if n > 1]
+        if not 0 < len(several) < len(sizes):
+            return self._causal(q, keys, values, lengths, sizes)
+        starts = [0, *accumulate(sizes)]
+        out = q.new_empty(q.shape, dtype=torch.float32)
+        for group in ([i for i, n in enumerate(sizes) if n == 1], several):
+            index = torch.tensor(group)
+            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group])
+            width = max(int(lengths[i]) for i in group)  # the group's own longest context
+            out[rows] = self._causal(q[rows], keys[index, :width], values[index, :width], lengths[index],
+                                     [sizes[i] for i in group])
+        return out
+
+    def _causal(self, q, keys, values, lengths, sizes: list[int]) -> torch.Tensor:
+        """`_attend_new_rows` for one group: queries padded to the group's most new rows."""
+        counts, longest = torch.tensor(sizes), max(sizes)
+        request, local = _ragged_index(counts, sum(sizes))
+        queries = q.new_zeros(len(sizes), longest, *q.shape[1:])
+        queries[request, local] = q
+        # new row i of a request sees every key up to its own position
+        own_pos = (lengths - counts)[:, None] + torch.arange(longest)[None, :]
+        mask = torch.arange(keys.shape[1])[None, None, :] <= own_pos[:, :, None]
+        out = F.scaled_dot_product_attention(
+            queries.float().transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask[:, None], scale=self.head.scale, enable_gqa=self.group > 1)
+        return out.transpose(1, 2)[request, local]
 
     @torch.inference_mode()
     def draft_chains(self, req_ids: list[str], shapes: list[TreeShape], root_hidden: torch.Tensor,
