@@ -24,9 +24,9 @@ Below the gate the policy can still lose to one static shape at some load: on th
 4 in flight vLLM's chain of 1 ran 1.19x no speculation and the policy 1.03x (MT-Bench,
 benchmarks/results/throughput-20261206n), although the simulator had them equal there. So
 respsp's own chains of `--chains` drafts run beside them (static shapes, every request alike),
-and at each measured load where a chain beats the policy by more than `--margin`, the loads from the one
-measured before it up to it get that chain for every request, without the network: the file's
-`static_loads` rows (policy_file.LoadShape, like vLLM's K-by-batch-size rows).
+and at each measured load where a chain beats the policy by more than `--margin`, the loads
+from the one measured before it up to it get that chain for every request, without the
+network: the file's `static_loads` rows (policy_file.LoadShape, like vLLM's K-by-batch-size rows).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def rate(worker, prompts: list, load: int, sampling: dict, batching: str = "stat
 
 
 def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int, dict]:
-    """{load: {tokens/s per worker and repetition, the drafting mode to run ("best": the policy,
-    or a chain faster by more than the margin) and its ratio of medians to no speculation}}, walking the loads upward
-    until drafting stops paying. `workers`: "none", "policy" and any chains ("chain<k>")."""
+    """{load: {tokens/s per worker and repetition, the drafting mode to run ("best": the
+    policy, or a chain faster by more than the margin) and its ratio of medians to no
+    speculation}}, walking the loads upward until drafting stops paying. `workers`: "none",
+    "policy" and any chains ("chain<k>")."""
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
     rows: dict[int, dict] = {}
     for load in loads:
@@ -116,8 +117,8 @@ def fastest_drafting(medians: dict[str, float], margin: float) -> str:
 
 
 def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, TreeShape]) -> tuple[LoadShape, ...]:
-    """The file's `static_loads` (module doc): each measured load within the gate whose fastest
-    drafting mode is a static shape (`shapes`: worker name -> shape) gives that shape to the
+    """The file's `static_loads` (module doc): each measured load within the gate whose drafting
+    mode ("best") is a static shape (`shapes`: worker name -> shape) gives that shape to the
     loads after the previous measured load up to it; neighbouring rows of one shape merge."""
     out: list[LoadShape] = []
     previous = 0
