@@ -237,7 +237,7 @@ class TreeDrafter:
                 ctx.length += n
             keys, values, lengths = self._padded(place, contexts)
             padded = PaddedContexts({r: i for i, r in enumerate(req_ids)}, keys, values, lengths)
-            return self._attend_new_rows(step.q, keys, values, lengths, sizes)
+            return self._attend_new_rows(step.q, keys, values, lengths, sizes, [ctx.length for ctx in contexts])
 
         counts = torch.tensor(sizes)
         last = counts.cumsum(0) - 1
@@ -245,9 +245,10 @@ class TreeDrafter:
                                          attend, logit_rows=last)
         return RootStates(hidden[last], prenorm[last], logprobs), padded
 
-    def _attend_new_rows(self, q, keys, values, lengths, sizes: list[int]) -> torch.Tensor:
+    def _attend_new_rows(self, q, keys, values, lengths, sizes: list[int], held: list[int]) -> torch.Tensor:
         """Request i's `sizes[i]` new rows (q [N, H, D], in request order) attend causally to its
-        context (keys/values [R, L, Hkv, D] padded, `lengths` held, the new rows last). Requests
+        context (keys/values [R, L, Hkv, D] padded, `lengths` held, the new rows last; `held`:
+        the same as Python ints, so that no length is read back from a tensor). Requests
         with one new row (decoding) and those with several (a prompt joining, a catch-up) run as
         two padded groups: one joining prompt must not pad every decoding request's queries to
         its length (a join step's extend pass cost 9.8 ms against vLLM's 6.4-6.9 at 4 in flight
@@ -260,7 +261,7 @@ class TreeDrafter:
         for group in ([i for i, n in enumerate(sizes) if n == 1], several):
             index = torch.tensor(group)
             rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group])
-            width = max(int(lengths[i]) for i in group)  # the group's own longest context
+            width = max(held[i] for i in group)  # the group's own longest context
             out[rows] = self._causal(q[rows], keys[index, :width], values[index, :width], lengths[index],
                                      [sizes[i] for i in group])
         return out
