@@ -103,12 +103,9 @@ def test_static_loads_are_checked_field_by_field(tmp_path, rows, message):
     path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
     meta = json.loads(path.read_text())
     path.write_text(json.dumps({**meta, "static_loads": rows}))
-    with pytest.raises(PolicyFileError, match=r"static_loads\[\d\]"):
-        try:
-            load_policy(path)
-        except PolicyFileError as e:
-            assert message in str(e)
-            raise
+    with pytest.raises(PolicyFileError, match=r"static_loads\[\d\]") as error:
+        load_policy(path)
+    assert message in str(error.value)
 
 
 class PacedWorker:

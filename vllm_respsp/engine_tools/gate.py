@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -46,8 +47,8 @@ DEFAULT_LOADS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def measured_limit(ratios: dict[int, float], margin: float) -> int:
-    """The largest load, walked upward, up to which every ratio (policy / no speculation)
-    exceeds 1 + margin; 0 when the first does not."""
+    """The largest load, walked upward, up to which every ratio (the load's drafting mode / no
+    speculation) exceeds 1 + margin; 0 when the first does not."""
     limit = 0
     for load in sorted(ratios):
         if ratios[load] <= 1 + margin:
@@ -75,7 +76,7 @@ def open_gate_copy(policy: Path, folder: Path) -> Path:
     return copy
 
 
-def rate(worker, prompts: list, load: int, sampling: dict, batching: str = "static") -> float:
+def rate(worker, prompts: list, load: int, sampling: dict, batching: str) -> float:
     """Output tokens/s over `prompts`, `load` at a time, from an empty prefix cache."""
     runs = generate_in_batches(worker, prompts, load, sampling, batching)
     return sum(r["output_tokens"] for r in runs) / sum(r["seconds"] for r in runs)
@@ -121,14 +122,14 @@ def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, Tree
     mode ("best") is a static shape (`shapes`: worker name -> shape) gives that shape to the
     loads after the previous measured load up to it; neighbouring rows of one shape merge."""
     out: list[LoadShape] = []
-    previous = 0
+    previous, limit = 0, math.inf if gate is None else gate
     for load in sorted(rows):
         shape = shapes.get(rows[load]["best"])
-        if shape is not None and (gate is None or previous < gate):
+        if shape is not None and previous < limit:
             first = previous + 1
             if out and out[-1].shape == shape and out[-1].last == previous:
                 first = out.pop().first
-            out.append(LoadShape(first, min(load, gate) if gate is not None else load, shape))
+            out.append(LoadShape(first, min(load, limit), shape))
         previous = load
     return tuple(out)
 
@@ -162,7 +163,8 @@ def main(argv=None) -> dict:
     from vllm_respsp.testbed.model import testbed_model_path
 
     policy_file = load_policy(args.policy)
-    simulated = simulated_gate(args.policy, policy_file.max_draft_load, weights_digest(policy_file.meta))
+    digest = policy_file.meta["weights"]["sha256"]  # load_policy checked it against the weights
+    simulated = simulated_gate(args.policy, policy_file.max_draft_load, digest)
     loads = sorted(set(args.loads))
     model = str(testbed_model_path())
     pool = prompt_pool("sharegpt-train", args.skip, args.context, max(max(loads), args.min_prompts), model)
@@ -189,7 +191,7 @@ def main(argv=None) -> dict:
     gate = combined_gate(simulated, measured, loads)
     rows_static = static_loads(rows, gate, shapes)
     report = {"command": "python -m vllm_respsp.engine_tools.gate " + " ".join(argv or []),
-              "policy": str(args.policy), "weights_sha256": weights_digest(policy_file.meta),
+              "policy": str(args.policy), "weights_sha256": digest,
               "simulated_max_draft_load": simulated, "measured_max_draft_load": measured,
               "max_draft_load": gate, "static_loads": [r.to_dict() for r in rows_static],
               "margin": args.margin, "settings": {k: str(v) for k, v in vars(args).items()},
@@ -203,20 +205,17 @@ def main(argv=None) -> dict:
 
 
 def report_path(policy: Path) -> Path:
+    """Where the figures of gating `policy` go: beside it, `<stem>.gate.json`."""
     return Path(f"{policy.with_suffix('')}.gate.json")
 
 
-def weights_digest(meta: dict) -> str | None:
-    return (meta.get("weights") or {}).get("sha256")
-
-
-def simulated_gate(policy: Path, in_file: int | None, digest: str | None) -> int | None:
+def simulated_gate(policy: Path, in_file: int | None, digest: str) -> int | None:
     """The simulator's gate: the file's, unless this stage rewrote this very policy (its weights'
     digest) already: a rerun, whose last report kept the simulator's figure."""
     report = report_path(policy)
     if report.is_file():
         previous = json.loads(report.read_text())
-        if digest is not None and previous.get("weights_sha256") == digest:
+        if previous.get("weights_sha256") == digest:
             return previous.get("simulated_max_draft_load")
     return in_file
 

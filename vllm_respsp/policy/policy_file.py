@@ -70,11 +70,6 @@ class LoadShape:
         return {"loads": [self.first, self.last], "shape": self.shape.to_dict()}
 
 
-def static_shape_at(rows, load: int) -> TreeShape | None:
-    """The static shape of the row covering `load`, or None (the policy decides)."""
-    return next((r.shape for r in rows if r.first <= load <= r.last), None)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from vllm_respsp.policy.coordinate import Coordination, action_levels, coordinated_choice
 from vllm_respsp.policy.network import PolicyNet
-from vllm_respsp.policy.policy_file import LoadShape, load_policy, static_shape_at
+from vllm_respsp.policy.policy_file import LoadShape, load_policy
 from vllm_respsp.policy.simulator import drafts_at
 from vllm_respsp.tree.shape import DEFAULT_SHAPE, NO_DRAFTS, TreeShape
 
@@ -65,9 +65,12 @@ class ShapePolicy(nn.Module):
         """Whether the network is asked at this load (else every request gets NO_DRAFTS)."""
         return drafts_at(batch_load, self.max_draft_load)
 
-    def static_at(self, batch_load: int) -> TreeShape | None:
-        """The static shape every request runs at this load without the network, or None."""
-        return static_shape_at(self.static_loads, batch_load)
+    def shape_at_load(self, batch_load: int) -> TreeShape | None:
+        """The shape every request runs at this load without the network: NO_DRAFTS above the
+        load gate, a `static_loads` row's shape, else None (the network and the holds decide)."""
+        if not self.drafts_at(batch_load):
+            return NO_DRAFTS
+        return next((r.shape for r in self.static_loads if r.first <= batch_load <= r.last), None)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, recent_accept: torch.Tensor, batch_load: int) -> torch.Tensor:
@@ -101,13 +104,10 @@ class ShapePolicy(nn.Module):
         """Shapes for this step's requests, in order. batch_load defaults to len(request_ids)."""
         try:
             load = batch_load or len(request_ids)
-            if not self.drafts_at(load):
-                self.forget_holds(request_ids)  # ask afresh when the load falls again
-                return [NO_DRAFTS] * len(request_ids)
-            static = self.static_at(load)
-            if static is not None:
+            fixed = self.shape_at_load(load)
+            if fixed is not None:
                 self.forget_holds(request_ids)  # asked afresh at a load where the network decides
-                return [static] * len(request_ids)
+                return [fixed] * len(request_ids)
             need = [i for i, r in enumerate(request_ids) if self._held.get(r, (0, 0))[1] <= 0]
             if need:
                 if len(need) == len(request_ids):  # nothing held: skip the row gather (a copy)
@@ -132,18 +132,14 @@ class ShapePolicy(nn.Module):
     def drafts_nothing_next(self, request_id, batch_load: int) -> bool:
         """Whether `choose` at this load will give this request NO_DRAFTS without the network:
         the load gate is shut, or it holds NO_DRAFTS at a load without a static row."""
-        if not self.drafts_at(batch_load):
-            return True
-        static = self.static_at(batch_load)
-        if static is not None:
-            return not static.drafts
-        held = self.held(request_id)
-        return held is not None and not held.drafts
+        shape = self.shape_at_load(batch_load)
+        if shape is None:
+            shape = self.held(request_id)
+        return shape is not None and not shape.drafts
 
     def needs_network(self, request_ids, batch_load: int) -> bool:
         """Whether `choose` at this load asks the network (and so needs the features)."""
-        return self.drafts_at(batch_load) and self.static_at(batch_load) is None and \
-            any(self.held(r) is None for r in request_ids)
+        return self.shape_at_load(batch_load) is None and any(self.held(r) is None for r in request_ids)
 
     def held(self, request_id) -> TreeShape | None:
         """The shape a request's next `choose` will give without asking the network (its hold
@@ -154,7 +150,8 @@ class ShapePolicy(nn.Module):
         return self.actions[held[0]]
 
     def forget_holds(self, request_ids) -> None:
-        """Drop these requests' holds (the load gate shut: they are asked afresh below it)."""
+        """Drop these requests' holds (at a load whose shape is fixed: they are asked afresh when
+        the network decides again)."""
         for r in request_ids:
             self._held.pop(r, None)
 

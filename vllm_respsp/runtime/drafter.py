@@ -237,7 +237,7 @@ class TreeDrafter:
                 ctx.length += n
             keys, values, lengths = self._padded(place, contexts)
             padded = PaddedContexts({r: i for i, r in enumerate(req_ids)}, keys, values, lengths)
-            return self._attend_new_rows(step.q, keys, values, lengths, sizes, [ctx.length for ctx in contexts])
+            return self._attend_new_rows(step.q, keys, values, [ctx.length for ctx in contexts], sizes)
 
         counts = torch.tensor(sizes)
         last = counts.cumsum(0) - 1
@@ -245,14 +245,14 @@ class TreeDrafter:
                                          attend, logit_rows=last)
         return RootStates(hidden[last], prenorm[last], logprobs), padded
 
-    def _attend_new_rows(self, q, keys, values, lengths, sizes: list[int], held: list[int]) -> torch.Tensor:
+    def _attend_new_rows(self, q, keys, values, lengths: list[int], sizes: list[int]) -> torch.Tensor:
         """Request i's `sizes[i]` new rows (q [N, H, D], in request order) attend causally to its
-        context (keys/values [R, L, Hkv, D] padded, `lengths` held, the new rows last; `held`:
-        the same as Python ints, so that no length is read back from a tensor). Requests
-        with one new row (decoding) and those with several (a prompt joining, a catch-up) run as
-        two padded groups: one joining prompt must not pad every decoding request's queries to
-        its length (a join step's extend pass cost 9.8 ms against vLLM's 6.4-6.9 at 4 in flight
-        on HumanEval prompts when it did)."""
+        context (keys/values [R, L, Hkv, D] padded, `lengths[i]` held, the new rows last; Python
+        ints, so that nothing is read back from a tensor). Requests with one new row (decoding)
+        and those with several (a prompt joining, a catch-up) run as two padded groups: one
+        joining prompt must not pad every decoding request's queries to its length (a join
+        step's extend pass cost 9.8 ms against vLLM's 6.4-6.9 at 4 in flight on HumanEval
+        prompts when it did)."""
         several = [i for i, n in enumerate(sizes) if n > 1]
         if not 0 < len(several) < len(sizes):
             return self._causal(q, keys, values, lengths, sizes)
@@ -261,19 +261,20 @@ class TreeDrafter:
         for group in ([i for i, n in enumerate(sizes) if n == 1], several):
             index = torch.tensor(group)
             rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group])
-            width = max(held[i] for i in group)  # the group's own longest context
-            out[rows] = self._causal(q[rows], keys[index, :width], values[index, :width], lengths[index],
-                                     [sizes[i] for i in group])
+            width = max(lengths[i] for i in group)  # the group's own longest context
+            out[rows] = self._causal(q[rows], keys[index, :width], values[index, :width],
+                                     [lengths[i] for i in group], [sizes[i] for i in group])
         return out
 
-    def _causal(self, q, keys, values, lengths, sizes: list[int]) -> torch.Tensor:
+    def _causal(self, q, keys, values, lengths: list[int], sizes: list[int]) -> torch.Tensor:
         """`_attend_new_rows` for one group: queries padded to the group's most new rows."""
-        counts, longest = torch.tensor(sizes), max(sizes)
-        request, local = _ragged_index(counts, sum(sizes))
+        longest = max(sizes)
+        request, local = _ragged_index(torch.tensor(sizes), sum(sizes))
         queries = q.new_zeros(len(sizes), longest, *q.shape[1:])
         queries[request, local] = q
         # new row i of a request sees every key up to its own position
-        own_pos = (lengths - counts)[:, None] + torch.arange(longest)[None, :]
+        first_new = torch.tensor([length - n for length, n in zip(lengths, sizes)])
+        own_pos = first_new[:, None] + torch.arange(longest)[None, :]
         mask = torch.arange(keys.shape[1])[None, None, :] <= own_pos[:, :, None]
         out = F.scaled_dot_product_attention(
             queries.float().transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
