@@ -74,7 +74,8 @@ HISTORY = """\
 | third (commit de901e0) | 3072 ShareGPT replies, 0.8M tokens | 2 step-0 epochs + 3 TTT epochs | 1.628 | 1.645 |
 
 The benchmark and shape-policy results committed under `benchmarks/results/*-20261129/` were
-measured with the second head. The shipped shape policy (2026-12-03) was trained on the third head's traces.
+measured with the second head. The shipped shape policies were retrained on this head's traces
+(commit f766cf0, benchmarks/results/policy-20261206; the AVX-512 one in 2042193).
 """
 
 TARGETS = {"mt_bench": 2.0, "humaneval": 2.0}  # issue 18's acceptance-length targets (chain of 5)
