@@ -36,15 +36,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import math
-import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.harness import machine_info, results_folder, unwinding_on_signals
 from benchmarks.serving_report import PERCENTILES, markdown_table, plot_serving, write_report  # noqa: F401
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -229,10 +229,6 @@ def add_speedups(cell: dict[str, dict]) -> None:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def warm_up(base: str, model: str) -> None:
     import urllib.request
 
@@ -253,34 +249,9 @@ def serving_configs(head: str | None, args) -> list:
     return configs
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with --quick applied; a bad load or schedule is a usage error naming it."""
     from benchmarks.throughput import parse_k_schedule
-
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
-        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
-        args.respsp = args.respsp[:1]
-    if args.varying_load:
-        try:
-            varying_load(args.varying_load)
-        except ValueError as e:
-            parser.error(str(e))
-    if args.k_by_batch != "none":
-        try:
-            parse_k_schedule(args.k_by_batch)
-        except ValueError as e:
-            parser.error(f"--k-by-batch: {e}")
-    if (not args.concurrencies and not args.request_rates and not args.varying_load) \
-            or any(c < 1 for c in args.concurrencies) \
-            or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
-        parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
-    return args
-
-
-def main(argv: list[str] | None = None) -> Path:
-    from benchmarks.throughput import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
@@ -314,22 +285,40 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", default=None, help="server --dtype (default: the model's)")
     parser.add_argument("--startup-timeout", type=float, default=400)
     parser.add_argument("--out", type=Path, default=None)
-    args = parse_args(parser, argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_sets, args.concurrencies, args.request_rates = ["mt-bench"], [1, 4], []
+        args.num_prompts, args.max_tokens, args.chains, args.reps = 4, 48, [3], 1
+        args.respsp = args.respsp[:1]
+    if args.varying_load:
+        try:
+            varying_load(args.varying_load)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.k_by_batch != "none":
+        try:
+            parse_k_schedule(args.k_by_batch)
+        except ValueError as e:
+            parser.error(f"--k-by-batch: {e}")
+    if (not args.concurrencies and not args.request_rates and not args.varying_load) \
+            or any(c < 1 for c in args.concurrencies) \
+            or any(r <= 0 for r in args.request_rates) or args.num_prompts < 1 or args.reps < 1:
+        parser.error("give at least one load; concurrencies, rates, --num-prompts and --reps must be positive")
+    return args
 
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.testbed.engine_run import prepare_cpu_env
     from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.testbed.prompts import load_prompts, render
-    from vllm_respsp.testbed.server import start_server, stop_server
 
     model = args.model or str(testbed_model_path())
     head = args.head or shipped_head_if_present()
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("benchmarks/results") / f"serving-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
+    stamp, out = results_folder("serving", args.out)
     # Servers inherit this process's environment: the CPU defaults measured fastest here.
     prepare_cpu_env(1)
 
@@ -338,64 +327,88 @@ def main(argv: list[str] | None = None) -> Path:
     if args.varying_load:
         loads.append(varying_load(args.varying_load))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompt_sets = {}
-    for set_name in args.prompt_sets:
-        texts = render(load_prompts(set_name, limit=args.num_prompts), tokenizer)
-        lens = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-        prompt_sets[set_name] = (texts, lens)
-
-    raw: dict[str, dict[str, dict[str, list]]] = {
-        s: {l["name"]: {c.name: [] for c in configs} for l in loads} for s in prompt_sets}
-    server_starts: list[dict] = []
-    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    prompt_sets = tokenized_prompts(args.prompt_sets, args.num_prompts, tokenizer)
+    run = ServingRun(args, model, tokenizer, prompt_sets, loads, out,
+                     raw={s: {l["name"]: {c.name: [] for c in configs} for l in loads} for s in prompt_sets})
     steps = args.reps * len(configs) * (1 + len(prompt_sets) * len(loads))
-    log = open(out / "serving.log", "w")
     complete = False
-    try:
-        with tqdm(total=steps, desc="serving benchmark", unit="step") as progress:
-            for rep in range(args.reps):
-                order = configs[rep % len(configs):] + configs[:rep % len(configs)]
-                for config in order:
-                    progress.set_postfix_str(f"starting {config.name}")
-                    t0 = time.perf_counter()
-                    server = start_server(model, config.speculative_config,
-                                          log_path=out / "servers" / f"{config.name.replace('/', '_')}-rep{rep}.log",
-                                          startup_timeout=args.startup_timeout, max_model_len=args.max_model_len,
-                                          dtype=args.dtype)
-                    try:
-                        warm_up(server.base, model)
-                        port = int(server.base.rsplit(":", 1)[1])
-                        server_starts.append({"config": config.name, "rep": rep, "port": port,
-                                              "seconds": time.perf_counter() - t0})
-                        progress.update(1)
-                        for set_name, (texts, lens) in prompt_sets.items():
-                            for load in loads:
-                                progress.set_postfix_str(f"{config.name} {Path(set_name).name} {load['name']}")
-                                n = requests_per_load(load, args.num_prompts)
-                                print(f"\n## rep {rep} {config.name} {set_name} {load['name']}", file=log, flush=True)
-                                options = {"temperature": args.temperature, "ignore_eos": args.ignore_eos, "log": log}
-                                if "phases" in load:
-                                    sample = run_phases(server.base, model, tokenizer, texts, lens, load,
-                                                        args.max_tokens, **options)
-                                else:
-                                    sample = run_load(server.base, model, tokenizer,
-                                                      sample_requests(texts, lens, n, args.max_tokens), load, **options)
-                                raw[set_name][load["name"]][config.name].append({"rep": rep, **sample})
-                                progress.update(1)
-                    finally:
-                        stop_server(server)
-        complete = True
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        log.close()
-        result = build_result(argv, stamp, model, head, configs, loads, args, raw, server_starts, complete,
-                              machine_info())
-        (out / "serving.json").write_text(json.dumps(result, indent=1, default=str))
-        if result["cells"]:
-            write_report(result, out)
+    with unwinding_on_signals(), open(out / "serving.log", "w") as run.log:
+        try:
+            with tqdm(total=steps, desc="serving benchmark", unit="step") as progress:
+                for rep in range(args.reps):
+                    for config in configs[rep % len(configs):] + configs[:rep % len(configs)]:
+                        run.serve(config, rep, progress)
+            complete = True
+        finally:
+            result = build_result(argv, stamp, model, head, configs, loads, args, run.raw, run.server_starts,
+                                  complete, machine_info())
+            (out / "serving.json").write_text(json.dumps(result, indent=1, default=str))
+            if result["cells"]:
+                write_report(result, out)
     print((out / "serving.md").read_text())
     return out
+
+
+def tokenized_prompts(set_names: list[str], limit: int, tokenizer) -> dict[str, tuple[list[str], list[int]]]:
+    """{prompt set: (its first `limit` prompts in the model's chat template, their token counts)}."""
+    from vllm_respsp.testbed.prompts import load_prompts, render
+
+    prompt_sets = {}
+    for set_name in set_names:
+        texts = render(load_prompts(set_name, limit=limit), tokenizer)
+        prompt_sets[set_name] = (texts, [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts])
+    return prompt_sets
+
+
+@dataclass
+class ServingRun:
+    """A run's fixed parts, and what it gathers: `raw` samples (prompt set -> load ->
+    configuration -> one per repetition) and the servers' start times."""
+
+    args: argparse.Namespace
+    model: str
+    tokenizer: object
+    prompt_sets: dict[str, tuple[list[str], list[int]]]
+    loads: list[dict]
+    out: Path
+    raw: dict
+    server_starts: list[dict] = field(default_factory=list)
+    log: object = None  # serving.log, open while the run drives servers
+
+    def serve(self, config, rep: int, progress) -> None:
+        """Start `config`'s server, drive it at every prompt set and load, stop it."""
+        from vllm_respsp.testbed.server import start_server, stop_server
+
+        progress.set_postfix_str(f"starting {config.name}")
+        t0 = time.perf_counter()
+        server = start_server(self.model, config.speculative_config,
+                              log_path=self.out / "servers" / f"{config.name.replace('/', '_')}-rep{rep}.log",
+                              startup_timeout=self.args.startup_timeout, max_model_len=self.args.max_model_len,
+                              dtype=self.args.dtype)
+        try:
+            warm_up(server.base, self.model)
+            port = int(server.base.rsplit(":", 1)[1])
+            self.server_starts.append({"config": config.name, "rep": rep, "port": port,
+                                       "seconds": time.perf_counter() - t0})
+            progress.update(1)
+            for set_name, (texts, lens) in self.prompt_sets.items():
+                for load in self.loads:
+                    progress.set_postfix_str(f"{config.name} {Path(set_name).name} {load['name']}")
+                    print(f"\n## rep {rep} {config.name} {set_name} {load['name']}", file=self.log, flush=True)
+                    sample = self.drive(server.base, texts, lens, load)
+                    self.raw[set_name][load["name"]][config.name].append({"rep": rep, **sample})
+                    progress.update(1)
+        finally:
+            stop_server(server)
+
+    def drive(self, base: str, texts: list[str], lens: list[int], load: dict) -> dict:
+        """One sample: the server at `base` driven at `load` with these prompts."""
+        args = self.args
+        options = {"temperature": args.temperature, "ignore_eos": args.ignore_eos, "log": self.log}
+        if "phases" in load:
+            return run_phases(base, self.model, self.tokenizer, texts, lens, load, args.max_tokens, **options)
+        requests = sample_requests(texts, lens, requests_per_load(load, args.num_prompts), args.max_tokens)
+        return run_load(base, self.model, self.tokenizer, requests, load, **options)
 
 
 def build_result(argv, stamp, model, head, configs, loads, args, raw, server_starts, complete, machine) -> dict:

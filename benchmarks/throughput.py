@@ -27,14 +27,13 @@ written. Writes JSON (with every raw sample), a Markdown table and PNG plots int
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
+from benchmarks.harness import machine_info, results_folder, unwinding_on_signals
 from vllm_respsp.config import SCHEDULES
 from vllm_respsp.testbed.engines import (
     BATCHING,
@@ -247,7 +246,8 @@ def add_speedups(cell: dict[str, dict]) -> None:
         summary["speedup_vs_best_eagle3"] = summary["tokens_per_s"] / best_chain if best_chain else None
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with --quick applied; a bad value is a usage error naming its option."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run: < 5 minutes on the CPU testbed")
     parser.add_argument("--model", help="target model (default: the testbed SmolLM2-135M-Instruct)")
@@ -293,104 +293,110 @@ def main(argv: list[str] | None = None) -> Path:
             parse_k_schedule(args.k_by_batch)
         except ValueError as e:
             parser.error(f"--k-by-batch: {e}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     from tqdm import tqdm
 
     from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.testbed.prompts import load_prompts
 
     model = args.model or str(testbed_model_path())
     head = args.head or shipped_head_if_present()
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("benchmarks/results") / f"throughput-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
-
+    stamp, out = results_folder("throughput", args.out)
     engine = {"max_model_len": args.max_model_len, **({"dtype": args.dtype} if args.dtype else {})}
     configs = engine_configs(head, args.chains, engine, args.respsp, args.policies, args.policy_shape,
                              args.schedules)
-    # SIGTERM / SIGHUP unwind like Ctrl-C, so the engine processes are closed below.
-    import signal
+    sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": False}
+    cells, raw, tuning, machine = [], {}, None, None
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def result(complete: bool) -> dict:
+        return {
+            "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": stamp, "complete": complete, "machine": machine, "model": model, "head": head,
+            "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
+                        for c in configs],
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "k_by_batch_tuning": tuning,
+            "cells": cells, "raw": raw,
+        }
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    workers = [EngineWorker(model, c) for c in configs for _ in range(args.engines_per_config)]
-    try:
-        for w in tqdm(workers, desc="starting engines"):
-            w.wait_ready()
-        sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": False}
-        cells, raw = [], {}
-        machine = machine_info()
-        tuning = None
-        if head and args.k_by_batch != "none":
-            if args.k_by_batch == "auto":
-                texts = workers[0].render(load_prompts(args.prompt_sets[0], limit=args.num_prompts))
-                schedule, tuning = tune_k_schedule(workers, texts, args.batch_sizes, sampling, args.batching[0])
-            else:
-                schedule = parse_k_schedule(args.k_by_batch)
-            configs.append(k_by_batch_config(head, schedule, engine))
-            added = [EngineWorker(model, configs[-1]) for _ in range(args.engines_per_config)]
-            workers += added
-            for w in added:
+    with unwinding_on_signals():
+        workers = [EngineWorker(model, c) for c in configs for _ in range(args.engines_per_config)]
+        try:
+            for w in tqdm(workers, desc="starting engines"):
                 w.wait_ready()
-
-        def result(complete: bool) -> dict:
-            return {
-                "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": stamp, "complete": complete, "machine": machine, "model": model, "head": head,
-                "configs": [{"name": c.name, "describe": c.describe(), "speculative_config": c.speculative_config}
-                            for c in configs],
-                "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                "k_by_batch_tuning": tuning,
-                "cells": cells, "raw": raw,
-            }
-
-        total = len(args.prompt_sets) * len(args.batching) * len(args.batch_sizes) * args.reps * len(workers)
-        with tqdm(total=total, desc="benchmark", unit="run") as progress:
-            for set_name, batching, batch_size in itertools.product(args.prompt_sets, args.batching,
-                                                                     args.batch_sizes):
-                texts = workers[0].render(load_prompts(set_name, limit=args.num_prompts))
-                samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress, batching)
-                cell = {name: summarize(s, batch_size) for name, s in samples.items()}
-                add_speedups(cell)
-                add_identity(cell, samples, args.dtype or "bfloat16",
-                             lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
-                cells.append({"prompt_set": set_name, "batch_size": batch_size, "batching": batching,
-                              "num_prompts": len(texts), "configs": cell})
-                raw[f"{set_name}/bs{batch_size}" + ("" if batching == "static" else f"/{batching}")] = samples
-                # Finished cells survive an interrupted run (`python -m benchmarks.report DIR`
-                # then writes their table and plots).
-                (out / "throughput.json").write_text(json.dumps(result(False), indent=1, default=str))
-    finally:
-        for w in workers:
-            w.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            machine = machine_info()
+            if head and args.k_by_batch != "none":
+                tuning = start_k_by_batch(args, workers, configs, model, head, engine, sampling)
+            total = len(args.prompt_sets) * len(args.batching) * len(args.batch_sizes) * args.reps * len(workers)
+            with tqdm(total=total, desc="benchmark", unit="run") as progress:
+                for key, samples, cell in measure_cells(args, workers, sampling, progress):
+                    cells.append(cell)
+                    raw[key] = samples
+                    # Finished cells survive an interrupted run (`python -m benchmarks.report DIR`
+                    # then writes their table and plots).
+                    (out / "throughput.json").write_text(json.dumps(result(False), indent=1, default=str))
+        finally:
+            for w in workers:
+                w.close()
 
     (out / "throughput.json").write_text(json.dumps(result(True), indent=1, default=str))
     from benchmarks.report import write_report
 
     write_report(result(True), out)
     print((out / "throughput.md").read_text())
+    fail_on_mismatch(cells, out)
+    return out
+
+
+def start_k_by_batch(args, workers: list[EngineWorker], configs: list[EngineConfig], model: str, head: str,
+                     engine: dict, sampling: dict) -> dict | None:
+    """Add vLLM's K-by-batch-size column: its config to `configs`, its engines (started) to
+    `workers`. With `--k-by-batch auto` the schedule is tuned on the fixed-K engines first;
+    returns that tuning's figures (None for a given schedule)."""
+    from vllm_respsp.testbed.prompts import load_prompts
+
+    tuning = None
+    if args.k_by_batch == "auto":
+        texts = workers[0].render(load_prompts(args.prompt_sets[0], limit=args.num_prompts))
+        schedule, tuning = tune_k_schedule(workers, texts, args.batch_sizes, sampling, args.batching[0])
+    else:
+        schedule = parse_k_schedule(args.k_by_batch)
+    configs.append(k_by_batch_config(head, schedule, engine))
+    added = [EngineWorker(model, configs[-1]) for _ in range(args.engines_per_config)]
+    workers += added
+    for w in added:
+        w.wait_ready()
+    return tuning
+
+
+def measure_cells(args, workers: list[EngineWorker], sampling: dict, progress):
+    """Every (prompt set, batching, batch size) cell in turn: (its key in the raw samples, its
+    samples per configuration, its summary with speedups and the lossless verdicts)."""
+    from vllm_respsp.testbed.prompts import load_prompts
+
+    for set_name, batching, batch_size in itertools.product(args.prompt_sets, args.batching, args.batch_sizes):
+        texts = workers[0].render(load_prompts(set_name, limit=args.num_prompts))
+        samples = run_cell(workers, texts, batch_size, sampling, args.reps, progress, batching)
+        cell = {name: summarize(s, batch_size) for name, s in samples.items()}
+        add_speedups(cell)
+        add_identity(cell, samples, args.dtype or "bfloat16",
+                     lambda contexts: workers[0].top_logits(contexts, TOP_LOGITS))
+        key = f"{set_name}/bs{batch_size}" + ("" if batching == "static" else f"/{batching}")
+        yield key, samples, {"prompt_set": set_name, "batch_size": batch_size, "batching": batching,
+                             "num_prompts": len(texts), "configs": cell}
+
+
+def fail_on_mismatch(cells: list[dict], out: Path) -> None:
+    """A run whose outputs are not the target's own (beyond near-ties) fails, its results kept."""
     failed = sorted({f"{c['prompt_set']}/bs{c['batch_size']}/{name}" for c in cells
                      for name, s in c["configs"].items() if not s["lossless"]["ok"]})
     if failed:
         raise SystemExit(f"MISMATCH: outputs that are not the target's own (not near-ties) in {failed}; "
                          f"see {out / 'throughput.json'}")
-    return out
-
-
-def machine_info() -> dict:
-    import os
-
-    import torch
-    import vllm
-
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
-            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 if __name__ == "__main__":

@@ -233,9 +233,34 @@ def heldout_curve_lines(curve: list[dict]) -> list[str]:
 
 
 def write_model_card(out: Path, summary: dict) -> Path:
-    data, train, offline = summary["data"], summary["train"], summary["offline_estimate"]
+    data, train = summary["data"], summary["train"]
     times = summary.get("stage_seconds", {})
+    ev = summary.get("vllm_eval")
     lines = [
+        *header_lines(data, train),
+        "## Results (vLLM, greedy, 256 new tokens, chain of 5 drafts)",
+        "",
+        *(results_lines(ev) + lossless_lines(ev) + cross_check_lines(ev) if ev else
+          ["Not evaluated in vLLM in this run (--skip-eval)."]),
+        "",
+        *offline_lines(summary["offline_estimate"], train["heldout_sequences"]),
+        "",
+        *data_and_training_lines(data, train, summary["train_log_tail"]),
+        *heldout_curve_lines(summary.get("heldout_curve", [])),
+        *scaling_lines(summary.get("scaling"), times["train"] / data["train_tokens"] if "train" in times else None),
+        *wall_time_lines(times),
+        HISTORY,
+        DECISIONS,
+        LIMITATIONS.format(tokens=f"{data['tokens'] / 1e6:.1f}M", sequences=data["sequences"]),
+    ]
+    plot_heldout_curve(summary.get("heldout_curve", []), out / "heldout_curve.png")
+    path = out / "MODEL_CARD.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def header_lines(data: dict, train: dict) -> list[str]:
+    return [
         "# smollm2-135m-eagle3: EAGLE-3 draft head for SmolLM2-135M-Instruct (testbed target)",
         "",
         "One Llama decoder layer over [embedding, fc(aux states of target layers "
@@ -251,71 +276,86 @@ def write_model_card(out: Path, summary: dict) -> Path:
         "`python -m vllm_respsp.draft` (= `make draft-head`). Evaluation alone: "
         "`python -m vllm_respsp.draft.evaluate`.",
         "",
-        "## Results (vLLM, greedy, 256 new tokens, chain of 5 drafts)",
-        "",
     ]
-    ev = summary.get("vllm_eval")
-    if ev:
-        lines += [
-            "| set | prompts | acceptance length (vLLM: 1 + accepted/drafts) | per-position acceptance rate (1..5) | tok/s |",
-            "|---|---|---|---|---|",
-        ]
-        for key, name in (("mt_bench", "MT-Bench (first turns)"), ("humaneval", "HumanEval")):
-            r = ev[key]
-            lines.append(f"| {name} | {r['prompts']} | **{r['acceptance_length']:.3f}** | "
-                         f"{fmt_rates(r['per_position_rate'])} | {r['tokens_per_s']:.0f} |")
-        met = {k: ev[k]["acceptance_length"] >= v for k, v in TARGETS.items()}
-        first = ev["mt_bench"]["per_position_rate"][0]
-        lines += ["", "Targets (issue 18): MT-Bench >= 2.0: " + ("met" if met["mt_bench"] else "**NOT met**")
-                  + "; HumanEval >= 2.0: " + ("met" if met["humaneval"] else "**NOT met**")
-                  + f"; first position on MT-Bench >= {FIRST_POSITION_TARGET}: "
-                  + f"{'met' if first >= FIRST_POSITION_TARGET else '**NOT met**'} ({first:.3f})."]
-        ident, bf16 = ev["identity"], ev.get("identity_bf16")
-        lines += [
-            "",
-            f"No-speculation MT-Bench run: {ev['mt_bench_no_spec']['tokens_per_s']:.0f} tok/s (CPU, shared "
-            "2-core machine: speeds are noisy and not the point here).",
-            "",
-            f"Identity check (greedy, {ident['prompts']} MT-Bench prompts, with vs without the head, "
-            f"{ident.get('dtype', 'bfloat16')} engines): "
-            + ("**token-for-token identical**." if ident["identical"] else
-               f"**MISMATCH** on prompts {ident['mismatched_prompts']}."),
-        ]
-        if bf16:
-            lines += [
-                "",
-                f"In the bf16 runs behind the acceptance figures, {len(bf16['mismatched_prompts'])} of "
-                f"{bf16['prompts']} MT-Bench outputs diverge from the bf16 run without speculation "
-                f"(prompts {bf16['mismatched_prompts']}): verifying 6 tokens per step changes the bf16 "
-                "rounding of the target's logits and near-ties flip. The same prompts are identical in fp32.",
-            ]
-        if ev.get("bf16_verdict"):
-            verdict = Verdict.from_dict(ev["bf16_verdict"])  # the stored gaps, today's tolerance
-            lines += [
-                "",
-                f"bf16 verdict: **{verdict.label()}**: the first differing token of each diverging output "
-                f"checked against the target's raw logits without speculation (a near-tie: the two tokens "
-                f"within {BF16_STEPS} bf16 steps at the top logit's magnitude, or at {STEP_FLOOR_MAGNITUDE:g} "
-                f"if it is smaller; {BF16_NOISE_NOTE}). The gaps are the evaluation's, the tolerance "
-                "today's (`lossless.Verdict.from_dict`).",
-            ]
-        off = ev.get("mt_bench_offline_estimate")
-        if off:
-            lines += [
-                "",
-                "Cross-check of model.py against vLLM: the same 80 MT-Bench prompts and vLLM outputs, drafted "
-                "offline by this package's PyTorch head (fp32; aux states from an HF forward): acceptance "
-                f"length {off['acceptance_length']:.3f} ({off['rounds']} rounds), per position "
-                f"{fmt_rates(off['per_position_rate'])}; vLLM (bf16): {ev['mt_bench']['acceptance_length']:.3f}.",
-            ]
-    else:
-        lines.append("Not evaluated in vLLM in this run (--skip-eval).")
-    lines += [
+
+
+def results_lines(ev: dict) -> list[str]:
+    """The vLLM evaluation's table and issue 18's targets."""
+    lines = [
+        "| set | prompts | acceptance length (vLLM: 1 + accepted/drafts) | per-position acceptance rate (1..5) | tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    for key, name in (("mt_bench", "MT-Bench (first turns)"), ("humaneval", "HumanEval")):
+        r = ev[key]
+        lines.append(f"| {name} | {r['prompts']} | **{r['acceptance_length']:.3f}** | "
+                     f"{fmt_rates(r['per_position_rate'])} | {r['tokens_per_s']:.0f} |")
+    met = {k: ev[k]["acceptance_length"] >= v for k, v in TARGETS.items()}
+    first = ev["mt_bench"]["per_position_rate"][0]
+    return lines + [
+        "", "Targets (issue 18): MT-Bench >= 2.0: " + ("met" if met["mt_bench"] else "**NOT met**")
+        + "; HumanEval >= 2.0: " + ("met" if met["humaneval"] else "**NOT met**")
+        + f"; first position on MT-Bench >= {FIRST_POSITION_TARGET}: "
+        + f"{'met' if first >= FIRST_POSITION_TARGET else '**NOT met**'} ({first:.3f}).",
         "",
+        f"No-speculation MT-Bench run: {ev['mt_bench_no_spec']['tokens_per_s']:.0f} tok/s (CPU, shared "
+        "2-core machine: speeds are noisy and not the point here).",
+    ]
+
+
+def lossless_lines(ev: dict) -> list[str]:
+    """The fp32 identity check, and in bf16 the diverging prompts and their near-tie verdict."""
+    ident, bf16 = ev["identity"], ev.get("identity_bf16")
+    lines = [
+        "",
+        f"Identity check (greedy, {ident['prompts']} MT-Bench prompts, with vs without the head, "
+        f"{ident.get('dtype', 'bfloat16')} engines): "
+        + ("**token-for-token identical**." if ident["identical"] else
+           f"**MISMATCH** on prompts {ident['mismatched_prompts']}."),
+    ]
+    if bf16:
+        lines += [
+            "",
+            f"In the bf16 runs behind the acceptance figures, {len(bf16['mismatched_prompts'])} of "
+            f"{bf16['prompts']} MT-Bench outputs diverge from the bf16 run without speculation "
+            f"(prompts {bf16['mismatched_prompts']}): verifying 6 tokens per step changes the bf16 "
+            "rounding of the target's logits and near-ties flip. The same prompts are identical in fp32.",
+        ]
+    if ev.get("bf16_verdict"):
+        verdict = Verdict.from_dict(ev["bf16_verdict"])  # the stored gaps, today's tolerance
+        lines += [
+            "",
+            f"bf16 verdict: **{verdict.label()}**: the first differing token of each diverging output "
+            f"checked against the target's raw logits without speculation (a near-tie: the two tokens "
+            f"within {BF16_STEPS} bf16 steps at the top logit's magnitude, or at {STEP_FLOOR_MAGNITUDE:g} "
+            f"if it is smaller; {BF16_NOISE_NOTE}). The gaps are the evaluation's, the tolerance "
+            "today's (`lossless.Verdict.from_dict`).",
+        ]
+    return lines
+
+
+def cross_check_lines(ev: dict) -> list[str]:
+    off = ev.get("mt_bench_offline_estimate")
+    if not off:
+        return []
+    return [
+        "",
+        "Cross-check of model.py against vLLM: the same 80 MT-Bench prompts and vLLM outputs, drafted "
+        "offline by this package's PyTorch head (fp32; aux states from an HF forward): acceptance "
+        f"length {off['acceptance_length']:.3f} ({off['rounds']} rounds), per position "
+        f"{fmt_rates(off['per_position_rate'])}; vLLM (bf16): {ev['mt_bench']['acceptance_length']:.3f}.",
+    ]
+
+
+def offline_lines(offline: dict, sequences: int) -> list[str]:
+    return [
         f"Offline estimate (this module's own simulation of greedy chain-5 drafting on "
-        f"{train['heldout_sequences']} held-out training-distribution sequences, {offline['rounds']} rounds): "
+        f"{sequences} held-out training-distribution sequences, {offline['rounds']} rounds): "
         f"acceptance length {offline['acceptance_length']:.3f}, per position {fmt_rates(offline['per_position_rate'])}.",
-        "",
+    ]
+
+
+def data_and_training_lines(data: dict, train: dict, log_tail: str) -> list[str]:
+    return [
         "## Data",
         "",
         *data_lines(data),
@@ -329,10 +369,13 @@ def write_model_card(out: Path, summary: dict) -> Path:
         json.dumps(train, indent=1),
         "```",
         "",
-        f"Last logged step: `{summary['train_log_tail']}` (acc = per-step top-1 accuracy on the batch).",
+        f"Last logged step: `{log_tail}` (acc = per-step top-1 accuracy on the batch).",
         "",
-        *heldout_curve_lines(summary.get("heldout_curve", [])),
-        *scaling_lines(summary.get("scaling"), times["train"] / data["train_tokens"] if "train" in times else None),
+    ]
+
+
+def wall_time_lines(times: dict[str, float]) -> list[str]:
+    return [
         "## Wall times on this machine (2 CPU cores, shared; seconds)",
         "",
         "`replies` is skipped when every committed reply shard is there (the replies are committed under "
@@ -344,11 +387,4 @@ def write_model_card(out: Path, summary: dict) -> Path:
         "|---|---|",
         *[f"| {k} | {v:.0f} |" for k, v in times.items()],
         "",
-        HISTORY,
-        DECISIONS,
-        LIMITATIONS.format(tokens=f"{data['tokens'] / 1e6:.1f}M", sequences=data["sequences"]),
     ]
-    plot_heldout_curve(summary.get("heldout_curve", []), out / "heldout_curve.png")
-    path = out / "MODEL_CARD.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path

@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def already_recorded(out: str, recipe: dict) -> bool:
         return False
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="mt-bench", help="prompt set name or .jsonl path")
     parser.add_argument("--num-prompts", type=int, default=80)
@@ -174,17 +175,15 @@ def main(argv=None) -> None:
                         help="compare vLLM's acceptance length with the simulator's for these shapes")
     parser.add_argument("--force", action="store_true",
                         help="record again although <out>.report.json says this recipe was recorded")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from vllm import SamplingParams
 
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.draft.replies import planned_prompt_ids
     from vllm_respsp.policy.features import feature_dims
-    from vllm_respsp.runtime.recorder import read_records
-    from vllm_respsp.testbed.engine_run import make_llm, prepare_cpu_env
+    from vllm_respsp.testbed.engine_run import prepare_cpu_env
     from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.testbed.prompts import load_prompts, render
 
     head = args.head or str(shipped_head_path())
     model = args.model or str(testbed_model_path())
@@ -195,16 +194,71 @@ def main(argv=None) -> None:
         return
     prepare_cpu_env()
     actions = [TreeShape.parse(a) for a in args.actions]
+    engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
+    spec = {"method": "respsp", "model": head, "shape": actions[0].to_dict(),
+            "actions": [a.to_dict() for a in actions]}
+    run = generate_recorded(model, spec, engine, chosen_prompts(args), args)
+    head_hidden = json.loads((Path(head) / "config.json").read_text())["hidden_size"]
+    dims = feature_dims(head_hidden)
+    traces = TraceSet([], [FeatureSpec(n, dims[n]) for n in run.feature_names], run.generations,
+                      target={"name": Path(model).name, "hidden_size": run.target_hidden},
+                      head={"name": Path(head).name, "hidden_size": head_hidden},
+                      temperature=0.0).with_actions(actions)
+    save_traces(traces, args.out)
+    run.records.unlink()
+    outputs_path(args.out).write_text(json.dumps({
+        "model": model, "head": head, "engine": engine, "max_tokens": args.max_tokens,
+        "prompts": [{"id": p.id, "text": t, "output": o} for p, t, o in zip(run.prompts, run.texts, run.outputs)]}))
+    report = {"recipe": recipe, "out": args.out, "prompts": args.prompts, "num_prompts": len(run.prompts),
+              "skip": args.skip,
+              "max_tokens": args.max_tokens, "dtype": args.dtype,
+              "positions": sum(g.num_positions for g in traces.generations),
+              "static_acceptance_length": {str(a): simulated_acceptance(traces, i)
+                                           for i, a in enumerate(traces.actions)}}
+    if args.check:
+        report["check"] = run_checks(args.out, [TreeShape.parse(s) for s in args.check], [],
+                                     model, head, engine, args.max_num_seqs)
+    Path(f"{args.out}.report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def chosen_prompts(args) -> list:
+    """The set's prompts from `--skip` on, `--num-prompts` of them, after leaving out the draft
+    head's own training prompts with `--unseen-by-head`."""
+    from vllm_respsp.draft.replies import planned_prompt_ids
+    from vllm_respsp.testbed.prompts import load_prompts
+
     prompts = load_prompts(args.prompts, limit=None if args.unseen_by_head else args.skip + args.num_prompts)
     if args.unseen_by_head:
         seen = planned_prompt_ids()
         print(f"leaving out {sum(p.id in seen for p in prompts)} prompts the draft head trained on")
         prompts = [p for p in prompts if p.id not in seen]
-    prompts = prompts[args.skip:args.skip + args.num_prompts]
-    engine = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
-    spec = {"method": "respsp", "model": head, "shape": actions[0].to_dict(),
-            "actions": [a.to_dict() for a in actions]}
-    greedy = {"temperature": 0.0, "max_tokens": args.max_tokens}
+    return prompts[args.skip:args.skip + args.num_prompts]
+
+
+@dataclass
+class RecordedRun:
+    """What one recording engine gave: the prompts kept, their chat texts, vLLM's greedy
+    outputs, each one's recorded generation (features and drafts per step), the feature
+    blocks' names, the target's hidden size and the records file."""
+
+    prompts: list
+    texts: list[str]
+    outputs: list[list[int]]
+    generations: list
+    feature_names: list[str]
+    target_hidden: int
+    records: Path
+
+
+def generate_recorded(model: str, spec: dict, engine: dict, prompts: list, args) -> RecordedRun:
+    """Generate greedily with the recorder on (the engine process writes every step to a
+    records file); prompts longer than `--max-prompt-tokens` and one-token answers are left out."""
+    from vllm import SamplingParams
+
+    from vllm_respsp.runtime.recorder import read_records
+    from vllm_respsp.testbed.engine_run import make_llm
+    from vllm_respsp.testbed.prompts import render
 
     records = Path(tempfile.mkstemp(suffix=".records")[1])
     os.environ[envs.RECORD] = str(records)  # read by the engine process this LLM starts
@@ -217,7 +271,7 @@ def main(argv=None) -> None:
         print(f"leaving out {fits.count(False)} prompts longer than {args.max_prompt_tokens} tokens")
         prompts = [p for p, ok in zip(prompts, fits) if ok]
         texts = [t for t, ok in zip(texts, fits) if ok]
-    raw = llm.generate(texts, SamplingParams(**greedy), use_tqdm=True)
+    raw = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens), use_tqdm=True)
     reference = [list(o.outputs[0].token_ids) for o in raw]
     by_prompt = {tuple(o.prompt_token_ids): list(o.outputs[0].token_ids) for o in raw}
     ids = {tuple(o.prompt_token_ids): (p.id, args.prompts) for o, p in zip(raw, prompts)}
@@ -233,29 +287,8 @@ def main(argv=None) -> None:
         print(f"leaving out {kept.count(False)} one-token answers")
         prompts, texts, reference, raw = ([x for x, ok in zip(seq, kept) if ok]
                                           for seq in (prompts, texts, reference, raw))
-    head_hidden = json.loads((Path(head) / "config.json").read_text())["hidden_size"]
-    dims = feature_dims(head_hidden)
-    traces = TraceSet([], [FeatureSpec(n, dims[n]) for n in names],
-                      [generations[tuple(o.prompt_token_ids)] for o in raw],
-                      target={"name": Path(model).name, "hidden_size": hidden},
-                      head={"name": Path(head).name, "hidden_size": head_hidden},
-                      temperature=0.0).with_actions(actions)
-    save_traces(traces, args.out)
-    records.unlink()
-    outputs_path(args.out).write_text(json.dumps({
-        "model": model, "head": head, "engine": engine, "max_tokens": args.max_tokens,
-        "prompts": [{"id": p.id, "text": t, "output": o} for p, t, o in zip(prompts, texts, reference)]}))
-    report = {"recipe": recipe, "out": args.out, "prompts": args.prompts, "num_prompts": len(prompts),
-              "skip": args.skip,
-              "max_tokens": args.max_tokens, "dtype": args.dtype,
-              "positions": sum(g.num_positions for g in traces.generations),
-              "static_acceptance_length": {str(a): simulated_acceptance(traces, i)
-                                           for i, a in enumerate(traces.actions)}}
-    if args.check:
-        report["check"] = run_checks(args.out, [TreeShape.parse(s) for s in args.check], [],
-                                     model, head, engine, args.max_num_seqs)
-    Path(f"{args.out}.report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    return RecordedRun(prompts, texts, reference, [generations[tuple(o.prompt_token_ids)] for o in raw],
+                       names, hidden, records)
 
 
 if __name__ == "__main__":

@@ -303,7 +303,8 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; `shapes`: --actions parsed (None: the traces' own)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--traces", help="trace set (<stem>.json + <stem>.safetensors)")
@@ -338,30 +339,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--synthetic-generations", type=int, default=32)
     ap.add_argument("--synthetic-positions", type=int, default=256)
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(1)
-    np.random.seed(args.seed)
     try:
-        actions = [TreeShape.parse(a) for a in args.actions] if args.actions else None
+        args.shapes = [TreeShape.parse(a) for a in args.actions] if args.actions else None
     except ValueError as e:
         ap.error(f"--actions: {e}")
-    traces = (load_traces(args.traces) if args.traces else synthetic_traces(
-        synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
-    def prepare(t: TraceSet) -> TraceSet:
-        t = select_features(t, args.features) if args.features is not None else t
-        try:
-            t = t.with_actions(actions) if actions is not None else t
-        except TraceError as e:
-            raise SystemExit(f"--actions: {e}") from None
-        return t.with_no_drafts() if args.no_drafts == "on" else t
+    return args
 
-    traces = prepare(traces)
-    if args.eval_traces:
-        train_set = traces
-        eval_sets = {Path(t).name.removesuffix(".json"): prepare(load_traces(t)) for t in args.eval_traces}
-    else:
-        train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
-        eval_sets = {"eval": eval_set if eval_set.generations else train_set}
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    np.random.seed(args.seed)
+    traces, train_set, eval_sets = training_sets(args)
     cost = load_cost_model(args.profile)
     rates = {b: best_static(train_set, cost, b)[1] for b in args.batch_loads}
     out = Path(args.out)
@@ -369,25 +358,13 @@ def main(argv: list[str] | None = None) -> dict:
                   cost_profile={"name": cost.profile_name, "digest": cost.profile_digest})
     policies, files = {}, {}
     for algo in args.algo:
-        net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
         if algo == "bandit":
-            info = train_bandit(net, train_set, cost, args.batch_loads, rates,
-                                args.bandit_epochs, seed=args.seed)
-            for _ in range(args.bandit_rounds - 1):
-                # Dinkelbach: the reward's price of a second is the rate being maximized; the
-                # best static one is a floor, the policy's own (higher) rate the next estimate
-                own = {b: max(rates[b], simulate(train_set, cost, net.act, b).tokens_per_s)
-                       for b in args.batch_loads}
-                net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
-                info = train_bandit(net, train_set, cost, args.batch_loads, own,
-                                    args.bandit_epochs, seed=args.seed)
-                info["reward_rates"] = own
-            # the scales go into the policy file's coordination block, not twice into `training`
-            coordination = bandit_coordination(info.pop("target_scale"), info.get("reward_rates", rates), cost)
+            net, info, coordination = fit_bandit(args, train_set, cost, rates)
             hold = 1  # a bandit decides every step
         else:
+            net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
             info, _ = train_ppo(net, train_set, cost, args.batch_loads, args.hold, rates,
-                             args.ppo_steps, seed=args.seed)
+                                args.ppo_steps, seed=args.seed)
             coordination = None  # an actor's logits are not values: nothing to add up
             hold = args.hold
         max_draft_load = draft_load_limit(train_set, cost, net.act, hold, margin=args.gate_margin)
@@ -405,6 +382,44 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["tokens_per_s_on_eval"], indent=1))
     return report
+
+
+def training_sets(args) -> tuple[TraceSet, TraceSet, dict[str, TraceSet]]:
+    """The traces (features, actions and NO_DRAFTS as the arguments ask), the part trained on,
+    and the held-out sets by name (`--eval-traces`, or a split of the traces)."""
+    traces = (load_traces(args.traces) if args.traces else synthetic_traces(
+        synthetic_action_set(), args.synthetic_generations, args.synthetic_positions, seed=args.seed))
+
+    def prepare(t: TraceSet) -> TraceSet:
+        t = select_features(t, args.features) if args.features is not None else t
+        try:
+            t = t.with_actions(args.shapes) if args.shapes is not None else t
+        except TraceError as e:
+            raise SystemExit(f"--actions: {e}") from None
+        return t.with_no_drafts() if args.no_drafts == "on" else t
+
+    traces = prepare(traces)
+    if args.eval_traces:
+        return traces, traces, {Path(t).name.removesuffix(".json"): prepare(load_traces(t)) for t in args.eval_traces}
+    train_set, eval_set = traces.split(args.eval_fraction, seed=args.seed)
+    return traces, train_set, {"eval": eval_set if eval_set.generations else train_set}
+
+
+def fit_bandit(args, train_set: TraceSet, cost, rates: dict[int, float]):
+    """The bandit, its training info and its coordination block (`--bandit-rounds`: retrained
+    with its own simulated rate as the price of a second)."""
+    net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
+    info = train_bandit(net, train_set, cost, args.batch_loads, rates, args.bandit_epochs, seed=args.seed)
+    for _ in range(args.bandit_rounds - 1):
+        # Dinkelbach: the reward's price of a second is the rate being maximized; the
+        # best static one is a floor, the policy's own (higher) rate the next estimate
+        own = {b: max(rates[b], simulate(train_set, cost, net.act, b).tokens_per_s) for b in args.batch_loads}
+        net = make_net(train_set, args.proj_dim, tuple(args.hidden), "tanh", args.seed)
+        info = train_bandit(net, train_set, cost, args.batch_loads, own, args.bandit_epochs, seed=args.seed)
+        info["reward_rates"] = own
+    # the scales go into the policy file's coordination block, not twice into `training`
+    coordination = bandit_coordination(info.pop("target_scale"), info.get("reward_rates", rates), cost)
+    return net, info, coordination
 
 
 if __name__ == "__main__":
