@@ -139,28 +139,55 @@ def main() -> None:
     from vllm_respsp.testbed.engine_run import prepare_cpu_env
 
     prepare_cpu_env(2)
+    from vllm_respsp.draft.evaluate import prompt_token_ids
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    engines = start_engines(args.configs)
+    continuous = args.batching == "continuous"
+    num_prompts = (args.num_prompts or 4 * args.batch) if continuous else args.batch
+    prompts = prompt_token_ids("mt-bench", testbed_model_path(), num_prompts)
+    samples, by_rep = measure(engines, prompts, args)
+    table = {name: {key: round(statistics.median(values) * 1000, 3) for key, values in rows.items()}
+             | {"decode_steps": len(rows.get("step", [])), "step_and_run_by_rep": by_rep[name]}
+             for name, rows in samples.items()}
+    table["command"] = "python -m benchmarks.step_phases " + " ".join(
+        [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}",
+         f"--batching {args.batching}"] + ([f"--num-prompts {num_prompts}"] if continuous else []))
+    text = json.dumps(table, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def start_engines(names: list[str]) -> dict:
+    """One in-process bf16 engine per configuration name (`speculative_config`)."""
     import tempfile
 
     from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.draft.evaluate import prompt_token_ids
-    from vllm_respsp.step_clock import SECONDS
-    from vllm_respsp.testbed.engine_run import generate, make_llm
+    from vllm_respsp.testbed.engine_run import make_llm
     from vllm_respsp.testbed.model import testbed_model_path
 
     model, head = str(testbed_model_path()), str(shipped_head_path())
     policy_dir = Path(tempfile.mkdtemp(prefix="step-phases-"))
-    specs = {name: speculative_config(name, head, policy_dir) for name in args.configs}
-    engines = {name: make_llm(model, spec, distributed_executor_backend="uni", dtype="bfloat16")
-               for name, spec in specs.items()}
+    specs = {name: speculative_config(name, head, policy_dir) for name in names}
+    return {name: make_llm(model, spec, distributed_executor_backend="uni", dtype="bfloat16")
+            for name, spec in specs.items()}
+
+
+def measure(engines: dict, prompts: list, args) -> tuple[dict, dict]:
+    """Every engine runs the prompts each repetition (order alternating). Returns the samples
+    (engine -> "run", "step", each wrapped call, "respsp:<phase>" -> seconds) and, per
+    repetition in the order run, (decode-step median, run) in ms, to tell an engine's own
+    offset from the machine's drift."""
+    from vllm_respsp.step_clock import SECONDS
+    from vllm_respsp.testbed.engine_run import generate
+
     log = CallLog()
     continuous = args.batching == "continuous"
-    num_prompts = (args.num_prompts or 4 * args.batch) if continuous else args.batch
-    prompts = prompt_token_ids("mt-bench", testbed_model_path(), num_prompts)
     for llm in engines.values():
         generate(llm, prompts[:2], {"temperature": 0.0, "max_tokens": 8})
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
-    # per repetition, in the order run: (decode-step median, run) in ms, to tell an engine's own
-    # offset from the machine's drift
     by_rep: dict[str, list[list[float]]] = {name: [] for name in engines}
     for rep in range(args.reps):
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
@@ -174,24 +201,20 @@ def main() -> None:
             steps = log.decode_steps(args.batch)
             by_rep[name].append([round(statistics.median([b - a for _, a, b in steps]) * 1000, 3) if steps else None,
                                  round(samples[name]["run"][-1] * 1000, 1)])
-            for i, a, b in steps:
-                samples[name].setdefault("step", []).append(b - a)
-                for call, start, end in log.calls:
-                    if a <= start < b:
-                        samples[name].setdefault(call, []).append(end - start)
-                for phase, seconds in log.clocks[i + 1].items():
-                    samples[name].setdefault(f"respsp:{phase}", []).append(seconds - log.clocks[i].get(phase, 0))
-    table = {name: {key: round(statistics.median(values) * 1000, 3) for key, values in rows.items()}
-             | {"decode_steps": len(rows.get("step", [])), "step_and_run_by_rep": by_rep[name]}
-             for name, rows in samples.items()}
-    table["command"] = "python -m benchmarks.step_phases " + " ".join(
-        [*args.configs, f"--batch {args.batch}", f"--reps {args.reps}", f"--max-tokens {args.max_tokens}",
-         f"--batching {args.batching}"] + ([f"--num-prompts {num_prompts}"] if continuous else []))
-    text = json.dumps(table, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+            add_step_samples(samples[name], log, steps)
+    return samples, by_rep
+
+
+def add_step_samples(rows: dict[str, list[float]], log: CallLog, steps) -> None:
+    """Per decode step of the run just logged: its seconds, those of the wrapped calls that
+    started in it, and each respsp phase's (the step clock's difference across it)."""
+    for i, a, b in steps:
+        rows.setdefault("step", []).append(b - a)
+        for call, start, end in log.calls:
+            if a <= start < b:
+                rows.setdefault(call, []).append(end - start)
+        for phase, seconds in log.clocks[i + 1].items():
+            rows.setdefault(f"respsp:{phase}", []).append(seconds - log.clocks[i].get(phase, 0))
 
 
 if __name__ == "__main__":

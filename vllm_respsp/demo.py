@@ -25,22 +25,28 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast) or float32 (token-exact comparison)")
     args = parser.parse_args()
 
-    from tqdm import tqdm
-
     from vllm_respsp.draft import shipped_head_if_present
-    from vllm_respsp.policy.shipped import shipped_policy_if_present
-    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker, reference_engine
-    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
-    from vllm_respsp.testbed.model import testbed_model_path
     from vllm_respsp.testbed.prompts import load_prompts
 
-    model = str(testbed_model_path())
     head = shipped_head_if_present()
+    configs = demo_configs(args, head)
+    prompts = load_prompts(args.prompts, limit=args.num_prompts)
+    results, verdicts = run_side_by_side(configs, prompts, args)
+    print_results(prompts, configs, results, verdicts, args, head)
+    failed = [name for name, v in verdicts.items() if not v.ok]
+    if failed:
+        raise SystemExit(f"MISMATCH: {failed} produced outputs that are not the target's own (not near-ties)")
+
+
+def demo_configs(args, head: str | None) -> list:
+    """No speculation; with a head, vLLM's EAGLE-3 chain, respsp's static tree and its policy."""
+    from vllm_respsp.policy.shipped import shipped_policy_if_present
+    from vllm_respsp.testbed.engines import EngineConfig, reference_engine
+    from vllm_respsp.tree.shape import TreeShape
+
     engine = {"dtype": args.dtype}
     configs = [EngineConfig("none", None, reference_engine(engine))]
     if head:
-        from vllm_respsp.tree.shape import TreeShape
-
         configs.append(EngineConfig("eagle3", {"method": "eagle3", "model": head,
                                                "num_speculative_tokens": args.chain}, engine))
         configs.append(EngineConfig("respsp", {"method": "respsp", "model": head,
@@ -50,8 +56,19 @@ def main() -> None:
         if policy:
             configs.append(EngineConfig("respsp-policy", {"method": "respsp", "model": head, "policy": policy,
                                                           "shape": TreeShape.parse(args.tree).to_dict()}, engine))
-    prompts = load_prompts(args.prompts, limit=args.num_prompts)
-    workers = [EngineWorker(model, c) for c in configs]
+    return configs
+
+
+def run_side_by_side(configs: list, prompts: list, args) -> tuple[dict, dict]:
+    """Each configuration's outputs on the prompts (one warm-up first, untimed) and, for the
+    speculative ones, the lossless verdict against no speculation."""
+    from tqdm import tqdm
+
+    from vllm_respsp.testbed.engines import EngineWorker
+    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    workers = [EngineWorker(str(testbed_model_path()), c) for c in configs]
     try:
         for w in tqdm(workers, desc="starting engines"):
             w.wait_ready()
@@ -67,7 +84,11 @@ def main() -> None:
     finally:
         for w in workers:
             w.close()
+    return results, verdicts
 
+
+def print_results(prompts: list, configs: list, results: dict, verdicts: dict, args, head: str | None) -> None:
+    plain = results["none"]
     for prompt, answer in zip(prompts, plain["texts"]):
         print("=" * 100)
         print(f"[{prompt.id}] {textwrap.shorten(prompt.text, 300)}")
@@ -90,9 +111,6 @@ def main() -> None:
         print("  near-tie: in bf16 verifying several tokens per step changes the rounding of the target's\n"
               "  logits; where the two best tokens are within a few bf16 steps the argmax can flip (checked\n"
               "  against the target's own logits without speculation); `--dtype float32` compares token-exactly.")
-    failed = [name for name, v in verdicts.items() if not v.ok]
-    if failed:
-        raise SystemExit(f"MISMATCH: {failed} produced outputs that are not the target's own (not near-ties)")
 
 
 if __name__ == "__main__":

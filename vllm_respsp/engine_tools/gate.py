@@ -36,6 +36,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, Tree
     return tuple(out)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", type=Path, required=True, help="policy file to gate (rewritten in place)")
     ap.add_argument("--loads", nargs="+", type=int, default=list(DEFAULT_LOADS))
@@ -155,42 +156,24 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if any(x < 1 for x in args.loads + args.chains) or args.reps < 1 or args.min_prompts < 1:
         ap.error("--loads, --chains, --reps and --min-prompts must be positive")
-    from tqdm import tqdm
+    return args
 
-    from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.engine_tools.profile import prompt_pool
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     from vllm_respsp.policy.policy_file import load_policy
-    from vllm_respsp.testbed.model import testbed_model_path
 
     policy_file = load_policy(args.policy)
     digest = policy_file.meta["weights"]["sha256"]  # load_policy checked it against the weights
     simulated = simulated_gate(args.policy, policy_file.max_draft_load, digest)
     loads = sorted(set(args.loads))
-    model = str(testbed_model_path())
-    pool = prompt_pool("sharegpt-train", args.skip, args.context, max(max(loads), args.min_prompts), model)
-    engine = {"dtype": args.dtype, "max_num_seqs": max(loads)}
-    with tempfile.TemporaryDirectory() as tmp:
-        open_policy = open_gate_copy(args.policy, Path(tmp))
-        spec = {"method": "respsp", "model": str(shipped_head_path()), "policy": str(open_policy),
-                "shape": TreeShape.parse(args.static_shape).to_dict()}
-        shapes = {f"chain{k}": chain(k) for k in args.chains}
-        configs = [EngineConfig("none", None, engine), EngineConfig("policy", spec, engine)] + [
-            EngineConfig(name, {**spec, "policy": "static", "shape": shape.to_dict()}, engine)
-            for name, shape in shapes.items()]
-        workers = {c.name: EngineWorker(model, c) for c in configs}
-        try:
-            for w in workers.values():
-                w.wait_ready()
-            with tqdm(total=len(loads) * args.reps * len(workers), desc="gate", unit="run") as bar:
-                rows = measure(workers, pool, loads, args, bar)
-        finally:
-            for w in workers.values():
-                w.close()
-    ratios = {load: row["ratio"] for load, row in rows.items()}
-    measured = measured_limit(ratios, args.margin)
+    shapes = {f"chain{k}": chain(k) for k in args.chains}
+    rows = measure_in_engines(args, loads, shapes)
+    measured = measured_limit({load: row["ratio"] for load, row in rows.items()}, args.margin)
     gate = combined_gate(simulated, measured, loads)
     rows_static = static_loads(rows, gate, shapes)
-    report = {"command": "python -m vllm_respsp.engine_tools.gate " + " ".join(argv or []),
+    report = {"command": "python -m vllm_respsp.engine_tools.gate "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "policy": str(args.policy), "weights_sha256": digest,
               "simulated_max_draft_load": simulated, "measured_max_draft_load": measured,
               "max_draft_load": gate, "static_loads": [r.to_dict() for r in rows_static],
@@ -202,6 +185,36 @@ def main(argv=None) -> dict:
     print(f"max_draft_load: {gate} (simulated {simulated}, measured {measured}); static loads: "
           + (", ".join(f"{r.first}-{r.last} {r.shape}" for r in rows_static) or "none"))
     return report
+
+
+def measure_in_engines(args, loads: list[int], shapes: dict[str, TreeShape]) -> dict[int, dict]:
+    """`measure` on real engines: no speculation, the policy with its gate open (a copy of the
+    file) and respsp's static `shapes`, on ShareGPT training prompts."""
+    from tqdm import tqdm
+
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.engine_tools.profile import prompt_pool
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    model = str(testbed_model_path())
+    pool = prompt_pool("sharegpt-train", args.skip, args.context, max(max(loads), args.min_prompts), model)
+    engine = {"dtype": args.dtype, "max_num_seqs": max(loads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        open_policy = open_gate_copy(args.policy, Path(tmp))
+        spec = {"method": "respsp", "model": str(shipped_head_path()), "policy": str(open_policy),
+                "shape": TreeShape.parse(args.static_shape).to_dict()}
+        configs = [EngineConfig("none", None, engine), EngineConfig("policy", spec, engine)] + [
+            EngineConfig(name, {**spec, "policy": "static", "shape": shape.to_dict()}, engine)
+            for name, shape in shapes.items()]
+        workers = {c.name: EngineWorker(model, c) for c in configs}
+        try:
+            for w in workers.values():
+                w.wait_ready()
+            with tqdm(total=len(loads) * args.reps * len(workers), desc="gate", unit="run") as bar:
+                return measure(workers, pool, loads, args, bar)
+        finally:
+            for w in workers.values():
+                w.close()
 
 
 def report_path(policy: Path) -> Path:
