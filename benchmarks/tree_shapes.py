@@ -46,13 +46,7 @@ def spec_for(name: str, head: str) -> dict:
     return {"method": "respsp", "model": head, "shape": parse_shape(name)}
 
 
-def main() -> None:
-    from vllm_respsp.draft import shipped_head_path
-    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
-    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
-    from vllm_respsp.testbed.model import testbed_model_path
-    from vllm_respsp.testbed.prompts import load_prompts
-
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", action="append", default=None, help="prompt set(s); default mt-bench")
     ap.add_argument("--num-prompts", type=int, default=80, help="per prompt set")
@@ -62,7 +56,16 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="1 = batch size 1")
     ap.add_argument("--head", default=None, help="EAGLE-3 head (default: the shipped one)")
     ap.add_argument("--tag", default="tree_shapes")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from vllm_respsp.draft import shipped_head_path
+    from vllm_respsp.testbed.engines import EngineConfig, EngineWorker
+    from vllm_respsp.testbed.lossless import TOP_LOGITS, judge
+    from vllm_respsp.testbed.model import testbed_model_path
+    from vllm_respsp.testbed.prompts import load_prompts
 
     model = str(testbed_model_path())
     head = args.head or str(shipped_head_path())

@@ -64,7 +64,7 @@ def random_prompts(batch: int, context: int, vocab: int, seed: int) -> list[list
     return torch.randint(100, vocab, (batch, context), generator=gen).tolist()
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default=None, help="profile name (default: the file's stem)")
@@ -87,6 +87,13 @@ def main(argv=None) -> None:
     parser.add_argument("--phases", action="store_true",
                         help="also record respsp's per-phase times (a stats-file write every respsp step)")
     args = parser.parse_args(argv)
+    if any(TreeShape.parse(s).min_prob for s in args.shapes):
+        parser.error("--shapes: static shapes only (no /p bound): a bounded shape's work varies by step")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     from vllm_respsp.draft import shipped_head_path
     from vllm_respsp.testbed.model import testbed_model_path
@@ -94,8 +101,6 @@ def main(argv=None) -> None:
     head = args.head or str(shipped_head_path())
     model = args.model or str(testbed_model_path())
     shapes = [TreeShape.parse(s) for s in args.shapes]
-    if any(s.min_prob for s in shapes):
-        parser.error("--shapes: static shapes only (no /p bound): a bounded shape's work varies by step")
     # no prefix caching: the short and the long run must pay the same prefill
     engine = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes), "enable_prefix_caching": False,
               "max_model_len": args.context + args.tokens + 64}
