@@ -286,41 +286,18 @@ def split_sequences(sequences: list[FeatureSequence], cfg: TrainConfig, total: i
 
 def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cfg: TrainConfig,
           draft_to_target: torch.Tensor, aux_layers, total_sequences: int | None = None) -> Eagle3Head:
-    from vllm_respsp.draft.model import target_embedding
-
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    target_cfg = json.loads((target_path / "config.json").read_text())
-    head_cfg = HeadConfig.from_target(target_cfg, cfg.draft_vocab_size, aux_layers)
-    head = Eagle3Head(head_cfg, target_embedding(target_path), draft_to_target)
-    init_from_target(head, target_path, cfg.init_midlayer_from_target)
-    if cfg.final_norm_from_target:
-        from safetensors import safe_open
-
-        with safe_open(str(target_path / "model.safetensors"), "pt") as f, torch.no_grad():
-            head.norm.weight.copy_(f.get_tensor("model.norm.weight").float())
-
+    head = initial_head(target_path, cfg, draft_to_target, aux_layers)
     train_seqs, heldout_seqs = split_sequences(sequences, cfg, total_sequences)
     batches_per_epoch = len(make_batches([len(s[0]) for s in train_seqs], cfg.tokens_per_batch, random.Random(0)))
     total_steps = cfg.epochs * batches_per_epoch
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, step, seen = out_dir / "checkpoint.pt", 0, 0  # seen: training tokens so far
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] == asdict(cfg):
-            head.load_state_dict(ckpt["head"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, seen = ckpt["step"], ckpt.get("tokens", 0)
-            rng.setstate(ckpt["rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-
-    log_path = out_dir / "train_log.jsonl"
-    if log_path.exists():  # lines a killed run wrote after its last checkpoint are trained again
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log = open(log_path, "a")
+    ckpt_path = out_dir / "checkpoint.pt"
+    step, seen = resume(ckpt_path, cfg, head, optimizer, rng)  # seen: training tokens so far
+    log = reopen_log(out_dir / "train_log.jsonl", step)
     bar = tqdm(total=total_steps, initial=step, desc="train")
     start, held = time.perf_counter(), "-"
     while step < total_steps:
@@ -332,24 +309,14 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
             steps = 1 if step < int(cfg.single_step_epochs * batches_per_epoch) else cfg.ttt_steps
             batch = collate([train_seqs[i] for i in batch_ids])
             seen += int(batch.lengths.sum())
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, stats = ttt_loss(head, batch, steps,
-                                       cfg.step_weight_decay, cfg.feature_weight, cfg.deep_step_weight,
-                                       cfg.soft_label_weight, cfg.deep_row_fraction)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, acc = optimizer_step(head, optimizer, batch, steps, cfg)
             step += 1
-            acc = [c / n if n else 0.0 for c, n in stats]
-            record = {"step": step, "tokens": seen, "loss": loss.item(), "acc": acc,
-                      "seconds": time.perf_counter() - start}
+            record = {"step": step, "tokens": seen, "loss": loss, "acc": acc, "seconds": time.perf_counter() - start}
             if step % cfg.eval_every == 0 or step == total_steps:
                 record["heldout_acc"] = heldout_accuracy(head, heldout_seqs, cfg.ttt_steps, cfg.tokens_per_batch)
                 held = "/".join(f"{a:.2f}" for a in record["heldout_acc"])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc="/".join(f"{a:.2f}" for a in acc),
-                            heldout=held)
+            bar.set_postfix(loss=f"{loss:.3f}", acc="/".join(f"{a:.2f}" for a in acc), heldout=held)
             log.write(json.dumps(record) + "\n")
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 log.flush()  # a kill -9 after the checkpoint must not lose the steps it covers
@@ -362,6 +329,60 @@ def train(sequences: list[FeatureSequence], target_path: Path, out_dir: Path, cf
     bar.close()
     log.close()
     return head
+
+
+def initial_head(target_path: Path, cfg: TrainConfig, draft_to_target: torch.Tensor, aux_layers) -> Eagle3Head:
+    """A head over the target's embedding, initialised from the target (`init_from_target`)."""
+    from vllm_respsp.draft.model import target_embedding
+
+    target_cfg = json.loads((target_path / "config.json").read_text())
+    head_cfg = HeadConfig.from_target(target_cfg, cfg.draft_vocab_size, aux_layers)
+    head = Eagle3Head(head_cfg, target_embedding(target_path), draft_to_target)
+    init_from_target(head, target_path, cfg.init_midlayer_from_target)
+    if cfg.final_norm_from_target:
+        from safetensors import safe_open
+
+        with safe_open(str(target_path / "model.safetensors"), "pt") as f, torch.no_grad():
+            head.norm.weight.copy_(f.get_tensor("model.norm.weight").float())
+    return head
+
+
+def resume(ckpt_path: Path, cfg: TrainConfig, head: Eagle3Head, optimizer, rng: random.Random) -> tuple[int, int]:
+    """Load a checkpoint of this very config (head, optimizer, RNGs) if there is one; returns its
+    (step, training tokens seen), (0, 0) when starting afresh."""
+    if not ckpt_path.exists():
+        return 0, 0
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    if ckpt["config"] != asdict(cfg):
+        return 0, 0
+    head.load_state_dict(ckpt["head"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rng.setstate(ckpt["rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["step"], ckpt.get("tokens", 0)
+
+
+def reopen_log(log_path: Path, step: int):
+    """The training log, open for appending after `step`: lines a killed run wrote after its last
+    checkpoint are dropped (those steps are trained again)."""
+    if log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    return open(log_path, "a")
+
+
+def optimizer_step(head: Eagle3Head, optimizer, batch: Batch, steps: int,
+                   cfg: TrainConfig) -> tuple[float, list[float]]:
+    """One step of `steps` unrolled draft steps (bf16 autocast); returns the loss and each draft
+    step's top-1 accuracy on the batch."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = ttt_loss(head, batch, steps, cfg.step_weight_decay, cfg.feature_weight, cfg.deep_step_weight,
+                               cfg.soft_label_weight, cfg.deep_row_fraction)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.item(), [c / n if n else 0.0 for c, n in stats]
 
 
 @torch.no_grad()
