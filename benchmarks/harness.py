@@ -1,5 +1,5 @@
-"""What every benchmark run shares: its results folder, the machine it ran on, and signals
-that unwind it (so the engines and servers it started are closed)."""
+"""What every benchmark run shares: its target and head, its results folder, the machine it
+ran on, and signals that unwind it (so the engines and servers it started are closed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import os
 import platform
 import signal
 from pathlib import Path
+
+
+def model_and_head(args) -> tuple[str, str | None]:
+    """The target (`--model`, else the testbed model) and the EAGLE-3 head (`--head`, else the
+    shipped one if it is there)."""
+    from vllm_respsp.draft import shipped_head_if_present
+    from vllm_respsp.testbed.model import testbed_model_path
+
+    return args.model or str(testbed_model_path()), args.head or shipped_head_if_present()
 
 
 def results_folder(kind: str, out: Path | None) -> tuple[str, Path]:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.harness import machine_info, results_folder, unwinding_on_signals
+from benchmarks.harness import machine_info, model_and_head, results_folder, unwinding_on_signals
 from benchmarks.serving_report import PERCENTILES, markdown_table, plot_serving, write_report  # noqa: F401
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -312,12 +312,9 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_respsp.draft import shipped_head_if_present
     from vllm_respsp.testbed.engine_run import prepare_cpu_env
-    from vllm_respsp.testbed.model import testbed_model_path
 
-    model = args.model or str(testbed_model_path())
-    head = args.head or shipped_head_if_present()
+    model, head = model_and_head(args)
     stamp, out = results_folder("serving", args.out)
     # Servers inherit this process's environment: the CPU defaults measured fastest here.
     prepare_cpu_env(1)

@@ -33,7 +33,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.harness import machine_info, results_folder, unwinding_on_signals
+from benchmarks.harness import machine_info, model_and_head, results_folder, unwinding_on_signals
 from vllm_respsp.config import SCHEDULES
 from vllm_respsp.testbed.engines import (
     BATCHING,
@@ -300,11 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from vllm_respsp.draft import shipped_head_if_present
-    from vllm_respsp.testbed.model import testbed_model_path
-
-    model = args.model or str(testbed_model_path())
-    head = args.head or shipped_head_if_present()
+    model, head = model_and_head(args)
     stamp, out = results_folder("throughput", args.out)
     engine = {"max_model_len": args.max_model_len, **({"dtype": args.dtype} if args.dtype else {})}
     configs = engine_configs(head, args.chains, engine, args.respsp, args.policies, args.policy_shape,
