@@ -78,6 +78,13 @@ measured with the second head. The shipped shape policies were retrained on this
 (commit f766cf0, benchmarks/results/policy-20261206; the AVX-512 one in 2042193).
 """
 
+# The one lever of the recipe not in the ablation tables: tried before the data scaled up.
+SOFT_LABELS_NOTE = (
+    "Soft labels (`soft_label_weight`, the target's top-16 next-token distribution) are not a row: "
+    "they were a seeded A/B on 4 shards before the data scaled up (held-out step-0 accuracy 0.333 "
+    "against 0.338 without them after 3 epochs; see Decisions) and cost ~35% more feature time, so "
+    "they stayed off.")
+
 TARGETS = {"mt_bench": 2.0, "humaneval": 2.0}  # issue 18's acceptance-length targets (chain of 5)
 FIRST_POSITION_TARGET = 0.55  # and its first-position acceptance rate on MT-Bench
 
@@ -186,7 +193,7 @@ def ablation_lines(points: list[dict]) -> list[str]:
         if len(groups) > 1:
             lines += [f"Against the baseline of recipe: {recipe_label(base['train'])}", ""]
         lines += ablation_table(base, levers, share)
-    return lines
+    return lines + [SOFT_LABELS_NOTE, ""]
 
 
 def config_changes(point: dict, base: dict) -> dict:
