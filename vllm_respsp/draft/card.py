@@ -93,8 +93,14 @@ LIMITATIONS = """\
 
 - The training budget is tiny for an EAGLE head: {tokens} tokens ({sequences} replies), a few
   percent of one epoch of the usual ShareGPT+UltraChat recipe, on 2 CPU cores. Data and
-  passes are the levers (`DataConfig.num_prompts`, `TrainConfig.epochs`); the held-out
+  passes are the levers (`DataConfig.sources`, `TrainConfig.epochs`); the held-out
   accuracy during training is in `train_log.jsonl` (`heldout_acc`, every `eval_every` steps).
+- More data than this is not at hand: the prompt sets installed here could add ~7.7M tokens at
+  most (counted 2026-12-07: ShareGPT-train's prompts that fit 256 tokens are all used; left are
+  6,948 OpenAI evals prompts and the longer prompts, 4.9M prompt tokens, which carry no loss,
+  and ~2.8M reply tokens at each source's mean reply length). By the scaling curve's line that
+  is ~1.95 acceptance length at the most, short of 2.0, for an estimated 8-10 h of replies,
+  features (~1.6 h at this card's rate) and two training passes (~5.5 h) on this machine.
 - Observed and handled: the target's residual stream has massive activations (attention-sink
   tokens with RMS ~1000 at layers 15 and 27, a single dimension ~25k), which is why the head
   normalises each aux state before fc (`fc_norm`, a vLLM option).
