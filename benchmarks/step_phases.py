@@ -7,7 +7,8 @@
 Configurations: `none` (no speculation), `held` (respsp with a constant NO_DRAFTS policy, whose
 load gate is shut at every load: the step a loaded server gets), `policy` (respsp with the
 shipped shape policy, whose actions set vLLM's draft slots to its largest shape), `eagle3-K`
-(vLLM's EAGLE-3 chain of K) and `respsp-chainK`; a suffix `@N` starts another engine of the same
+(vLLM's EAGLE-3 chain of K) and `respsp-SHAPE` (respsp with one static shape, as
+`TreeShape.parse` reads it: `respsp-chain3`, `respsp-T8/D3/K4`); a suffix `@N` starts another engine of the same
 configuration (how much two engines of one configuration differ is the noise floor of a
 comparison). Every engine runs in this process (vLLM's in-process engine core and executor), so
 one set of wrappers times the same vLLM functions in each: the runner's
@@ -46,7 +47,7 @@ WRAPPED = {
 
 def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
     from vllm_respsp.policy.policy_file import constant_policy
-    from vllm_respsp.tree.shape import NO_DRAFTS, chain
+    from vllm_respsp.tree.shape import NO_DRAFTS, ShapeError, TreeShape, chain
 
     name = name.partition("@")[0]  # "eagle3-1@2": a second engine of the same configuration
     if name == "none":
@@ -58,13 +59,15 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
         from vllm_respsp.policy.shipped import shipped_policy
 
         return {"method": "respsp", "model": head, "shape": chain(3).to_dict(), "policy": str(shipped_policy().path)}
-    for prefix, method in (("eagle3-", "eagle3"), ("respsp-chain", "respsp")):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            k = int(name[len(prefix):])
-            if method == "eagle3":
-                return {"method": "eagle3", "model": head, "num_speculative_tokens": k}
-            return {"method": "respsp", "model": head, "shape": chain(k).to_dict()}
-    raise SystemExit(f"configuration {name!r}: allowed are none, held, policy, eagle3-K, respsp-chainK")
+    if name.startswith("eagle3-") and name[len("eagle3-"):].isdigit():
+        return {"method": "eagle3", "model": head, "num_speculative_tokens": int(name[len("eagle3-"):])}
+    if name.startswith("respsp-"):
+        try:
+            return {"method": "respsp", "model": head, "shape": TreeShape.parse(name[len("respsp-"):]).to_dict()}
+        except ShapeError as error:
+            raise SystemExit(f"configuration {name!r}: {error}") from None
+    raise SystemExit(f"configuration {name!r}: allowed are none, held, policy, eagle3-K and respsp-SHAPE "
+                     "(respsp-chainK, respsp-T8/D3/K4)")
 
 
 class CallLog:
@@ -124,7 +127,8 @@ def _decode_load(scheduler_output) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+", help="none, held, policy, eagle3-K, respsp-chainK")
+    parser.add_argument("configs", nargs="+",
+                        help="none, held, policy, eagle3-K, respsp-SHAPE (respsp-chain3, respsp-T8/D3/K4)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)

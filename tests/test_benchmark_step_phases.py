@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.step_phases import _decode_load, speculative_config
 from vllm_respsp.policy.policy_file import load_policy
-from vllm_respsp.tree.shape import chain
+from vllm_respsp.tree.shape import TreeShape, chain
 
 
 def test_configurations_name_their_engines(tmp_path):
@@ -14,6 +14,7 @@ def test_configurations_name_their_engines(tmp_path):
     assert speculative_config("eagle3-2", "HEAD", tmp_path) == \
         {"method": "eagle3", "model": "HEAD", "num_speculative_tokens": 2}
     assert speculative_config("respsp-chain3", "HEAD", tmp_path)["shape"] == chain(3).to_dict()
+    assert speculative_config("respsp-T8/D3/K4@2", "HEAD", tmp_path)["shape"] == TreeShape(8, 3, 4).to_dict()
     assert speculative_config("eagle3-2@2", "HEAD", tmp_path) == speculative_config("eagle3-2", "HEAD", tmp_path)
     held = speculative_config("held", "HEAD", tmp_path)
     assert held["method"] == "respsp" and load_policy(held["policy"]).max_draft_load == 0  # a shut gate
@@ -23,8 +24,13 @@ def test_configurations_name_their_engines(tmp_path):
 
 @pytest.mark.parametrize("name", ["eagle3", "eagle3-x", "chain3", "respsp"])
 def test_an_unknown_configuration_names_the_allowed_ones(name, tmp_path):
-    with pytest.raises(SystemExit, match="allowed are none, held, policy, eagle3-K, respsp-chainK"):
+    with pytest.raises(SystemExit, match="allowed are none, held, policy, eagle3-K and respsp-SHAPE"):
         speculative_config(name, "HEAD", tmp_path)
+
+
+def test_a_bad_respsp_shape_names_the_forms_it_reads(tmp_path):
+    with pytest.raises(SystemExit, match=r"'respsp-T8/D3'.*expected chainN, T<total_tokens>/D<depth>/K<top_k>"):
+        speculative_config("respsp-T8/D3", "HEAD", tmp_path)
 
 
 def schedule(tokens: dict, spec: dict, new=()):
