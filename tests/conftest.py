@@ -79,3 +79,62 @@ def requests_with_and_without(job: dict, speculative_config: dict, stats: Path) 
     spec = run_requests({**job, "speculative_config": speculative_config},
                         env={"VLLM_RESPSP_STATS_FILE": str(stats)})
     return plain, spec, json.loads(stats.read_text())
+
+
+# The output distribution at temperature 0.8 (test_respsp_trees on the CPU backend,
+# test_triton_backend on the Triton one): both compare against one set of samples without
+# speculation, drawn once per session.
+TINY_TREE = {"total_tokens": 6, "depth": 3, "top_k": 3}
+
+
+@pytest.fixture(scope="session")
+def soft_pair(tmp_path_factory):
+    """A successor target whose next token is the successor only ~half the time at T=0.8, and
+    its successor head: drafts are accepted often enough and rejected often enough."""
+    from vllm_respsp.testbed.fixtures import successor_eagle3_head, successor_llama
+
+    root = tmp_path_factory.mktemp("soft-successor")
+    target = successor_llama(root / "target", margin=4.0)
+    return target, successor_eagle3_head(root / "head", target)
+
+
+# 8,000 samples a run: subsampling 20,000-sample runs (2026-12-06), the biased sampler of
+# test_respsp_trees still scores p <= 1e-89 at 8,000 (1e-35 at 4,000) and the correct one spread
+# as a p-value should; a run of 20,000 cost ~80 s of CI here.
+def sample_first_tokens(target, spec, n=8_000, env=None, timeout=1200):
+    """The first 3 tokens of `n` requests for one prompt at temperature 0.8 (token ids [n, 3]),
+    and the engine's speculation counters."""
+    import torch
+
+    job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
+           "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],
+           "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 512},
+           "speculative_config": spec}
+    result = run_engine(job, env=env, timeout=timeout)["results"][0]
+    return torch.tensor(result["token_ids"]), result["spec"]
+
+
+@pytest.fixture(scope="session")
+def no_spec_samples(soft_pair):
+    return sample_first_tokens(soft_pair[0], None)[0]
+
+
+def marginals_p_value(a, b, vocab: int) -> float:
+    """Two-sample chi-square over the token marginals at each position (bins with few
+    samples merged), combined: the smallest p-value times the number of positions."""
+    import torch
+
+    p_values = []
+    for pos in range(a.shape[1]):
+        ca = torch.bincount(a[:, pos], minlength=vocab).double()
+        cb = torch.bincount(b[:, pos], minlength=vocab).double()
+        small = (ca + cb) < 10
+        ca = torch.cat([ca[~small], ca[small].sum().view(1)])
+        cb = torch.cat([cb[~small], cb[small].sum().view(1)])
+        keep = (ca + cb) > 0
+        ca, cb = ca[keep], cb[keep]
+        ka, kb = (cb.sum() / ca.sum()).sqrt(), (ca.sum() / cb.sum()).sqrt()
+        stat = ((ka * ca - kb * cb) ** 2 / (ca + cb)).sum()
+        dof = torch.tensor((keep.sum().item() - 1) / 2, dtype=torch.float64)
+        p_values.append(float(torch.special.gammaincc(dof, stat / 2)))
+    return min(1.0, min(p_values) * len(p_values))

@@ -4,9 +4,7 @@ at temperature 0.8."""
 
 import json
 
-import pytest
-import torch
-from conftest import run_engine
+from conftest import TINY_TREE, marginals_p_value, run_engine, sample_first_tokens
 
 from vllm_respsp.engine_tools.profile import decode_steps
 
@@ -54,56 +52,6 @@ def test_mixed_trees_are_lossless_and_budgeted_per_request(fixture_models, tmp_p
     steps = [line.split() for line in clock.read_text().splitlines()]
     assert len(steps) > 2 * 40 / 5 and {int(s[1]) for s in steps} >= {len(PROMPTS)}
     assert len(decode_steps(clock.read_text(), len(PROMPTS), 65)) > 10
-
-
-def marginals_p_value(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
-    """Two-sample chi-square over the token marginals at each position (bins with few
-    samples merged), combined: the smallest p-value times the number of positions."""
-    p_values = []
-    for pos in range(a.shape[1]):
-        ca = torch.bincount(a[:, pos], minlength=vocab).double()
-        cb = torch.bincount(b[:, pos], minlength=vocab).double()
-        small = (ca + cb) < 10
-        ca = torch.cat([ca[~small], ca[small].sum().view(1)])
-        cb = torch.cat([cb[~small], cb[small].sum().view(1)])
-        keep = (ca + cb) > 0
-        ca, cb = ca[keep], cb[keep]
-        ka, kb = (cb.sum() / ca.sum()).sqrt(), (ca.sum() / cb.sum()).sqrt()
-        stat = ((ka * ca - kb * cb) ** 2 / (ca + cb)).sum()
-        dof = torch.tensor((keep.sum().item() - 1) / 2, dtype=torch.float64)
-        p_values.append(float(torch.special.gammaincc(dof, stat / 2)))
-    return min(1.0, min(p_values) * len(p_values))
-
-
-@pytest.fixture(scope="module")
-def soft_pair(tmp_path_factory):
-    """A successor target whose next token is the successor only ~half the time at T=0.8, and
-    its successor head: drafts are accepted often enough and rejected often enough."""
-    from vllm_respsp.testbed.fixtures import successor_eagle3_head, successor_llama
-
-    root = tmp_path_factory.mktemp("soft-successor")
-    target = successor_llama(root / "target", margin=4.0)
-    return target, successor_eagle3_head(root / "head", target)
-
-
-# 8,000 samples a run: subsampling 20,000-sample runs (2026-12-06), the biased sampler below
-# still scores p <= 1e-89 at 8,000 (1e-35 at 4,000) and the correct one spread as a p-value
-# should; a run of 20,000 cost ~80 s of CI here.
-def sample_first_tokens(target, spec, n=8_000, env=None):
-    job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
-           "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],  # noqa: E501
-           "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 512},
-           "speculative_config": spec}
-    result = run_engine(job, env=env, timeout=1200)["results"][0]
-    return torch.tensor(result["token_ids"]), result["spec"]
-
-
-@pytest.fixture(scope="module")
-def no_spec_samples(soft_pair):
-    return sample_first_tokens(soft_pair[0], None)[0]
-
-
-TINY_TREE = {"total_tokens": 6, "depth": 3, "top_k": 3}
 
 
 def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_spec_samples, tmp_path):

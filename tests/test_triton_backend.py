@@ -14,9 +14,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import ENGINE_ENV, REPO, run_engine
-from test_respsp_trees import marginals_p_value
+from conftest import ENGINE_ENV, REPO, TINY_TREE, marginals_p_value, run_engine, sample_first_tokens
 
 TRITON_ENV = {"TRITON_INTERPRET": "1", "RESPSP_TEST_TRITON_ATTN_ON_CPU": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"}
 CHAIN3 = {"total_tokens": 3, "depth": 3, "top_k": 1}
@@ -61,27 +59,13 @@ def test_mixed_batch_is_identical_to_no_speculation(greedy_run):
     assert result["spec"]["acceptance_length"] > 3.0
 
 
-def test_sampling_at_temperature_08_keeps_the_target_distribution(tmp_path):
-    from vllm_respsp.testbed.fixtures import successor_eagle3_head, successor_llama
-
-    target = successor_llama(tmp_path / "target", margin=4.0)
-    head = successor_eagle3_head(tmp_path / "head", target)
-
-    def samples(n, spec, env):
-        job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
-               "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],
-               "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 256},
-               "speculative_config": spec}
-        result = run_engine(job, env=env, timeout=1500)["results"][0]
-        return torch.tensor(result["token_ids"]), result["spec"]
-
-    # the reference: the CPU backend without speculation (cheap, so many samples); the interpreted
-    # Triton engine is slow per request, so it samples one batch
-    plain, _ = samples(4096, None, {})
-    spec = {"method": "respsp", "model": str(head), "shape": {"total_tokens": 6, "depth": 3, "top_k": 3}}
-    tree, counters = samples(256, spec, TRITON_ENV)
+def test_sampling_at_temperature_08_keeps_the_target_distribution(soft_pair, no_spec_samples):
+    # the reference: the session's samples without speculation (CPU backend, cheap, so many);
+    # the interpreted Triton engine is slow per request, so it samples one batch
+    spec = {"method": "respsp", "model": str(soft_pair[1]), "shape": TINY_TREE}
+    tree, counters = sample_first_tokens(soft_pair[0], spec, n=256, env=TRITON_ENV, timeout=1500)
     assert counters["accepted_per_pos"][0] > 20 and counters["accepted_tokens"] < 0.5 * counters["draft_tokens"]
-    assert marginals_p_value(tree, plain, 128) > 0.01
+    assert marginals_p_value(tree, no_spec_samples, 128) > 0.01
 
 
 def test_a_chain_step_reads_back_no_more_than_vllms_eagle3(fixture_models, tmp_path):
