@@ -50,8 +50,9 @@ def test_a_rerun_reads_the_simulators_gate_from_the_last_report(tmp_path):
     assert gate.simulated_gate(path, 4, "def") == 4  # retrained since: the report is of other weights
 
 
-def test_a_chain_takes_a_load_only_when_it_beats_the_policy_by_the_margin():
-    assert gate.fastest_drafting({"none": 1.0, "policy": 1.5, "chain1": 1.53}, 0.03) == "policy"  # a near tie
+def test_the_policy_keeps_a_load_only_when_it_beats_every_chain_by_the_margin():
+    assert gate.fastest_drafting({"none": 1.0, "policy": 1.5, "chain1": 1.47}, 0.03) == "chain1"  # a near tie
+    assert gate.fastest_drafting({"none": 1.0, "policy": 1.6, "chain1": 1.5}, 0.03) == "policy"
     assert gate.fastest_drafting({"none": 1.0, "policy": 1.5, "chain1": 1.6, "chain2": 1.7}, 0.03) == "chain2"
     assert gate.fastest_drafting({"none": 1.0, "policy": 1.5}, 0.03) == "policy"
 
