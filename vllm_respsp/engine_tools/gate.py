@@ -1,6 +1,6 @@
 """A policy's load gate measured in the engine: the largest batch load at which drafting (the
 policy, or one static chain for every request), run end to end, beats no speculation; and the
-loads below it where a static chain beats the policy.
+loads below it where a static chain does as well as the policy (a near tie goes to the chain).
 
     python -m vllm_respsp.engine_tools.gate --policy vllm_respsp/assets/policy/smollm2-135m-cpu/bandit.json
 
