@@ -59,11 +59,12 @@ def speculative_config(name: str, head: str, policy_dir: Path) -> dict | None:
         from vllm_respsp.policy.shipped import shipped_policy
 
         return {"method": "respsp", "model": head, "shape": chain(3).to_dict(), "policy": str(shipped_policy().path)}
-    if name.startswith("eagle3-") and name[len("eagle3-"):].isdigit():
-        return {"method": "eagle3", "model": head, "num_speculative_tokens": int(name[len("eagle3-"):])}
+    k = name.removeprefix("eagle3-")
+    if k != name and k.isdigit():
+        return {"method": "eagle3", "model": head, "num_speculative_tokens": int(k)}
     if name.startswith("respsp-"):
         try:
-            return {"method": "respsp", "model": head, "shape": TreeShape.parse(name[len("respsp-"):]).to_dict()}
+            return {"method": "respsp", "model": head, "shape": TreeShape.parse(name.removeprefix("respsp-")).to_dict()}
         except ShapeError as error:
             raise SystemExit(f"configuration {name!r}: {error}") from None
     raise SystemExit(f"configuration {name!r}: allowed are none, held, policy, eagle3-K and respsp-SHAPE "

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).resolve().parent / "engine_hooks"
@@ -104,8 +105,6 @@ def soft_pair(tmp_path_factory):
 def sample_first_tokens(target, spec, n=8_000, env=None, timeout=1200):
     """The first 3 tokens of `n` requests for one prompt at temperature 0.8 (token ids [n, 3]),
     and the engine's speculation counters."""
-    import torch
-
     job = {"model": str(target), "prompts": [[5, 9, 30]] * n,
            "samplings": [{"temperature": 0.8, "max_tokens": 3, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 512},
@@ -122,8 +121,6 @@ def no_spec_samples(soft_pair):
 def marginals_p_value(a, b, vocab: int) -> float:
     """Two-sample chi-square over the token marginals at each position (bins with few
     samples merged), combined: the smallest p-value times the number of positions."""
-    import torch
-
     p_values = []
     for pos in range(a.shape[1]):
         ca = torch.bincount(a[:, pos], minlength=vocab).double()
