@@ -28,15 +28,11 @@ and at each measured load where the policy does not beat the fastest chain by mo
 `--margin`, the loads from the one measured before it up to it get that chain for every request,
 without the network: the file's `static_loads` rows (policy_file.LoadShape, like vLLM's
 K-by-batch-size rows). A near tie goes to the chain: the policy drafts deeper, and what deeper
-drafts earn moves with the prompts and the machine's state more than a chain of 1 does. On the
-AVX-512 CPU the gate had the policy 0.8% above the chain of 1 at 4 in flight (ShareGPT, 64
-tokens); on MT-Bench and HumanEval at 128 tokens the policy then ran at 0.95x / 0.89x the chain
-of 1, which stayed within 2% of the best column in each of three runs at that load
-(benchmarks/results/throughput-20261207). With chains of 1-3 beside it (the default since), the
-same CPU's gate gave loads 1-2 to the chain of 2 (the policy 56.0 against 56.5 tokens/s at load 1,
-97.1 against 99.5 at 2) and 3-4 to the chain of 1: there the learned policy never beats respsp's
-best chain by the margin, so its file became a measured schedule of chains by load, and the
-network decides nowhere on that CPU until a head or trees give it something worth choosing.
+drafts earn moves with the prompts and the machine's state more than a chain does (at 4 in flight
+on the AVX-512 CPU a 0.8% lead in the gate became 0.95x / 0.89x the chain of 1 on MT-Bench /
+HumanEval, benchmarks/results/throughput-20261207). Where the policy ties the best chain at every
+load, the file becomes a measured schedule of chains by load (the AVX-512 policy's
+`bandit.gate.json` has the figures).
 """
 
 from __future__ import annotations
@@ -155,7 +151,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--margin", type=float, default=0.03,
-                    help="the policy must beat no speculation by more than this share to draft at a load")
+                    help="a drafting mode must beat no speculation, and the policy the fastest chain, "
+                         "by more than this share")
     ap.add_argument("--static-shape", default="chain3", help="the static shape given with the policy")
     ap.add_argument("--chains", nargs="*", type=int, default=list(DEFAULT_CHAINS),
                     help="respsp chains of this many drafts measured beside the policy (static_loads)")
