@@ -91,3 +91,9 @@ def test_confidence_bounded_shapes_parse_and_round_trip(head):
     assert cfg.shape == bounded and C.parse(cfg.to_dict()) == cfg
     with pytest.raises(Exception, match="expected chainN"):
         TreeShape.parse("T8/D8/K1/q0.3")
+    verified = TreeShape(8, 8, 1, 0.3, 0.1)
+    assert TreeShape.parse("chain8/p0.3/v0.1") == verified and str(verified) == "T8/D8/K1/p0.3/v0.1"
+    assert TreeShape.parse("chain1/v0.4") == TreeShape(1, 1, 1, 0.0, 0.4)
+    assert TreeShape.from_dict(verified.to_dict()) == verified
+    with pytest.raises(Exception, match=r"shape.verify_min_prob must be a number in \[0, 1\)"):
+        TreeShape(1, 1, 1, 0.0, 1.0).validate()

@@ -6,7 +6,7 @@ HeadAdapter interface (random maps, attention that matters) stands in for vLLM's
 import pytest
 import torch
 
-from vllm_respsp.runtime.drafter import NewRows, TreeDrafter
+from vllm_respsp.runtime.drafter import FEW_NEW_ROWS, NewRows, TreeDrafter
 from vllm_respsp.runtime.head import StepInputs
 from vllm_respsp.tree.shape import chain
 
@@ -97,11 +97,12 @@ def test_deferred_positions_catch_up_to_what_every_step_gives(defer_steps):
 
 
 def test_a_batch_extends_each_request_as_it_would_alone():
-    """Steps that mix one new row for a request and several for another run the extend pass's
-    attention as two padded groups (`TreeDrafter._attend_new_rows`); every request's keys,
-    values and roots must be what extending it alone gives. Steps 1, 2, 4 and 5 of `steps_of`
-    mix them; with a third request of one row a step, the single-row group has two."""
-    steps = {**steps_of(), "c": [3, 1, 1, 1, 1, 1]}
+    """Steps that mix a decode step's few new rows for some requests and many for another (a
+    prompt joining) run the extend pass's attention as two padded groups
+    (`TreeDrafter._attend_new_rows`); every request's keys, values and roots must be what
+    extending it alone gives. Request c joins at steps 0 and 3 with many rows; a and b add
+    1-5 rows a step, padded together."""
+    steps = {**steps_of(), "c": [FEW_NEW_ROWS + 4, 1, 1, FEW_NEW_ROWS + 1, 1, 1]}
     together, alone = TreeDrafter(ToyHead()), {r: TreeDrafter(ToyHead()) for r in steps}
     starts = dict.fromkeys(steps, 0)
     for step in range(6):
@@ -171,6 +172,8 @@ def test_a_deferral_longer_than_the_window_restarts_the_context_at_the_window():
     [chain(1), chain(1)], [chain(3), chain(3)],  # vLLM's chains of K
     # what a policy mixes: depths, confidence bounds
     [chain(1), chain(3)], [chain(4, 0.3), chain(2)], [chain(5, 0.1), chain(3, 0.5)], [chain(5, 0.2), chain(4, 0.05)],
+    # verify bounds: a chain may lose its first draft (no drafts), or end before a weak one
+    [chain(1, 0, 0.3), chain(1)], [chain(4, 0, 0.1), chain(3, 0.2, 0.05)],
 ], ids=str)
 def test_chains_are_what_the_tree_builder_grows(shapes):
     """The runtime's path for a step of chains only (any depths, confidence bounds) proposes what
@@ -187,5 +190,7 @@ def test_chains_are_what_the_tree_builder_grows(shapes):
         grown = [tree.tokens[cu[b] + 1:cu[b + 1]].tolist() for b in range(2)]
         assert drafter.draft_chains(ids, shapes, hidden, logprobs) == grown
         lengths |= {len(chain) for chain in grown}
-    if any(s.min_prob for s in shapes):  # the bound cut some chains and not others
+    if any(s.bounded for s in shapes):  # the bound cut some chains and not others
         assert len(lengths) > 1
+    if any(s.verify_min_prob and s.depth == 1 for s in shapes):
+        assert 0 in lengths  # a first draft below its verify bound is dropped

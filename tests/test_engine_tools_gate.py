@@ -141,3 +141,16 @@ def test_the_walk_stops_at_the_first_load_where_the_policy_does_not_pay():
     # per load: one untimed warm-up batch, then each repetition from an empty prefix cache
     assert workers["policy"].calls[:5] == [(1, 16, False), (1, 32, True), (1, 32, False), (1, 32, False),
                                            (1, 32, False)]
+
+
+def test_further_static_shapes_are_measured_beside_the_chains(capsys):
+    args = gate.parse_args(["--policy", "p.json", "--chains", "1", "2", "--shapes", "chain1/v0.4"])
+    assert args.static_shapes == {"chain1": chain(1), "chain2": chain(2), "chain1/v0.4": chain(1, 0, 0.4)}
+    # the shape a load's fastest mode names is what its static_loads row runs
+    assert gate.static_loads({4: {"best": "chain1/v0.4"}}, None, args.static_shapes) == \
+        (LoadShape(1, 4, chain(1, 0, 0.4)),)
+    for bad, said in (("chain1/v1.5", "verify_min_prob must be a number in"), ("none", "name drafting shapes"),
+                      ("tree", "expected chainN")):
+        with pytest.raises(SystemExit):
+            gate.parse_args(["--policy", "p.json", "--shapes", bad])
+        assert said in capsys.readouterr().err

@@ -24,7 +24,10 @@ POSITIONS = 40
 POOLS = [pool_shape(6, 1), pool_shape(4, 2), pool_shape(3, 4)]
 SHAPES = [chain(1), chain(4), chain(6), TreeShape(6, 6, 1, 0.3), TreeShape(3, 3, 1, 0.05),
           TreeShape(4, 2, 2), TreeShape(10, 4, 2), TreeShape(10, 4, 2, 0.1), TreeShape(3, 3, 2, 0.02),
-          TreeShape(8, 3, 4), TreeShape(20, 3, 4, 0.01), TreeShape(5, 2, 4, 0.2)]
+          TreeShape(8, 3, 4), TreeShape(20, 3, 4, 0.01), TreeShape(5, 2, 4, 0.2),
+          # verify bounds: the first draft may go, trees lose their weak leaves
+          chain(1, 0, 0.3), chain(4, 0, 0.1), TreeShape(6, 6, 1, 0.3, 0.05), TreeShape(10, 4, 2, 0, 0.05),
+          TreeShape(20, 3, 4, 0.01, 0.02)]
 
 
 def build(shapes, root, seed):
@@ -90,7 +93,7 @@ def pools(positions):
 
 def test_every_derived_shape_equals_the_shape_built_directly(positions, pools):
     derived = {s: realize(pools, s) for s in SHAPES}
-    bounded_sizes = set()
+    bounded_sizes, verify_cut = set(), set()
     for p, (root, seed, output) in enumerate(positions):
         tree, rows, levels = build(SHAPES, root, seed)
         accepted = accepted_lengths(trees_of(tree), np.zeros(len(SHAPES), dtype=np.int64), output)
@@ -102,9 +105,12 @@ def test_every_derived_shape_equals_the_shape_built_directly(positions, pools):
             assert (acc[p], work.nodes[p], work.levels[p], work.rows[p]) == \
                 (accepted[b], nodes, levels[b], rows[b]), (shape, p)
             assert work.tree[p] == int(nodes > depth)
-            if shape.min_prob:
+            if shape.bounded:
                 bounded_sizes.add(nodes)
+            if shape.verify_min_prob:
+                verify_cut.add(nodes < shape.total_tokens)
     assert len(bounded_sizes) > 3  # the bounds really vary the trees
+    assert verify_cut == {True, False}  # and a verify bound cuts some trees, not all
     assert max(int(a.max()) for a, _ in derived.values()) >= 4  # and deep paths get accepted
 
 

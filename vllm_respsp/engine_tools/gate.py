@@ -23,10 +23,10 @@ policy file's `max_draft_load` and `static_loads` are rewritten in place; the fi
 Below the gate the policy can still lose to one static shape at some load: on the AVX-512 CPU at
 4 in flight vLLM's chain of 1 ran 1.19x no speculation and the policy 1.03x (MT-Bench,
 benchmarks/results/throughput-20261206n), although the simulator had them equal there. So
-respsp's own chains of `--chains` drafts run beside them (static shapes, every request alike),
-and at each measured load where the policy does not beat the fastest chain by more than
-`--margin`, the loads from the one measured before it up to it get that chain for every request,
-without the network: the file's `static_loads` rows (policy_file.LoadShape, like vLLM's
+respsp's own chains of `--chains` drafts and any `--shapes` (e.g. a chain verified only where its
+draft is likely, chain1/v0.4) run beside them, every request alike, and at each measured load
+where the policy does not beat the fastest of them by more than `--margin`, the loads from the
+one measured before it up to it get that shape for every request, without the network: the file's `static_loads` rows (policy_file.LoadShape, like vLLM's
 K-by-batch-size rows). A near tie goes to the chain: the policy drafts deeper, and what deeper
 drafts earn moves with the prompts and the machine's state more than a chain does (at 4 in flight
 on the AVX-512 CPU a 0.8% lead in the gate became 0.95x / 0.89x the chain of 1 on MT-Bench /
@@ -95,7 +95,7 @@ def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int,
     """{load: {tokens/s per worker and repetition, the drafting mode to run ("best": the
     policy, or a chain faster by more than the margin) and its ratio of medians to no
     speculation}}, walking the loads upward until drafting stops paying. `workers`: "none",
-    "policy" and any chains ("chain<k>")."""
+    "policy" and the static shapes (`--chains`' "chain<k>", `--shapes` as written)."""
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
     rows: dict[int, dict] = {}
     for load in loads:
@@ -156,6 +156,9 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--static-shape", default="chain3", help="the static shape given with the policy")
     ap.add_argument("--chains", nargs="*", type=int, default=list(DEFAULT_CHAINS),
                     help="respsp chains of this many drafts measured beside the policy (static_loads)")
+    ap.add_argument("--shapes", nargs="*", default=[],
+                    help="further respsp static shapes measured beside the chains, e.g. chain1/v0.4 "
+                         "(a chain of 1 verified only where its draft's probability is >= 0.4)")
     ap.add_argument("--batching", choices=BATCHING, default="continuous",
                     help="static: batches of the load run to their end; continuous: the load in flight")
     ap.add_argument("--dtype", default="bfloat16")
@@ -165,6 +168,13 @@ def parse_args(argv) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if any(x < 1 for x in args.loads + args.chains) or args.reps < 1 or args.min_prompts < 1:
         ap.error("--loads, --chains, --reps and --min-prompts must be positive")
+    try:
+        args.static_shapes = {f"chain{k}": chain(k) for k in args.chains} | \
+            {text: TreeShape.parse(text).validate(f"--shapes {text}") for text in args.shapes}
+    except ValueError as e:
+        ap.error(str(e))
+    if not all(shape.drafts for shape in args.static_shapes.values()):
+        ap.error("--shapes: 'none' is measured anyway (no speculation); name drafting shapes")
     return args
 
 
@@ -176,7 +186,7 @@ def main(argv=None) -> dict:
     digest = policy_file.meta["weights"]["sha256"]  # load_policy checked it against the weights
     simulated = simulated_gate(args.policy, policy_file.max_draft_load, digest)
     loads = sorted(set(args.loads))
-    shapes = {f"chain{k}": chain(k) for k in args.chains}
+    shapes = args.static_shapes
     rows = measure_in_engines(args, loads, shapes)
     measured = measured_limit({load: row["ratio"] for load, row in rows.items()}, args.margin)
     gate = combined_gate(simulated, measured, loads)

@@ -5,12 +5,13 @@ position (the shape (capacity, D, K)): K nodes at level 1, K² at each further l
 builder's breadth-first order, each with its parent, its cumulative draft score and whether its
 path equals the continuation the target produced (`matched`).
 
-Every shape (T, d <= D, K, min_prob) at that position is a subset of the pool (tree.build):
-    drafted    nodes of depth <= d at level 1 or under a parent scoring >= log(min_prob)
-    verified   the best T drafted nodes by (score desc, depth asc, pool order): the builder's
-               rerank, ties included
+Every shape (T, d <= D, K, min_prob, verify_min_prob) at that position is a subset of the pool
+(tree.build); with e = max(min_prob, verify_min_prob), the bound a node must reach to expand:
+    drafted    nodes of depth <= d at level 1 or under a parent scoring >= log(e)
+    verified   the best T drafted nodes scoring >= log(verify_min_prob), by (score desc, depth
+               asc, pool order): the builder's rerank, ties included
     accepted   matched nodes among the verified (they form the accepted chain, one per depth)
-    levels     1 + the levels j < d holding a node >= log(min_prob) (none: drafting ends)
+    levels     1 + the levels j < d holding a node >= log(e) (none: drafting ends)
     rows       1 + sum over those levels of min(K, such nodes at j): the expanded frontier
                (the beam's top K; nodes at or above the bound always rank first)
 So one recording of a few wide, deep beams gives the exact accepted length *and* the exact work
@@ -72,9 +73,10 @@ class DraftPool:
         # the builder's rerank order, per position: score desc, then depth asc, then pool order
         order = np.lexsort((np.broadcast_to(np.arange(depths.size), self.scores.shape),
                             np.broadcast_to(depths, self.scores.shape), -self.scores), axis=-1)
-        bound = np.float32(shape.log_min_prob)
+        bound = np.float32(shape.log_expand_min_prob)
         parent_score = np.take_along_axis(self.scores, np.maximum(self.parents, 0).astype(np.int64), -1)
-        drafted = (depths <= shape.depth) & ((self.parents < 0) | (parent_score >= bound))
+        drafted = (depths <= shape.depth) & ((self.parents < 0) | (parent_score >= bound)) \
+            & (self.scores >= np.float32(shape.log_verify_min_prob))
         drafted = np.take_along_axis(drafted, order, -1)
         node_depth = depths[order]
         verified = drafted & (np.cumsum(drafted, -1) <= shape.total_tokens)

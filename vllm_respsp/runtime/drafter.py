@@ -56,6 +56,10 @@ class DraftContext:
 # while (weaker drafts, never a wrong output: verification is exact).
 DEFER_WINDOW = 256
 
+# Requests with at most this many new rows in an extend pass share one padded attention call
+# (`_attend_new_rows`): a decode step's accepted path is at most the deepest shape's depth + 1.
+FEW_NEW_ROWS = 16
+
 
 @dataclass
 class Deferred:
@@ -248,17 +252,18 @@ class TreeDrafter:
     def _attend_new_rows(self, q, keys, values, lengths: list[int], sizes: list[int]) -> torch.Tensor:
         """Request i's `sizes[i]` new rows (q [N, H, D], in request order) attend causally to its
         context (keys/values [R, L, Hkv, D] padded, `lengths[i]` held, the new rows last; Python
-        ints, so that nothing is read back from a tensor). Requests with one new row (decoding)
-        and those with several (a prompt joining, a catch-up) run as two padded groups: one
-        joining prompt must not pad every decoding request's queries to its length (a join
-        step's extend pass cost 9.8 ms against vLLM's 6.4-6.9 at 4 in flight on HumanEval
-        prompts when it did)."""
-        several = [i for i, n in enumerate(sizes) if n > 1]
-        if not 0 < len(several) < len(sizes):
+        ints, so that nothing is read back from a tensor). Requests with a decode step's few new
+        rows (the bonus token and the drafts it accepted) and those with many (a prompt joining,
+        a catch-up) run as two padded groups: one joining prompt must not pad every decoding
+        request's queries to its length (a join step's extend pass cost 9.8 ms against vLLM's
+        6.4-6.9 at 4 in flight on HumanEval prompts when it did), while splitting decode rows
+        by count (1 or 2 after a chain of 1) only doubles the attention calls."""
+        many = [i for i, n in enumerate(sizes) if n > FEW_NEW_ROWS]
+        if not 0 < len(many) < len(sizes):
             return self._causal(q, keys, values, lengths, sizes)
         starts = [0, *accumulate(sizes)]
         out = q.new_empty(q.shape, dtype=torch.float32)
-        for group in ([i for i, n in enumerate(sizes) if n == 1], several):
+        for group in ([i for i, n in enumerate(sizes) if n <= FEW_NEW_ROWS], many):
             index = torch.tensor(group)
             rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group])
             width = max(lengths[i] for i in group)  # the group's own longest context
@@ -287,19 +292,21 @@ class TreeDrafter:
         """Every request's greedy chain of drafts, in target-vocabulary ids, for shapes that are
         all chains (top-k 1, any depths and bounds): what `draft` grows for them, without the
         tree builder's candidate pool and rerank. A chain has min(total_tokens, depth) drafts,
-        cut after the first whose cumulative log-prob is below its shape's bound (a bounded
-        shape expands only nodes at or above it). Level 1 is the roots' argmax (`extend`
+        cut after the first whose cumulative log-prob is below its shape's `min_prob` (a bounded
+        shape expands only nodes at or above it) and before the first below its
+        `verify_min_prob` (none at all when the first is). Level 1 is the roots' argmax (`extend`
         already scored it: no head pass); each further level is one head pass over every
         request (a finished chain's row costs next to nothing: the pass reads the same weights),
         its one row attending to its context and its own path."""
         head = self.head
         # what the host knows without reading the device: each chain's length but for its bound
         lengths = [min(s.total_tokens, s.depth) for s in shapes]
-        bounded = any(s.min_prob > 0 for s in shapes)
+        bounded = any(s.bounded for s in shapes)
         if bounded:
-            log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=root_logprobs.device)
+            log_min = torch.tensor([s.log_expand_min_prob for s in shapes], dtype=torch.float32,
+                                   device=root_logprobs.device)
         score, draft = root_logprobs.max(dim=-1)
-        drafts, grown, alive = [draft], [1] * len(shapes), [True] * len(shapes)
+        drafts, scores, grown, alive = [draft], [score], [1] * len(shapes), [True] * len(shapes)
         padded, root_pos, hidden, path = None, None, root_hidden, {"k": None, "v": None}  # set at the first pass
 
         def attend(step: StepInputs) -> torch.Tensor:
@@ -322,8 +329,15 @@ class TreeDrafter:
             step_score, draft = logprobs.max(dim=-1)
             score = score + step_score
             drafts.append(draft)
-        tokens = head.draft_to_target[torch.stack(drafts, dim=1)].tolist()  # the one read of the drafts
-        return [row[:n] for row, n in zip(tokens, grown)]
+            scores.append(score)
+        tokens = head.draft_to_target[torch.stack(drafts, dim=1)]
+        if not any(s.verify_min_prob for s in shapes):
+            return [row[:n] for row, n in zip(tokens.tolist(), grown)]  # the one read of the drafts
+        # the levels at or above the verify bound: a prefix, as a child never scores above its parent
+        log_verify = torch.tensor([s.log_verify_min_prob for s in shapes], dtype=torch.float32, device=score.device)
+        verified = (torch.stack(scores, dim=1).float() >= log_verify[:, None]).sum(1)
+        rows = torch.cat([tokens, verified[:, None]], dim=1).tolist()  # drafts and counts in one read
+        return [row[:min(n, row[-1])] for row, n in zip(rows, grown)]
 
     def _padded_for(self, req_ids: list[str], extended: PaddedContexts | None):
         """These requests' contexts, padded: from this step's `extend` where it has them all."""

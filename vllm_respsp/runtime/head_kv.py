@@ -19,6 +19,8 @@ KV the same way, that only weakens a draft, never an output: verification is exa
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from vllm_respsp.backends.base import TreeAttentionBackend
@@ -121,8 +123,11 @@ class PagedHeadKV(HeadKV):
 
     def write(self, rows, starts, sizes, k, v) -> None:
         table, size = self._blocks()
-        request = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes), output_size=sum(sizes))
-        positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, sizes)])
+        total = sum(sizes)
+        request = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes), output_size=total)
+        # row j of request i is at position starts[i] + (j - its first row): one shift per request
+        shift = torch.tensor([start - first for start, first in zip(starts, accumulate(sizes, initial=0))])
+        positions = torch.arange(total) + shift[request]
         request, positions = request.to(table.device), positions.to(table.device)
         slots = table[rows[request], positions // size].long() * size + positions % size
         self.backend.write_rows(self.layer, slots, k, v)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -34,7 +35,7 @@ from vllm_respsp.runtime.recorder import TraceRecorder
 from vllm_respsp.runtime.sampler import PLACEHOLDER, compaction_moves, seeded_sampler_of, upstream_reason, verify_trees
 from vllm_respsp.runtime.step import RootRequest, StepIndex, StepRoots, StepRows
 from vllm_respsp.step_clock import SECONDS, timed
-from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape, chain
+from vllm_respsp.tree.shape import NO_DRAFTS, TreeShape
 from vllm_respsp.tree.step_trees import ProposedTree, StepTrees
 
 logger = logging.getLogger("vllm_respsp")
@@ -346,18 +347,19 @@ class RespspRuntime:
         verified (`chains_only` says why; counted per request and step), at most the room left
         before max_model_len; None when there is no room at all."""
         if chains_only and shape.drafts and shape.top_k > 1:
-            shape = chain(shape.depth, shape.min_prob)
+            shape = replace(shape, total_tokens=shape.depth, top_k=1)
             self._fallback(f"chain_for_{chains_only}")
         room = self.runner.max_model_len - root.position - 1
         if room <= 0:
             return None
         if shape.total_tokens > room:
-            shape = TreeShape(room, min(shape.depth, room), shape.top_k, shape.min_prob)
+            shape = replace(shape, total_tokens=room, depth=min(shape.depth, room))
         return shape
 
     def _grow(self, roots: list[RootRequest], shapes: list[TreeShape | None], root_states) -> None:
         """Draft every tree of the step in one batched pass (NO_DRAFTS requests verify only
-        their bonus token next step) and keep them as this step's proposals."""
+        their bonus token next step) and keep them as this step's proposals (not a tree a
+        verify bound cut to its root: that request verifies only its bonus token too)."""
         chosen = [(root, shape) for root, shape in zip(roots, shapes) if shape is not None and shape.drafts]
         if not chosen:
             return
@@ -369,8 +371,9 @@ class RespspRuntime:
                                                    states.hidden, states.logprobs, root_states.padded)
             for (root, shape), drafts in zip(chosen, chains):
                 n = len(drafts)
-                self._propose_tree(root.req_id, ProposedTree([root.token, *drafts], list(range(-1, n)),
-                                                             list(range(n + 1)), names[shape]))
+                if n:
+                    self._propose_tree(root.req_id, ProposedTree([root.token, *drafts], list(range(-1, n)),
+                                                                 list(range(n + 1)), names[shape]))
             return
         with timed("draft_grow"):
             tree = self.drafter.draft([root.req_id for root, _ in chosen], [shape for _, shape in chosen],
@@ -383,7 +386,9 @@ class RespspRuntime:
         tokens, parents, depths, cu = host[:n], host[n:2 * n], host[2 * n:3 * n], host[3 * n:]
         for b, (root, shape) in enumerate(chosen):
             nodes = slice(cu[b], cu[b + 1])
-            self._propose_tree(root.req_id, ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape]))
+            if cu[b + 1] - cu[b] > 1:
+                tree_b = ProposedTree(tokens[nodes], parents[nodes], depths[nodes], names[shape])
+                self._propose_tree(root.req_id, tree_b)
 
     def _propose_tree(self, req_id: str, tree: ProposedTree) -> None:
         self.proposed[req_id] = tree

@@ -14,7 +14,9 @@ A confidence-bounded shape (min_prob > 0, see shape.py) expands only the frontie
 at or above log(min_prob). Its candidates are then exactly the unbounded beam's candidates of
 level 1 and those whose parent reaches the bound (a pruned node's children score below the
 bound, so they never displace one of those from the beam), which lets `policy.pools` derive
-bounded trees from recordings of unbounded beams.
+bounded trees from recordings of unbounded beams. A shape's `verify_min_prob` bound keeps only
+the candidates scoring at or above it out of the rerank (their parents score higher: still a
+tree, possibly the root alone) and expands no node below it.
 The result is a `DraftTree`: nodes in breadth-first order (root first), so any prefix of a
 request's nodes is itself a tree.
 """
@@ -98,10 +100,12 @@ class TreeBuilder:
         self.root_tokens = root_tokens.long()
         self.top_k = torch.tensor([s.top_k for s in shapes], device=device)
         self.depth = torch.tensor([s.depth for s in shapes], device=device)
-        self.bounded = any(s.min_prob > 0 for s in shapes)
+        self.bounded = any(s.bounded for s in shapes)
         self.depths_range = (min(s.depth for s in shapes), max(s.depth for s in shapes))
         # float32, as policy.pools compares recorded float32 scores: both sides round alike
-        self.log_min = torch.tensor([s.log_min_prob for s in shapes], dtype=torch.float32, device=device)
+        self.log_min = torch.tensor([s.log_expand_min_prob for s in shapes], dtype=torch.float32, device=device)
+        self.log_verify = torch.tensor([s.log_verify_min_prob for s in shapes], dtype=torch.float32, device=device) \
+            if any(s.verify_min_prob for s in shapes) else None
         self.k_max = max(s.top_k for s in shapes)
         self.uniform_width = all(s.top_k == self.k_max for s in shapes)
         self.tokens: list[torch.Tensor] = []
@@ -230,15 +234,15 @@ class TreeBuilder:
         order = torch.argsort(depths, stable=True)
         order = order[torch.argsort(-scores[order], stable=True)]
         order = order[torch.argsort(requests[order], stable=True)]
-        kept, num_kept = self._best_per_request(order, requests)
+        kept, num_kept = self._best_per_request(order, requests, scores)
         # Breadth-first: by request, then depth, then score rank (argsort keeps it stable).
         kept = kept[torch.argsort(depths[kept], stable=True)]
         kept = kept[torch.argsort(requests[kept], stable=True)]
         return self._assemble(kept, num_kept, tokens, parents, depths, scores)
 
-    def _best_per_request(self, order: torch.Tensor, requests: torch.Tensor):
+    def _best_per_request(self, order: torch.Tensor, requests: torch.Tensor, scores: torch.Tensor):
         """(kept, num_kept): each request's best T_b candidates out of `order` (sorted by request,
-        best first), and how many per request."""
+        best first) that reach its verify bound, and how many per request."""
         known = self._candidates_per_request()
         if known is not None:  # positions and counts known on the host
             counts = np.array(known)
@@ -250,7 +254,10 @@ class TreeBuilder:
         counts = torch.bincount(requests, minlength=len(self.shapes))
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(order.numel(), device=self.device) - starts[requests[order]]
-        kept = order[rank < total[requests[order]]]
+        keep = rank < total[requests[order]]
+        if self.log_verify is not None:  # sorted by score: the bound cuts the tail of each request
+            keep &= scores[order].float() >= self.log_verify[requests[order]]
+        kept = order[keep]
         return kept, torch.bincount(requests[kept], minlength=len(self.shapes))
 
     def _candidates_per_request(self) -> list[int] | None:

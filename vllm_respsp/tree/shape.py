@@ -17,6 +17,12 @@ Conventions (EAGLE-3's tree, design.md §3):
   while the tree grows, sets the depth: information a shape chosen before drafting cannot
   have. Why expansion only: a draft pass costs far more than verifying one more node (design.md
   §5), so the last level drafted is worth verifying even below the bound.
+- `verify_min_prob` (optional, 0 = off) is the other bound: a draft node is verified only if
+  its cumulative draft probability is at least `verify_min_prob` (nodes below it are neither
+  verified nor expanded), so a shape may verify nothing at a step, its first draft included:
+  the request then verifies only its bonus token, as with NO_DRAFTS, though its root pass ran.
+  It is for machines where verifying a token costs a sizeable share of a step (a 2-core CPU at
+  a few requests in flight): there a draft the head is unsure of costs more than it earns.
 
 A beam can produce at most top_k + (depth - 1) * top_k**2 candidates; a shape asking for more
 nodes than that, or for a tree shallower than its chain (total < depth), is impossible.
@@ -42,11 +48,28 @@ class TreeShape:
     depth: int
     top_k: int
     min_prob: float = 0.0
+    verify_min_prob: float = 0.0
 
     @property
     def log_min_prob(self) -> float:
         """The node-score bound in log space (-inf when the shape is not confidence-bounded)."""
         return math.log(self.min_prob) if self.min_prob > 0 else -math.inf
+
+    @property
+    def log_verify_min_prob(self) -> float:
+        """The verified nodes' score bound in log space (-inf: every drafted node may be verified)."""
+        return math.log(self.verify_min_prob) if self.verify_min_prob > 0 else -math.inf
+
+    @property
+    def log_expand_min_prob(self) -> float:
+        """The score a node needs to be expanded: a child never scores above its parent, so a
+        node below either bound has no child worth verifying."""
+        return max(self.log_min_prob, self.log_verify_min_prob)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether scores decide what is drafted (known only after drafting)."""
+        return self.min_prob > 0 or self.verify_min_prob > 0
 
     @property
     def capacity(self) -> int:
@@ -81,10 +104,11 @@ class TreeShape:
             raise ShapeError(
                 f"{field}.total_tokens={self.total_tokens} exceeds the engine's per-request "
                 f"token budget; allowed: 1..{max_total_tokens}")
-        if (not isinstance(self.min_prob, (int, float)) or isinstance(self.min_prob, bool)
-                or not 0.0 <= self.min_prob < 1.0):
-            raise ShapeError(f"{field}.min_prob must be a number in [0, 1) (0: verify the best "
-                             f"total_tokens nodes whatever their score), got {self.min_prob!r}")
+        for name, off in (("min_prob", "expand every node to the shape's depth"),
+                          ("verify_min_prob", "verify the best total_tokens nodes whatever their score")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ShapeError(f"{field}.{name} must be a number in [0, 1) (0: {off}), got {value!r}")
         return self
 
     @classmethod
@@ -92,42 +116,51 @@ class TreeShape:
         if not isinstance(data, dict):
             raise ShapeError(f"{field} must be an object with total_tokens, depth, top_k; got {data!r}")
         keys = {"total_tokens", "depth", "top_k"}
-        unknown = set(data) - keys - {"min_prob"}
+        unknown = set(data) - keys - set(OPTIONAL_KEYS)
         missing = keys - set(data)
         if unknown or missing:
-            raise ShapeError(f"{field} needs the keys {sorted(keys)} (and optionally 'min_prob'); "
+            raise ShapeError(f"{field} needs the keys {sorted(keys)} (and optionally "
+                             f"{' and '.join(repr(k) for k in OPTIONAL_KEYS)}); "
                              f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
         return cls(data["total_tokens"], data["depth"], data["top_k"],
-                   data.get("min_prob", 0.0)).validate(field)
+                   *(data.get(k, 0.0) for k in OPTIONAL_KEYS)).validate(field)
 
     @classmethod
     def parse(cls, text: str) -> TreeShape:
         """"T16/D5/K4" (as str() writes it), "chain5", "none" (NO_DRAFTS); either of the first
-        two may end in "/p0.3" (min_prob)."""
+        two may end in "/p0.3" (min_prob), then "/v0.4" (verify_min_prob)."""
         if text.strip() in ("none", str(NO_DRAFTS)):
             return NO_DRAFTS
-        m = re.fullmatch(r"(?:chain(\d+)|T(\d+)/D(\d+)/K(\d+))(?:/p(\d*\.?\d+))?", text.strip())
+        m = re.fullmatch(r"(?:chain(\d+)|T(\d+)/D(\d+)/K(\d+))(?:/p(\d*\.?\d+))?(?:/v(\d*\.?\d+))?",
+                         text.strip())
         if not m:
             raise ShapeError(f"shape {text!r}: expected chainN, T<total_tokens>/D<depth>/K<top_k> "
-                             f"(either optionally ending in /p<min_prob>, e.g. T8/D8/K1/p0.3) or none")
-        min_prob = float(m[5]) if m[5] else 0.0
+                             f"(either optionally ending in /p<min_prob> and /v<verify_min_prob>, "
+                             f"e.g. T8/D8/K1/p0.3, chain1/v0.4) or none")
+        bounds = [float(b) if b else 0.0 for b in (m[5], m[6])]
         if m[1]:
-            return cls(int(m[1]), int(m[1]), 1, min_prob)
-        return cls(int(m[2]), int(m[3]), int(m[4]), min_prob)
+            return cls(int(m[1]), int(m[1]), 1, *bounds)
+        return cls(int(m[2]), int(m[3]), int(m[4]), *bounds)
 
     def to_dict(self) -> dict:
         out = {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
-        if self.min_prob:
-            out["min_prob"] = self.min_prob
+        for key in OPTIONAL_KEYS:
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
     def __str__(self) -> str:
-        bound = f"/p{self.min_prob:g}" if self.min_prob else ""
-        return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}{bound}"
+        bounds = "".join(f"/{tag}{getattr(self, key):g}" for key, tag in zip(OPTIONAL_KEYS, "pv")
+                         if getattr(self, key))
+        return f"T{self.total_tokens}/D{self.depth}/K{self.top_k}{bounds}"
 
 
-def chain(n: int, min_prob: float = 0.0) -> TreeShape:
-    return TreeShape(n, n, 1, min_prob)
+# the bounds, in the order of the fields and of the string form's /p and /v
+OPTIONAL_KEYS = ("min_prob", "verify_min_prob")
+
+
+def chain(n: int, min_prob: float = 0.0, verify_min_prob: float = 0.0) -> TreeShape:
+    return TreeShape(n, n, 1, min_prob, verify_min_prob)
 
 
 # Verify only the bonus token. The drafter's root pass still runs (it keeps the head's cache
