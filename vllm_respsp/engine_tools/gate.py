@@ -26,12 +26,13 @@ benchmarks/results/throughput-20261206n), although the simulator had them equal 
 respsp's own chains of `--chains` drafts and any `--shapes` (e.g. a chain verified only where its
 draft is likely, chain1/v0.4) run beside them, every request alike, and at each measured load
 where the policy does not beat the fastest of them by more than `--margin`, the loads from the
-one measured before it up to it get that shape for every request, without the network: the file's `static_loads` rows (policy_file.LoadShape, like vLLM's
-K-by-batch-size rows). A near tie goes to the chain: the policy drafts deeper, and what deeper
-drafts earn moves with the prompts and the machine's state more than a chain does (at 4 in flight
-on the AVX-512 CPU a 0.8% lead in the gate became 0.95x / 0.89x the chain of 1 on MT-Bench /
-HumanEval, benchmarks/results/throughput-20261207). Where the policy ties the best chain at every
-load, the file becomes a measured schedule of chains by load (the AVX-512 policy's
+one measured before it up to it get that shape for every request, without the network: the
+file's `static_loads` rows (policy_file.LoadShape, like vLLM's K-by-batch-size rows). A near
+tie goes to the static shape: the policy drafts deeper, and what deeper drafts earn moves with
+the prompts and the machine's state more than a chain does (at 4 in flight on the AVX-512 CPU a
+0.8% lead in the gate became 0.95x / 0.89x the chain of 1 on MT-Bench / HumanEval,
+benchmarks/results/throughput-20261207). Where the policy ties the best static shape at every
+load, the file becomes a measured schedule of static shapes by load (the AVX-512 policy's
 `bandit.gate.json` has the figures).
 """
 
