@@ -78,17 +78,23 @@ def test_the_right_path_through_later_siblings_is_accepted_and_compacted(fixture
     """A head whose top draft is always wrong and whose second is right: chains accept nothing,
     trees of top-k 4 that keep every drafted node accept whole paths that run through the second
     child at every level, so verification walks later siblings and compaction moves every
-    accepted node."""
+    accepted node. A chain with a verify bound above the decoy's confidence verifies nothing,
+    its first draft included: its requests verify only their bonus tokens."""
     job = {"model": str(fixture_models["successor"]), "prompts": PROMPTS[:4],
            "samplings": [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}],
            "engine": {"dtype": "float32", "max_model_len": 256},
            "speculative_config": {"method": "respsp", "model": str(fixture_models["decoy_head"]),
                                   "policy": "cycle", "actions": [{"total_tokens": 3, "depth": 3, "top_k": 1},
-                                                                 {"total_tokens": 36, "depth": 3, "top_k": 4}]}}
+                                                                 {"total_tokens": 36, "depth": 3, "top_k": 4},
+                                                                 {**CHAIN4, "verify_min_prob": 0.99}]}}
     stats_file = tmp_path / "stats.json"
     result = run_engine(job, env={"VLLM_RESPSP_STATS_FILE": str(stats_file)})["results"][0]
     assert result["token_ids"] == [[(p[-1] + 1 + i) % 128 for i in range(24)] for p in PROMPTS[:4]]
-    # prompts [4] and [6] draft the chain (never accepted), [3] and [5] the tree (paths of 3)
+    # prompts [3] and [6] draft the chain (never accepted), [4] the tree (paths of 3), [5] the
+    # bounded chain (nothing verified)
     per_pos = result["spec"]["accepted_per_pos"]
     assert per_pos[0] > 0 and per_pos[2] > 0.8 * per_pos[0]
-    assert set(json.loads(stats_file.read_text())["shapes"]) == {"T3/D3/K1", "T36/D3/K4"}
+    stats = json.loads(stats_file.read_text())
+    assert set(stats["shapes"]) == {"T3/D3/K1", "T36/D3/K4", "T4/D4/K1/v0.99"}
+    assert stats["shapes"]["T4/D4/K1/v0.99"] > 10 and "T4/D4/K1/v0.99" not in stats["scheduled_drafts"]
+    assert stats["scheduled_drafts"]["T3/D3/K1"] and not stats["fallbacks"]

@@ -87,8 +87,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--phases", action="store_true",
                         help="also record respsp's per-phase times (a stats-file write every respsp step)")
     args = parser.parse_args(argv)
-    if any(TreeShape.parse(s).min_prob for s in args.shapes):
-        parser.error("--shapes: static shapes only (no /p bound): a bounded shape's work varies by step")
+    if any(TreeShape.parse(s).bounded for s in args.shapes):
+        parser.error("--shapes: static shapes only (no /p or /v bound): a bounded shape's work varies by step")
     return args
 
 

@@ -137,10 +137,10 @@ def best_static(traces: TraceSet, cost: CostModel, batch: int = 1, context: int 
     """The fixed action with the highest tokens/s on `traces` (tune on training traces only).
 
     kind: "any" action, "static" (a static shape or NO_DRAFTS: what serving without a policy
-    can do) or "bounded" (one confidence-bounded shape for every step)."""
+    can do) or "bounded" (one shape with a /p or /v bound for every step)."""
     tokens, seconds, _ = static_results(traces, cost, batch, context)
     rates = tokens / seconds
-    keep = np.array([kind == "any" or (kind == "bounded") == bool(a.min_prob) for a in traces.actions])
+    keep = np.array([kind == "any" or (kind == "bounded") == a.bounded for a in traces.actions])
     if not keep.any():
         raise ValueError(f"no {kind} action among {list(map(str, traces.actions))}")
     best = int(np.argmax(np.where(keep, rates, -np.inf)))

@@ -264,7 +264,7 @@ def evaluate(traces_train: TraceSet, traces_eval: TraceSet, cost: CostModel, bat
     Each policy runs behind its load gate (`<name>_drafts`: whether it drafts at that load).
     """
     out = {}
-    bounded = any(a.min_prob for a in traces_train.actions)
+    bounded = any(a.bounded for a in traces_train.actions)
     for batch in batch_loads:
         static, _ = best_static(traces_train, cost, batch, kind="static")
         row = {"no_speculation": no_speculation_rate(cost, batch),
