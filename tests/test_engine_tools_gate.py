@@ -96,11 +96,13 @@ def test_a_request_held_on_no_drafts_drafts_at_a_static_load(tmp_path):
     ([{"loads": [4, 3], "shape": chain(1).to_dict()}], "1 <= first <= last"),
     ([{"loads": [1, 4], "shape": chain(1).to_dict()}, {"loads": [4, 8], "shape": chain(1).to_dict()}],
      "after the previous row's last load"),
-    ([{"loads": [1, 2], "shape": chain(3).to_dict()}], "not one of the policy's actions"),
+    ([{"loads": [1, 2], "shape": chain(3).to_dict()}], "drafts more than the policy's actions allow"),
     ([{"loads": [1, 2], "shape": NO_DRAFTS.to_dict()}], "load gate's"),
     ([{"loads": [1], "shape": chain(1).to_dict()}], "must be"),
 ])
 def test_static_loads_are_checked_field_by_field(tmp_path, rows, message):
+    """(A row may run a shape that is not an action, within the actions' budgets: see
+    test_further_static_shapes_are_measured_beside_the_chains.)"""
     path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
     meta = json.loads(path.read_text())
     path.write_text(json.dumps({**meta, "static_loads": rows}))
@@ -143,14 +145,25 @@ def test_the_walk_stops_at_the_first_load_where_the_policy_does_not_pay():
                                            (1, 32, False)]
 
 
-def test_further_static_shapes_are_measured_beside_the_chains(capsys):
+def test_further_static_shapes_are_measured_beside_the_chains(tmp_path, capsys):
     args = gate.parse_args(["--policy", "p.json", "--chains", "1", "2", "--shapes", "chain1/v0.4"])
     assert args.static_shapes == {"chain1": chain(1), "chain2": chain(2), "chain1/v0.4": chain(1, 0, 0.4)}
     # the shape a load's fastest mode names is what its static_loads row runs
-    assert gate.static_loads({4: {"best": "chain1/v0.4"}}, None, args.static_shapes) == \
-        (LoadShape(1, 4, chain(1, 0, 0.4)),)
+    rows = gate.static_loads({4: {"best": "chain1/v0.4"}}, None, args.static_shapes)
+    assert rows == (LoadShape(1, 4, chain(1, 0, 0.4)),)
+    # though not one of the policy's actions: within their budgets, the file loads and runs it
+    path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
+    gate.write_gate(path, 8, rows)
+    assert load_policy(path).static_loads == rows
+    assert ShapePolicy.from_file(path).choose(["a"], torch.zeros(1, 8), torch.zeros(1), 3) == [chain(1, 0, 0.4)]
     for bad, said in (("chain1/v1.5", "verify_min_prob must be a number in"), ("none", "name drafting shapes"),
                       ("tree", "expected chainN")):
         with pytest.raises(SystemExit):
             gate.parse_args(["--policy", "p.json", "--shapes", bad])
         assert said in capsys.readouterr().err
+
+
+def test_a_static_shape_beyond_the_actions_budget_stops_the_gate_before_any_engine(tmp_path):
+    path = constant_policy(tmp_path / "p" / "chain2", chain(2), chain(1))
+    with pytest.raises(SystemExit, match="chain3/v0.4: shape T3/D3/K1/v0.4 drafts more than"):
+        gate.main(["--policy", str(path), "--chains", "1", "--shapes", "chain3/v0.4"])

@@ -215,9 +215,20 @@ def _check_features(path: Path, meta: dict, hidden_size: int | None,
     return spec
 
 
+def beyond_actions(shape: TreeShape, actions: list[TreeShape]) -> str | None:
+    """Why a `static_loads` row cannot run `shape` beside these actions, or None. The engine's
+    budgets come from the action set (vLLM's num_speculative_tokens: the most total_tokens), so a
+    row may run any shape within them, e.g. a chain with a verify bound."""
+    most_tokens, deepest = max(a.total_tokens for a in actions), max(a.depth for a in actions)
+    if shape.total_tokens > most_tokens or shape.depth > deepest:
+        return (f"shape {shape} drafts more than the policy's actions allow "
+                f"(total_tokens <= {most_tokens}, depth <= {deepest})")
+    return None
+
+
 def _check_static_loads(path: Path, meta: dict, actions: list[TreeShape]) -> tuple[LoadShape, ...]:
-    """`static_loads`: rows {"loads": [first, last], "shape": one of the policy's drafting actions},
-    1 <= first <= last, in increasing order without overlap."""
+    """`static_loads`: rows {"loads": [first, last], "shape": a drafting shape within the budgets
+    of the policy's actions}, 1 <= first <= last, in increasing order without overlap."""
     rows, after = [], 0
     for i, row in enumerate(meta.get("static_loads") or []):
         field = f"static_loads[{i}]"
@@ -233,8 +244,9 @@ def _check_static_loads(path: Path, meta: dict, actions: list[TreeShape]) -> tup
                                f"the previous row's last load ({after})")
         if not shape.drafts:
             _fail(path, field, "NO_DRAFTS: loads where nothing drafts are the load gate's (max_draft_load)")
-        if shape not in actions:
-            _fail(path, field, f"shape {shape} is not one of the policy's actions {[str(a) for a in actions]}")
+        beyond = beyond_actions(shape, actions)
+        if beyond:
+            _fail(path, field, beyond)
         rows.append(LoadShape(first, last, shape))
         after = last
     return tuple(rows)
