@@ -121,13 +121,13 @@ def measure(workers: dict, pool: list, loads: list[int], args, bar) -> dict[int,
 
 
 def fastest_drafting(medians: dict[str, float], margin: float) -> str:
-    """The drafting mode to run at a load: the fastest static chain, unless the policy beats it
-    by more than `margin` (module doc: a near tie goes to the chain, which drafts less)."""
-    chains = [name for name in medians if name not in ("none", "policy")]
-    best_chain = max(chains, key=medians.get, default=None)
-    if best_chain is None or medians["policy"] > (1 + margin) * medians[best_chain]:
+    """The drafting mode to run at a load: the fastest static shape, unless the policy beats it
+    by more than `margin` (module doc: a near tie goes to the static shape, which drafts less)."""
+    static = [name for name in medians if name not in ("none", "policy")]
+    best_static = max(static, key=medians.get, default=None)
+    if best_static is None or medians["policy"] > (1 + margin) * medians[best_static]:
         return "policy"
-    return best_chain
+    return best_static
 
 
 def static_loads(rows: dict[int, dict], gate: int | None, shapes: dict[str, TreeShape]) -> tuple[LoadShape, ...]:
@@ -155,7 +155,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--margin", type=float, default=0.03,
-                    help="a drafting mode must beat no speculation, and the policy the fastest chain, "
+                    help="a drafting mode must beat no speculation, and the policy the fastest static shape, "
                          "by more than this share")
     ap.add_argument("--static-shape", default="chain3", help="the static shape given with the policy")
     ap.add_argument("--chains", nargs="*", type=int, default=list(DEFAULT_CHAINS),
